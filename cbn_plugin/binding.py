@@ -1,0 +1,131 @@
+"""Pair every CBN layer with the conv that produces its input, and mark steps.
+
+No model code is forked: the pairs are found from the structure OpenMMLab and
+torchvision-style models already have, checked, and then verified at run
+time (the conv's output must be exactly the tensor the norm receives).
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .layer import CrossIterationBatchNorm2d
+
+_NORM_NAME = re.compile(r'^(?:bn|norm|gn|cbn)(.*)$')
+
+
+def _is_cbn(module) -> bool:
+    return isinstance(module, CrossIterationBatchNorm2d)
+
+
+def _structural_pairs(parent: nn.Module):
+    """``(cbn, conv_or_None)`` pairs visible from ``parent``'s direct children.
+
+    ``None`` means the layout is known and no conv feeds the norm (a
+    ConvModule with the norm before the conv).
+    """
+    children = dict(parent.named_children())
+    # mmcv ConvModule: the norm follows the conv only if ``order`` says so.
+    norm_name, order = getattr(parent, 'norm_name', None), getattr(parent, 'order', None)
+    if isinstance(norm_name, str) and norm_name in children and isinstance(order, tuple) \
+            and 'conv' in children and 'norm' in order:
+        norm = children[norm_name]
+        if _is_cbn(norm):
+            conv_first = order.index('conv') < order.index('norm')
+            yield norm, children['conv'] if conv_first else None
+    # Sibling names: conv1/bn1 (mmdet ResNet blocks and stem), conv/bn, conv2/norm2.
+    for name, child in children.items():
+        match = _NORM_NAME.match(name)
+        if _is_cbn(child) and match and f'conv{match.group(1)}' in children:
+            yield child, children[f'conv{match.group(1)}']
+    # nn.Sequential: a conv directly followed by the norm (downsample paths, stems).
+    if isinstance(parent, nn.Sequential):
+        layers = list(children.values())
+        for before, after in zip(layers, layers[1:]):
+            if _is_cbn(after) and isinstance(before, nn.Conv2d):
+                yield after, before
+
+
+def _check_conv(cbn_name: str, cbn: CrossIterationBatchNorm2d, conv_name: str, conv) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f'CBN {cbn_name!r} is fed by {conv_name!r} ({type(conv).__name__}), '
+                        'which is not an nn.Conv2d; compensation needs a standard 2D conv '
+                        '(use rho=0 for naive CBN)')
+    for method in ('forward', '_conv_forward'):
+        owner = next(c for c in type(conv).__mro__ if method in vars(c))
+        if owner is not nn.Conv2d and not owner.__module__.startswith('mmcv.cnn.bricks.wrappers'):
+            raise TypeError(
+                f'CBN {cbn_name!r} is fed by {conv_name!r} ({type(conv).__name__}), whose '
+                f'{method} differs from nn.Conv2d\'s (e.g. weight standardisation); the '
+                'compensation would be wrong. Use a plain conv or rho=0')
+    if conv.out_channels != cbn.num_features:
+        raise ValueError(f'CBN {cbn_name!r} has {cbn.num_features} channels but its conv '
+                         f'{conv_name!r} has out_channels={conv.out_channels}')
+
+
+def bind(model: nn.Module, pairs: dict[str, str] | None = None, logger='current'):
+    """Pair every CBN layer in ``model`` with the conv producing its input.
+
+    Args:
+        model: the model (a DDP wrapper is fine).
+        pairs: explicit ``{cbn_name: conv_name}`` for layouts the structural
+            rules do not know; names as in ``model.named_modules()``.
+        logger: where the table of pairs is printed (mmengine ``print_log``),
+            ``None`` for silence.
+
+    Returns the list of ``(cbn_name, conv_name or None)``. Raises when a CBN
+    that compensates (``rho != 0`` and ``window_size > 1``) has no conv, or
+    when the conv's ``out_channels`` differs from the norm's channels.
+    """
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    found: dict[int, nn.Module | None] = {}
+    for parent in modules.values():
+        for cbn, conv in _structural_pairs(parent):
+            found.setdefault(id(cbn), conv)
+    for cbn_name, conv_name in (pairs or {}).items():
+        for kind, name in (('CBN', cbn_name), ('conv', conv_name)):
+            if name not in modules:
+                raise KeyError(f'bind pairs: no {kind} named {name!r} in the model')
+        if not _is_cbn(modules[cbn_name]):
+            raise TypeError(f'bind pairs: {cbn_name!r} is a {type(modules[cbn_name]).__name__},'
+                            ' not a CBN layer')
+        found[id(modules[cbn_name])] = modules[conv_name]
+
+    table = []
+    for name, cbn in modules.items():
+        if not _is_cbn(cbn):
+            continue
+        conv = found.get(id(cbn))
+        if conv is None and cbn.compensates:
+            raise ValueError(
+                f'CBN {name!r} (window_size={cbn.window_size}, rho={cbn.rho}) has no conv '
+                'directly before it, and compensation needs one. Put it right after a conv, '
+                "name the conv with bind(model, pairs={cbn_name: conv_name}), or use rho=0")
+        conv_name = names[id(conv)] if conv is not None else None
+        if conv is not None:
+            _check_conv(name, cbn, conv_name, conv)
+        # A layer that does not compensate needs no conv, and keeps no hook on one.
+        cbn.attach(conv if cbn.compensates else None, name, conv_name or '')
+        table.append((name, conv_name))
+    if logger is not None and table:
+        from mmengine.logging import print_log
+        width = max(len(n) for n, _ in table)
+        rows = '\n'.join(f'  {n:<{width}}  <-  {c or "(none: rho=0 or window 1)"}'
+                         for n, c in table)
+        print_log(f'cbn_plugin: bound {len(table)} CBN layers to their convs\n{rows}',
+                  logger=logger)
+    return table
+
+
+def step(model: nn.Module) -> None:
+    """Mark the end of an optimizer step for every CBN layer in ``model``."""
+    for module in model.modules():
+        if _is_cbn(module):
+            module.step()
+
+
+def cbn_layers(model: nn.Module):
+    """``(name, layer)`` for every CBN layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if _is_cbn(m)]

@@ -1,0 +1,222 @@
+"""The maths of Cross-Iteration Batch Normalization as pure torch functions.
+
+No mmcv/mmdet import here: everything takes and returns tensors, so it can be
+tested against brute-force references and reused by any framework.
+
+Notation (see ``shared/docs/cbn-reference.md``): a conv with weight ``W``
+(``C x P'`` once flattened, ``P' = Cin/groups * kh * kw``) and optional bias
+``b`` produces ``x``; per channel the statistics are the mean ``mu`` and the
+*biased* variance ``var`` over the ``m = N*H*W`` positions.
+
+Why the window keeps ``(mu, var)`` and not ``(mu, nu = E[x^2])``: in float32
+``E[x^2] - mu^2`` cancels catastrophically when ``|mu| >> sigma``. Every
+quantity below is kept centred instead, using two exact identities of a conv
+followed directly by the norm (``p`` the input patches, ``x = W p + b``):
+
+* ``dmu/dW_j`` is the mean input patch ``p_bar`` (shared by all channels of a
+  group) and ``<p_bar, W_j> + b_j = mu_j``;
+* ``dvar/dW_j = (2/m) sum_i (x_ij - mu_j) p_i`` (a conv weight-gradient with
+  ``grad_output = 2 (x - mu) / m``) and ``<dvar/dW_j, W_j> = 2 var_j``.
+
+So a past slot needs no copy of its old weights: with the current weights
+``W_t``, ``d_mu = <p_bar, W_t> + b_t - mu_old`` and
+``<dvar/dW, W_t - W_old> = <dvar/dW, W_t> - 2 var_old``. The first-order Taylor
+step on ``(mu, nu)`` that the paper describes is then, exactly,
+``mu_c = mu_old + rho d_mu`` and
+``var_c = var_old + rho <dvar/dW, dW> - rho^2 d_mu^2``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VARIANCE_RULES = ('clamp', 'exclude')
+
+
+class SlotStats(NamedTuple):
+    """What one step contributes to the window, for one layer.
+
+    ``grad_mean`` (``groups x P'``) and ``grad_var`` (``C x P'``) are ``None``
+    when the layer does not compensate (``rho == 0``).
+    """
+    count: int
+    mean: Tensor
+    var: Tensor
+    grad_mean: Tensor | None
+    grad_var: Tensor | None
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Statistics are float32 (float64 for float64 inputs), also under autocast."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of an ``N x C x H x W`` tensor.
+
+    Two-pass (``torch.var_mean``), so no ``E[x^2] - mu^2`` cancellation.
+    """
+    var, mean = torch.var_mean(x.to(stats_dtype(x)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def _conv_geometry(conv_input: Tensor, conv: torch.nn.Conv2d) -> tuple[Tensor, tuple]:
+    """The (padded) input and padding that reproduce ``conv``'s forward."""
+    if isinstance(conv.padding, str) or conv.padding_mode != 'zeros':
+        mode = 'constant' if conv.padding_mode == 'zeros' else conv.padding_mode
+        return F.pad(conv_input, conv._reversed_padding_repeated_twice, mode=mode), (0, 0)
+    return conv_input, conv.padding
+
+
+def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor,
+                    conv: torch.nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """Derivatives of the batch mean and variance of ``conv_output`` w.r.t. the conv weight.
+
+    Returns ``(grad_mean, grad_var)``: the mean input patch per group
+    (``groups x P'``) and ``dvar/dW`` (``C x P'``). One weight-gradient
+    convolution with ``C`` output channels plus one with a single channel on
+    the batch-summed input; no autograd graph.
+    """
+    dtype = mean.dtype
+    inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
+    out = conv_output.detach().to(dtype)
+    n, c, h, w = out.shape
+    m = n * h * w
+    weight_shape = conv.weight.shape
+    cin = inp.shape[1]
+    kh, kw = weight_shape[2], weight_shape[3]
+    # Mean patch: the same for every output channel, so one channel suffices,
+    # and the batch can be summed first (the patch map is linear).
+    ones = out.new_full((1, 1, h, w), 1.0 / m)
+    grad_mean = torch.nn.grad.conv2d_weight(
+        inp.sum(0, keepdim=True), (1, cin, kh, kw), ones,
+        conv.stride, padding, conv.dilation, 1)
+    grad_mean = grad_mean.reshape(conv.groups, -1)
+    centred = (out - mean.view(1, c, 1, 1)) * (2.0 / m)
+    grad_var = torch.nn.grad.conv2d_weight(
+        inp, weight_shape, centred, conv.stride, padding, conv.dilation, conv.groups)
+    return grad_mean, grad_var.reshape(c, -1)
+
+
+def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:
+    """Statistics of the union of two sets of positions taken with the same weights.
+
+    Exact (Chan et al.'s parallel variance); the variance derivative picks up
+    the spread of the means, so ``<grad_var, W> = 2 var`` still holds.
+    """
+    total = a.count + b.count
+    wa, wb = a.count / total, b.count / total
+    mean = wa * a.mean + wb * b.mean
+    da, db = a.mean - mean, b.mean - mean
+    var = wa * (a.var + da * da) + wb * (b.var + db * db)
+    if a.grad_mean is None or b.grad_mean is None:
+        return SlotStats(total, mean, var, None, None)
+    grad_mean = wa * a.grad_mean + wb * b.grad_mean
+    groups = a.grad_mean.shape[0]
+
+    def spread(weight: float, dmean: Tensor, patch: Tensor) -> Tensor:
+        per_group = dmean.view(groups, -1, 1) * patch.unsqueeze(1)
+        return (2.0 * weight) * per_group.reshape(dmean.shape[0], -1)
+
+    grad_var = (wa * a.grad_var + wb * b.grad_var
+                + spread(wa, da, a.grad_mean) + spread(wb, db, b.grad_mean))
+    return SlotStats(total, mean, var, grad_mean, grad_var)
+
+
+def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
+               grad_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+               rho: float) -> tuple[Tensor, Tensor]:
+    """Move old statistics (``J x C``) to the current conv weights.
+
+    ``grad_mean``: ``J x groups x P'``; ``grad_var``: ``J x C x P'``;
+    ``weight``: the current conv weight, ``bias`` its bias or ``None``.
+    Returns the compensated ``(mean, var)``; ``var`` may be negative (the
+    first-order step under-estimates ``nu``), the variance rule decides.
+    """
+    if rho == 0 or grad_mean is None:
+        return mean_old, var_old
+    w = weight.detach().to(mean_old.dtype).flatten(1)
+    groups = grad_mean.shape[1]
+    proj_mean = torch.einsum('jgp,gcp->jgc', grad_mean,
+                             w.view(groups, -1, w.shape[1])).flatten(1)
+    if bias is not None:
+        proj_mean = proj_mean + bias.detach().to(mean_old.dtype)
+    proj_var = torch.einsum('jcp,cp->jc', grad_var, w)
+    d_mean = proj_mean - mean_old
+    mean = mean_old + rho * d_mean
+    var = var_old + rho * (proj_var - 2.0 * var_old) - (rho * rho) * d_mean * d_mean
+    return mean, var
+
+
+def apply_variance_rule(mean: Tensor, var: Tensor, rule: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Apply the negative-variance rule to compensated past entries.
+
+    ``'clamp'``: ``max(nu, mu^2)``, i.e. ``var := max(var, 0)``.
+    ``'exclude'``: drop the (step, channel) entry, as the authors' code does.
+    Non-finite entries are always dropped. Returns ``(var, valid, negative)``.
+    """
+    if rule not in VARIANCE_RULES:
+        raise ValueError(f'variance rule {rule!r} is not one of {VARIANCE_RULES}')
+    finite = torch.isfinite(mean) & torch.isfinite(var)
+    negative = finite & (var < 0)
+    if rule == 'clamp':
+        return var.clamp_min(0), finite, negative
+    return var, finite & ~negative, negative
+
+
+def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: Tensor,
+                valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Average the current entry with the valid past entries, per channel.
+
+    ``mean_past``/``var_past``/``valid`` are ``J x C``. The current entry is
+    never dropped, so the per-channel count is at least 1. The pooled variance
+    is ``mean(var_e) + mean((mu_e - mu_bar)^2)``: the same number as
+    ``mean(nu_e) - mu_bar^2`` without its cancellation. Gradients flow through
+    ``mean_cur``/``var_cur`` only (pass the past entries detached).
+    Returns ``(mean, var, count)``.
+    """
+    count = valid.sum(0).to(mean_cur.dtype) + 1
+    zero = mean_cur.new_zeros(())
+    mean = (mean_cur + torch.where(valid, mean_past, zero).sum(0)) / count
+    spread_past = torch.where(valid, var_past + (mean_past - mean) ** 2, zero).sum(0)
+    var = (var_cur + (mean_cur - mean) ** 2 + spread_past) / count
+    return mean, var, count
+
+
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+              bias: Tensor | None, eps: float) -> Tensor:
+    """``gamma (x - mean) / sqrt(var + eps) + beta`` with per-channel statistics.
+
+    eps inside the sqrt, as in BN, so the layer folds into a standard BN.
+    Computed in the statistics' dtype, returned in ``x``'s.
+    """
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype)
+    y = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def active_window(step: int, window_size: int, burn_in: int = 0, ramp: int = 0) -> int:
+    """Number of steps pooled (the current one included) after ``step`` optimizer steps.
+
+    Plain BN (1) during burn-in; then the full window at once, or, with
+    ``ramp > 0``, a linear ramp reaching ``window_size`` ``ramp`` steps after
+    burn-in.
+    """
+    if step < burn_in:
+        return 1
+    if ramp <= 0:
+        return window_size
+    return 1 + min(window_size - 1, ((step - burn_in + 1) * (window_size - 1)) // ramp)
+
+
+def recording_starts(window_size: int, burn_in: int) -> int:
+    """First step whose statistics must be kept so the window is full when burn-in ends."""
+    return max(0, burn_in - (window_size - 1))

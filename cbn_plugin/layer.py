@@ -1,0 +1,348 @@
+"""The Cross-Iteration BatchNorm layer: a thin ``_BatchNorm`` over ``functional``.
+
+Subclassing ``_BatchNorm`` keeps everything that keys on BN working unchanged:
+mmcv's ``'bn'`` abbreviation, ``norm_eval``, weight-decay rules, BN
+checkpoints. A fresh layer's ``state_dict`` is exactly ``nn.BatchNorm2d``'s;
+the window buffers appear once the layer has recorded a step, so a resumed
+run restores them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import functional as CF
+
+# Persistent window state, ``None`` (absent from the state_dict) until used.
+# S call positions (1 unless ``per_call_windows``), k-1 past steps.
+WINDOW_BUFFERS = (
+    'num_steps',         # int64 scalar: optimizer steps seen
+    'window_next',       # int64 S: ring slot the next step is written to
+    'window_filled',     # int64 S: number of valid past steps
+    'window_mean',       # S x (k-1) x C
+    'window_var',        # S x (k-1) x C (biased)
+    'window_grad_mean',  # S x (k-1) x groups x P'  (mean input patch)
+    'window_grad_var',   # S x (k-1) x C x P'       (dvar/dW)
+)
+RUNNING_STATS_SOURCES = ('batch', 'window')
+
+
+class CrossIterationBatchNorm2d(_BatchNorm):
+    """BatchNorm whose statistics pool the last ``window_size`` optimizer steps.
+
+    Args beyond ``nn.BatchNorm2d``'s:
+        window_size: steps pooled, the current one included (k). 1 is BN.
+        rho: weight of the Taylor compensation, 1.0 for CBN, 0.0 for naive
+            averaging over steps. Must lie in [0, 1].
+        variance_rule: ``'clamp'`` (``max(nu, mu^2)`` per entry) or
+            ``'exclude'`` (drop entries with ``nu < mu^2``, the authors' code).
+        running_stats: what the running statistics used at inference track:
+            ``'batch'`` (the current batch, as BN) or ``'window'`` (the pooled
+            window statistics).
+        per_call_windows: when the layer runs several times between two
+            optimizer steps, ``False`` pools all calls of a step into that
+            step's slot (gradient-accumulation micro-batches, darknet's CmBN);
+            ``True`` keeps one window per call position (a head shared over
+            FPN levels behaves like one CBN per level).
+
+    Compensation needs the conv that produces the input: ``cbn_plugin.bind``
+    (or the CBN hook) pairs them; ``cbn_plugin.step`` (or the hook) marks the
+    end of each optimizer step.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
+                 rho: float = 1.0, variance_rule: str = 'clamp', running_stats: str = 'batch',
+                 per_call_windows: bool = False, device=None, dtype=None) -> None:
+        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+            raise ValueError(f'CBN window_size must be an integer >= 1 (1 is plain BN), '
+                             f'got {window_size!r}')
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+            raise ValueError(f'CBN rho must be a number in [0, 1] (1 = CBN, 0 = naive CBN), '
+                             f'got {rho!r}')
+        if variance_rule not in CF.VARIANCE_RULES:
+            raise ValueError(f'CBN variance_rule must be one of {CF.VARIANCE_RULES}, '
+                             f'got {variance_rule!r}')
+        if running_stats not in RUNNING_STATS_SOURCES:
+            raise ValueError(f'CBN running_stats must be one of {RUNNING_STATS_SOURCES}, '
+                             f'got {running_stats!r}')
+        if not isinstance(per_call_windows, bool):
+            raise ValueError(f'CBN per_call_windows must be True or False, got {per_call_windows!r}')
+        if not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f'CBN eps must be > 0, got {eps!r}')
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.window_size = window_size
+        self.rho = float(rho)
+        self.variance_rule = variance_rule
+        self.running_stats = running_stats
+        self.per_call_windows = per_call_windows
+        # Schedule, set by CBNHook from the config; the step counter it is
+        # compared with is a (persistent) buffer, so resume needs nothing else.
+        self.burn_in_steps = 0
+        self.ramp_steps = 0
+        for name in WINDOW_BUFFERS:
+            self.register_buffer(name, None)
+        self.diagnostics: dict[str, Tensor | int] = {'skipped_records': 0}
+        self._bound = False
+        self._reset_step_state()
+
+    # ------------------------------------------------------------------ binding
+    @property
+    def compensates(self) -> bool:
+        return self.window_size > 1 and self.rho != 0.0
+
+    @property
+    def bound_conv(self) -> torch.nn.Conv2d | None:
+        return self.__dict__.get('_bound_conv')
+
+    def attach(self, conv: torch.nn.Conv2d | None, name: str = '', conv_name: str = '') -> None:
+        """Pair this layer with the conv producing its input (see ``cbn_plugin.bind``)."""
+        handle = self.__dict__.pop('_conv_hook', None)
+        if handle is not None:
+            handle.remove()
+        # A plain attribute, not a submodule: the conv belongs to its own parent
+        # (no duplicate in state_dict or named_modules).
+        object.__setattr__(self, '_bound_conv', conv)
+        object.__setattr__(self, '_names', (name, conv_name))
+        if conv is not None:
+            object.__setattr__(self, '_conv_hook', conv.register_forward_hook(self._capture_conv_io))
+        self._bound = True
+
+    def _capture_conv_io(self, conv, args, output) -> None:
+        if self.training and self.compensates and torch.is_grad_enabled():
+            self._conv_io = (args[0], output)
+
+    # ------------------------------------------------------------------ steps
+    def _reset_step_state(self) -> None:
+        self._conv_io = None
+        self._call_index = 0
+        self._past = {}      # position -> compensated past entries for this step
+        self._pending = {}   # position -> positions recorded this step (count)
+
+    def step(self) -> None:
+        """Mark the end of an optimizer step: this step's record joins the window."""
+        if self.num_steps is None:
+            self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
+        self.num_steps += 1
+        if self.window_size > 1:
+            for position in self._pending:
+                self.window_next[position] = (self.window_next[position] + 1) % (self.window_size - 1)
+                self.window_filled[position] = torch.clamp(
+                    self.window_filled[position] + 1, max=self.window_size - 1)
+        self._reset_step_state()
+
+    @property
+    def steps_done(self) -> int:
+        return 0 if self.num_steps is None else int(self.num_steps)
+
+    def _state_device(self) -> torch.device:
+        for t in (self.running_mean, self.weight):
+            if t is not None:
+                return t.device
+        return torch.device('cpu')
+
+    # ------------------------------------------------------------------ forward
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f'CBN expects a 4D (N, C, H, W) input, got {input.dim()}D')
+
+    def _window_in_use(self) -> bool:
+        if not (self.training and self.window_size > 1 and torch.is_grad_enabled()):
+            return False
+        if not self._bound:
+            raise RuntimeError(
+                f'{self._describe()} has window_size={self.window_size} but was never bound: '
+                'call cbn_plugin.bind(model) before training and cbn_plugin.step(model) after '
+                "each optimizer step, or add dict(type='CBNHook') to custom_hooks")
+        conv = self.bound_conv
+        # A frozen conv never changes, and BN is what a frozen layer should be.
+        return conv is None or conv.weight.requires_grad
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        conv_io, self._conv_io = self._conv_io, None
+        if not self._window_in_use():
+            return super().forward(x)
+        step = self.steps_done
+        if step < CF.recording_starts(self.window_size, self.burn_in_steps):
+            return super().forward(x)
+        position = self._call_index if self.per_call_windows else 0
+        self._call_index += 1
+        window = CF.active_window(step, self.window_size, self.burn_in_steps, self.ramp_steps)
+
+        mean_cur, var_cur = CF.batch_stats(x)
+        count = x.numel() // x.shape[1]
+        record = self._record(x, mean_cur.detach(), var_cur.detach(), count, conv_io)
+        if position not in self._past:
+            self._past[position] = self._compensated_past(position, window - 1)
+        pending = self._read_pending(position)
+        if pending is not None:
+            # Earlier calls of this step: same weights, so merged exactly; the
+            # gradient flows through this call's share only.
+            merged = CF.merge_stats(pending, CF.SlotStats(count, mean_cur, var_cur, None, None))
+            mean_cur, var_cur = merged.mean, merged.var
+        if record is not None:
+            self._write_record(position, record, pending)
+        else:
+            self.diagnostics['skipped_records'] += 1
+
+        mean_past, var_past, valid = self._past[position]
+        if pending is None and not bool(valid.any()):
+            return super().forward(x)
+        mean, var, pooled = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
+        self._update_running_stats(mean_cur.detach(), var_cur.detach(), count,
+                                   mean.detach(), var.detach(), pooled)
+        return CF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _record(self, x: Tensor, mean: Tensor, var: Tensor, count: int,
+                conv_io) -> CF.SlotStats | None:
+        """This call's contribution to the window, or None if it is not finite."""
+        grad_mean = grad_var = None
+        if self.compensates:
+            conv = self.bound_conv
+            if conv_io is None or conv_io[1] is not x:
+                name, conv_name = self.__dict__.get('_names', ('', ''))
+                raise RuntimeError(
+                    f'{self._describe()} is bound to conv {conv_name!r} but its input is not '
+                    "that conv's output: the conv must feed the norm directly (bind pairs "
+                    'conv -> norm; pass pairs= for other layouts, or use rho=0)')
+            with torch.no_grad():
+                grad_mean, grad_var = CF.conv_stat_grads(conv_io[0], x, mean, conv)
+        tensors = (mean, var) + ((grad_mean, grad_var) if grad_mean is not None else ())
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            return None
+        return CF.SlotStats(count, mean, var, grad_mean, grad_var)
+
+    # ------------------------------------------------------------------ window
+    def _slots(self, position: int, ages: int) -> Tensor:
+        """Ring indices of the ``ages`` newest past steps at ``position``."""
+        k1 = self.window_size - 1
+        newest = int(self.window_next[position]) - 1
+        return torch.tensor([(newest - a) % k1 for a in range(ages)], dtype=torch.long,
+                            device=self.window_mean.device)
+
+    def _compensated_past(self, position: int, max_ages: int):
+        """Past entries moved to the current weights: ``(mean, var, valid)``, ``J x C``.
+
+        Computed once per step and position: the weights do not change within a
+        step, and later calls may already have overwritten the oldest slot.
+        """
+        c = self.num_features
+        ages = 0
+        if self.window_mean is not None and position < self.window_mean.shape[0]:
+            ages = min(max_ages, int(self.window_filled[position]))
+        if ages == 0:
+            empty = torch.zeros(0, c, device=self._state_device())
+            return empty, empty, empty.bool()
+        idx = self._slots(position, ages)
+        mean_old = self.window_mean[position, idx]
+        var_old = self.window_var[position, idx]
+        grad_mean = grad_var = weight = bias = None
+        if self.compensates:
+            conv = self.bound_conv
+            grad_mean = self.window_grad_mean[position, idx]
+            grad_var = self.window_grad_var[position, idx]
+            weight, bias = conv.weight, conv.bias
+        with torch.no_grad():
+            mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, weight, bias,
+                                      self.rho)
+            var, valid, negative = CF.apply_variance_rule(mean, var, self.variance_rule)
+        self.diagnostics.update(
+            window=1 + ages,
+            negative_fraction=negative.float().mean(),
+            dropped_fraction=(~valid).float().mean(),
+            mean_shift=((mean - mean_old).abs() / (var_old + self.eps).sqrt()).mean(),
+            var_shift=((var - var_old).abs() / (var_old + self.eps)).mean())
+        return mean, var, valid
+
+    def _allocate(self, positions: int, record: CF.SlotStats) -> None:
+        k1, c = self.window_size - 1, self.num_features
+        like = record.mean
+        shapes = {'window_mean': (c,), 'window_var': (c,)}
+        if record.grad_mean is not None:
+            shapes['window_grad_mean'] = tuple(record.grad_mean.shape)
+            shapes['window_grad_var'] = tuple(record.grad_var.shape)
+        old = self.window_mean.shape[0] if self.window_mean is not None else 0
+        for name, shape in shapes.items():
+            fresh = like.new_zeros((positions - old, k1) + shape)
+            current = getattr(self, name)
+            setattr(self, name, fresh if current is None else torch.cat([current, fresh]))
+        for name in ('window_next', 'window_filled'):
+            fresh = torch.zeros(positions - old, dtype=torch.long, device=like.device)
+            current = getattr(self, name)
+            setattr(self, name, fresh if current is None else torch.cat([current, fresh]))
+
+    def _read_pending(self, position: int) -> CF.SlotStats | None:
+        if position not in self._pending:
+            return None
+        slot = int(self.window_next[position])
+        grads = (None, None)
+        if self.compensates:
+            grads = (self.window_grad_mean[position, slot], self.window_grad_var[position, slot])
+        return CF.SlotStats(self._pending[position], self.window_mean[position, slot],
+                            self.window_var[position, slot], *grads)
+
+    def _write_record(self, position: int, record: CF.SlotStats,
+                      pending: CF.SlotStats | None) -> None:
+        """Write this call into the slot of the oldest step (already read for this step)."""
+        if self.window_mean is None or position >= self.window_mean.shape[0]:
+            self._allocate(position + 1, record)
+        if pending is not None:
+            record = CF.merge_stats(pending, record)
+        slot = int(self.window_next[position])
+        self.window_mean[position, slot] = record.mean
+        self.window_var[position, slot] = record.var
+        if record.grad_mean is not None:
+            self.window_grad_mean[position, slot] = record.grad_mean
+            self.window_grad_var[position, slot] = record.grad_var
+        self._pending[position] = record.count
+
+    def _update_running_stats(self, mean_cur: Tensor, var_cur: Tensor, count: int,
+                              mean: Tensor, var: Tensor, pooled: Tensor) -> None:
+        """BN's running-statistics update, from the batch or from the window."""
+        if not self.track_running_stats:
+            return
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+            if self.running_stats == 'batch':
+                mean, var = mean_cur, var_cur * (count / max(count - 1, 1))
+            else:
+                total = pooled * count
+                var = var * total / (total - 1).clamp_min(1)
+            dtype = self.running_mean.dtype
+            self.running_mean.lerp_(mean.to(dtype), factor)
+            self.running_var.lerp_(var.to(dtype), factor)
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Window buffers have data-dependent shapes: take them from the
+        # checkpoint. A checkpoint without window state (a BN checkpoint, or one
+        # from before the first step) resets the window: statistics of other
+        # weights cannot be compensated to the loaded ones.
+        for name in WINDOW_BUFFERS:
+            incoming = state_dict.get(prefix + name)
+            if incoming is None:
+                setattr(self, name, None)
+            elif isinstance(incoming, Tensor):
+                setattr(self, name, torch.empty_like(incoming, device=self._state_device()))
+        self._reset_step_state()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def window_numel(self) -> int:
+        """Numbers held by the window buffers (the memory the window costs)."""
+        names = ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
+        return sum(getattr(self, n).numel() for n in names if getattr(self, n) is not None)
+
+    def _describe(self) -> str:
+        name = self.__dict__.get('_names', ('', ''))[0]
+        return f'CBN layer {name!r}' if name else f'CBN layer ({self.num_features} channels)'
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f', window_size={self.window_size}, rho={self.rho}, '
+                f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}'
+                + (', per_call_windows=True' if self.per_call_windows else ''))

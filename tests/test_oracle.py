@@ -1,0 +1,143 @@
+"""CBN against the brute-force oracle: outputs, gradients and running stats over SGD steps."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cbn_plugin
+from cbn_plugin import CBN
+from oracle import OracleCBN, compensated_moments
+
+
+class TwoLayer(nn.Module):
+    """conv -> CBN -> relu -> conv -> CBN, the layout the issue names."""
+
+    def __init__(self, conv_bias=False, **cbn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias)
+        self.bn1 = CBN(6, **cbn)
+        self.conv2 = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False)
+        self.bn2 = CBN(5, **cbn)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def perturb_affine(model, gen):
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.add_(0.3 * torch.randn(bn.weight.shape, generator=gen, dtype=torch.float64))
+            bn.bias.add_(0.3 * torch.randn(bn.bias.shape, generator=gen, dtype=torch.float64))
+
+
+def run_against_oracle(window_size, rho, rule, conv_bias=False, steps=12, lr=0.2, seed=0):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = TwoLayer(conv_bias, window_size=window_size, rho=rho, variance_rule=rule).double()
+    perturb_affine(model, gen)
+    cbn_plugin.bind(model, logger=None)
+    ref = copy.deepcopy(model)  # its convs and affine parameters, driven by the oracle
+    o1 = OracleCBN(ref.conv1, ref.bn1.weight, ref.bn1.bias, window_size, rho, rule)
+    o2 = OracleCBN(ref.conv2, ref.bn2.weight, ref.bn2.bias, window_size, rho, rule)
+    ref_params = [ref.conv1.weight, ref.conv2.weight, ref.bn1.weight, ref.bn1.bias,
+                  ref.bn2.weight, ref.bn2.bias] + ([ref.conv1.bias] if conv_bias else [])
+    params = [model.conv1.weight, model.conv2.weight, model.bn1.weight, model.bn1.bias,
+              model.bn2.weight, model.bn2.bias] + ([model.conv1.bias] if conv_bias else [])
+    worst = 0.0
+    for _ in range(steps):
+        # Inputs with a large shared offset, so the window really differs from the batch.
+        x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64) * 2 + 1
+        target = torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64)
+        x_ref = x.clone().requires_grad_(True)
+        x = x.requires_grad_(True)
+        out = model(x)
+        out_ref = o2(torch.relu(o1(x_ref)))
+        torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+        (out * target).sum().backward()
+        (out_ref * target).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9)
+        for bn, orc in ((model.bn1, o1), (model.bn2, o2)):
+            torch.testing.assert_close(bn.running_mean, orc.running_mean, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(bn.running_var, orc.running_var, rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            for p, q in zip(params, ref_params):
+                worst = max(worst, float((p - q).abs().max()))
+                p -= lr * p.grad
+                q -= lr * q.grad
+                p.grad = q.grad = None
+        cbn_plugin.step(model)
+        o1.step()
+        o2.step()
+    return model, (o1, o2)
+
+
+@pytest.mark.parametrize('window_size', [2, 4])
+@pytest.mark.parametrize('rho', [0.0, 0.5, 1.0])
+def test_matches_oracle_clamp(window_size, rho):
+    run_against_oracle(window_size, rho, 'clamp')
+
+
+@pytest.mark.parametrize('window_size', [2, 4])
+@pytest.mark.parametrize('rho', [0.0, 0.5, 1.0])
+def test_matches_oracle_exclude(window_size, rho):
+    run_against_oracle(window_size, rho, 'exclude')
+
+
+def test_exclude_rule_really_drops_entries():
+    # Large steps make the first-order nu fall below mu^2; the oracle must have
+    # dropped entries, or the exclude comparisons above prove nothing.
+    _, oracles = run_against_oracle(4, 1.0, 'exclude', lr=3.0, steps=10, seed=3)
+    assert sum(o.entries_dropped for o in oracles) > 0
+
+
+def test_conv_bias_is_compensated():
+    run_against_oracle(4, 1.0, 'clamp', conv_bias=True)
+
+
+def test_mean_compensation_is_exact():
+    """For a CBN right after the first conv, the compensated window mean is the
+    mean of the old batches pushed through the new weights."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True).double()
+    bn = CBN(8, window_size=4).double()
+    model = nn.Sequential(conv, bn)
+    cbn_plugin.bind(model, logger=None)
+    batches = [torch.randn(2, 3, 7, 5, dtype=torch.float64) + 3 for _ in range(4)]
+    for x in batches[:3]:
+        model(x).pow(3).sum().backward()
+        with torch.no_grad():
+            for p in conv.parameters():
+                p -= 0.5 * p.grad
+                p.grad = None
+        cbn_plugin.step(model)
+    model(batches[3])
+    mean_c, _, valid = bn._past[0]
+    assert bool(valid.all()) and mean_c.shape[0] == 3
+    # Newest first: the old batches through today's conv.
+    with torch.no_grad():
+        expect = torch.stack([conv(x).mean(dim=(0, 2, 3)) for x in batches[2::-1]])
+    torch.testing.assert_close(mean_c, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_compensation_matches_autograd_derivatives_grouped_conv():
+    """Grouped, dilated, strided conv: the cheap derivatives give the oracle's (mu, nu)."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True).double()
+    bn = CBN(6, window_size=2).double()
+    model = nn.Sequential(conv, bn)
+    cbn_plugin.bind(model, logger=None)
+    x_old = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    old_w, old_b = conv.weight.detach().clone(), conv.bias.detach().clone()
+    model(x_old)
+    cbn_plugin.step(model)
+    with torch.no_grad():
+        conv.weight.add_(0.2 * torch.randn_like(conv.weight))
+        conv.bias.add_(0.2 * torch.randn_like(conv.bias))
+    model(torch.randn(3, 4, 9, 8, dtype=torch.float64))
+    mean_c, var_c, _ = bn._past[0]
+    mu, nu = compensated_moments(x_old, old_w, old_b, conv.weight, conv.bias, conv, 1.0)
+    torch.testing.assert_close(mean_c[0], mu, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(var_c[0], torch.clamp_min(nu - mu * mu, 0), rtol=1e-10, atol=1e-12)
