@@ -5,11 +5,12 @@ the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
 """
 from .binding import bind, cbn_layers, step
+from .hook import CBNHook
 from .layer import CrossIterationBatchNorm2d
 from .registry import register
 
 CBN = CrossIterationBatchNorm2d
 register()
 
-__all__ = ['CBN', 'CrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'step']
+__all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'step']
 __version__ = '0.1.0'

@@ -1,0 +1,124 @@
+"""CBNHook: binds CBN layers, owns the burn-in schedule, marks optimizer steps.
+
+Like mmengine's EMAHook it stays small: the schedule's clock (each layer's
+step counter) and the windows live in the layers and are saved with the
+model, so resume needs nothing from the hook.
+
+Config::
+
+    custom_imports = dict(imports=['cbn_plugin'], allow_failed_imports=False)
+    custom_hooks = [dict(type='CBNHook', burn_in_epochs=8)]
+"""
+from __future__ import annotations
+
+import math
+
+from mmengine.dist import get_world_size
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from .binding import bind, cbn_layers, step
+
+
+def _non_negative(name: str, value, integer: bool) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 \
+            or not math.isfinite(value):
+        kind = 'integer' if integer else 'number'
+        raise ValueError(f'CBNHook {name} must be a non-negative {kind}, got {value!r}')
+
+
+@HOOKS.register_module()
+class CBNHook(Hook):
+    """Cross-Iteration BN training hook.
+
+    Args:
+        burn_in_epochs: epochs of plain BN before the window switches on
+            (the authors intended 8 of 12). Converted to optimizer steps from
+            the real train dataloader length (per process, so the world size is
+            already in it) and the gradient-accumulation count.
+        burn_in_iters: the same in training iterations. Give exactly one of the
+            two (0 for no burn-in).
+        ramp_iters: 0 switches the full window on at once after burn-in;
+            otherwise the window grows linearly from 1 to its size over this
+            many iterations.
+        pairs: explicit ``{cbn_name: conv_name}`` for layouts ``bind`` does not
+            know.
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, burn_in_epochs: float | None = None, burn_in_iters: int | None = None,
+                 ramp_iters: int = 0, pairs: dict[str, str] | None = None) -> None:
+        if (burn_in_epochs is None) == (burn_in_iters is None):
+            raise ValueError(
+                'CBNHook needs exactly one of burn_in_epochs or burn_in_iters (use 0 for no '
+                f'burn-in), got burn_in_epochs={burn_in_epochs!r}, burn_in_iters={burn_in_iters!r}')
+        if burn_in_epochs is not None:
+            _non_negative('burn_in_epochs', burn_in_epochs, integer=False)
+        else:
+            _non_negative('burn_in_iters', burn_in_iters, integer=True)
+        _non_negative('ramp_iters', ramp_iters, integer=True)
+        self.burn_in_epochs, self.burn_in_iters = burn_in_epochs, burn_in_iters
+        self.ramp_iters, self.pairs = ramp_iters, pairs
+        self._step_hook = None
+        self._layers = []
+
+    def _schedule_in_steps(self, runner) -> tuple[int, int, int]:
+        accumulate = getattr(runner.optim_wrapper, '_accumulative_counts', 1)
+        max_iters = runner.max_iters
+        total = math.ceil(max_iters / accumulate)
+        if self.burn_in_epochs is not None:
+            iters = round(self.burn_in_epochs * len(runner.train_dataloader))
+            given = f'burn_in_epochs={self.burn_in_epochs}'
+        else:
+            iters, given = self.burn_in_iters, f'burn_in_iters={self.burn_in_iters}'
+        burn_in = iters // accumulate
+        if burn_in >= total:
+            raise ValueError(
+                f'CBNHook {given} is {burn_in} optimizer steps, but training has only {total} '
+                f'({max_iters} iterations, {accumulate} per step): the window would never be '
+                f'used. Use a burn-in below {total} steps')
+        return burn_in, self.ramp_iters // accumulate, total
+
+    def before_train(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        self._layers = [layer for _, layer in cbn_layers(model)]
+        if not self._layers:
+            print_log('CBNHook: the model has no CBN layer; the hook does nothing',
+                      logger='current', level=30)
+            return
+        bind(model, self.pairs)
+        burn_in, ramp, total = self._schedule_in_steps(runner)
+        for layer in self._layers:
+            layer.burn_in_steps, layer.ramp_steps = burn_in, ramp
+        print_log(f'CBNHook: burn-in {burn_in} of {total} optimizer steps (per process, world '
+                  f'size {get_world_size()}), ramp {ramp} steps; resumed at step '
+                  f'{self._layers[0].steps_done}', logger='current')
+        # The window advances once per real optimizer step, however many
+        # forwards (gradient accumulation) or skipped steps there are.
+        self._step_hook = runner.optim_wrapper.optimizer.register_step_post_hook(
+            lambda *_: step(model))
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self._layers:
+            return
+        windows, shifts, negatives = [], [], []
+        for layer in self._layers:
+            diag = layer.diagnostics
+            windows.append(diag.pop('window', 1))
+            if 'mean_shift' in diag:
+                shifts.append(float(diag.pop('mean_shift')))
+                negatives.append(float(diag.pop('negative_fraction')))
+        hub = runner.message_hub
+        hub.update_scalar('train/cbn_window', sum(windows) / len(windows))
+        if shifts:
+            hub.update_scalar('train/cbn_mean_shift', sum(shifts) / len(shifts))
+            hub.update_scalar('train/cbn_negative_fraction', sum(negatives) / len(negatives))
+
+    def after_train(self, runner) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
