@@ -98,6 +98,11 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor,
     centred = (out - mean.view(1, c, 1, 1)) * (2.0 / m)
     grad_var = torch.nn.grad.conv2d_weight(
         inp, weight_shape, centred, conv.stride, padding, conv.dilation, conv.groups)
+    # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
+    # large input patches it would break <grad_var, W> = 2 var. Subtracting it
+    # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead.
+    residual = centred.sum(dim=(0, 2, 3)).view(conv.groups, -1, 1)
+    grad_var = grad_var.reshape(conv.groups, c // conv.groups, -1) - residual * grad_mean.unsqueeze(1)
     return grad_mean, grad_var.reshape(c, -1)
 
 
