@@ -1,0 +1,4 @@
+# SyncBN: statistics over all GPUs (16 images); needs distributed training.
+_base_ = './_base_faster-rcnn_r50_fpn_4conv1fc_1x_coco.py'
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(neck=dict(norm_cfg=norm_cfg), roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg)))

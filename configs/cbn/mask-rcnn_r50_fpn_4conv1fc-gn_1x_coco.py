@@ -1,0 +1,6 @@
+# GroupNorm, 32 groups.
+_base_ = './_base_mask-rcnn_r50_fpn_4conv1fc_1x_coco.py'
+norm_cfg = dict(type='GN', num_groups=32, requires_grad=True)
+model = dict(
+    neck=dict(norm_cfg=norm_cfg),
+    roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
