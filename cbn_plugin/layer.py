@@ -188,6 +188,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.diagnostics['skipped_records'] += 1
 
         mean_past, var_past, valid = self._past[position]
+        self.diagnostics['window'] = 1 + mean_past.shape[0]
         if pending is None and not bool(valid.any()):
             return super().forward(x)
         mean, var, pooled = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
@@ -249,7 +250,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                       self.rho)
             var, valid, negative = CF.apply_variance_rule(mean, var, self.variance_rule)
         self.diagnostics.update(
-            window=1 + ages,
             negative_fraction=negative.float().mean(),
             dropped_fraction=(~valid).float().mean(),
             mean_shift=((mean - mean_old).abs() / (var_old + self.eps).sqrt()).mean(),
