@@ -5,6 +5,7 @@ the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
 """
 from .binding import bind, cbn_layers, step
+from .convert import convert_bn_to_cbn, convert_to_bn
 from .hook import CBNHook
 from .layer import CrossIterationBatchNorm2d
 from .registry import register
@@ -12,5 +13,5 @@ from .registry import register
 CBN = CrossIterationBatchNorm2d
 register()
 
-__all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'step']
+__all__ = ['CBN', 'CBNHook', 'convert_bn_to_cbn', 'convert_to_bn', 'CrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'step']
 __version__ = '0.1.0'
