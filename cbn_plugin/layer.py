@@ -9,6 +9,7 @@ run restores them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -163,12 +164,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._check_input_dim(x)
         conv_io, self._conv_io = self._conv_io, None
         if not self._window_in_use():
-            return super().forward(x)
+            return self._batch_norm(x)
         step = self.steps_done
         if step < CF.recording_starts(self.window_size, self.burn_in_steps):
-            return super().forward(x)
+            return self._batch_norm(x)
         position = self._call_index if self.per_call_windows else 0
-        self._call_index += 1
         window = CF.active_window(step, self.window_size, self.burn_in_steps, self.ramp_steps)
 
         mean_cur, var_cur = CF.batch_stats(x)
@@ -176,25 +176,54 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         record = self._record(x, mean_cur.detach(), var_cur.detach(), count, conv_io)
         if position not in self._past:
             self._past[position] = self._compensated_past(position, window - 1)
+        mean_past, var_past, valid = self._past[position]
         pending = self._read_pending(position)
-        if pending is not None:
-            # Earlier calls of this step: same weights, so merged exactly; the
-            # gradient flows through this call's share only.
-            merged = CF.merge_stats(pending, CF.SlotStats(count, mean_cur, var_cur, None, None))
-            mean_cur, var_cur = merged.mean, merged.var
+        if pending is None and mean_past.shape[0] == 0:
+            out = self._batch_norm(x)  # nothing to pool yet: exactly BN
+        else:
+            if pending is not None:
+                # Earlier calls of this step: same weights, so merged exactly;
+                # the gradient flows through this call's share only.
+                merged = CF.merge_stats(pending, CF.SlotStats(count, mean_cur, var_cur, None, None))
+                mean_cur, var_cur = merged.mean, merged.var
+            mean, var, pooled = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
+            self._update_running_stats(mean_cur.detach(), var_cur.detach(), count,
+                                       mean.detach(), var.detach(), pooled)
+            out = CF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        # Only a forward that succeeded changes the window.
+        self._call_index += 1
         if record is not None:
             self._write_record(position, record, pending)
         else:
             self.diagnostics['skipped_records'] += 1
-
-        mean_past, var_past, valid = self._past[position]
         self.diagnostics['window'] = 1 + mean_past.shape[0]
-        if pending is None and not bool(valid.any()):
+        return out
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """Plain BN, except that non-finite batch statistics never reach the running ones."""
+        if not (self.training and self.track_running_stats):
             return super().forward(x)
-        mean, var, pooled = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
-        self._update_running_stats(mean_cur.detach(), var_cur.detach(), count,
-                                   mean.detach(), var.detach(), pooled)
-        return CF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+        factor = self._momentum_factor()
+        # BN updates the running statistics it is given in place and autograd
+        # saves them: give it copies, and commit the finite channels afterwards.
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+        self._commit_running_stats(mean, var)
+        return out
+
+    def _momentum_factor(self) -> float:
+        """BN's bookkeeping: count the batch, return the running-average factor."""
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _commit_running_stats(self, mean: Tensor, var: Tensor) -> None:
+        # Per channel and without a host sync: a channel whose update is not
+        # finite keeps its previous value.
+        with torch.no_grad():
+            for buffer, new in ((self.running_mean, mean), (self.running_var, var)):
+                buffer.copy_(torch.where(torch.isfinite(new), new, buffer))
 
     def _record(self, x: Tensor, mean: Tensor, var: Tensor, count: int,
                 conv_io) -> CF.SlotStats | None:
@@ -280,8 +309,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         grads = (None, None)
         if self.compensates:
             grads = (self.window_grad_mean[position, slot], self.window_grad_var[position, slot])
-        return CF.SlotStats(self._pending[position], self.window_mean[position, slot],
-                            self.window_var[position, slot], *grads)
+        # Copies: the slot is overwritten after this call's graph has used them.
+        return CF.SlotStats(self._pending[position], self.window_mean[position, slot].clone(),
+                            self.window_var[position, slot].clone(), *grads)
 
     def _write_record(self, position: int, record: CF.SlotStats,
                       pending: CF.SlotStats | None) -> None:
@@ -303,18 +333,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """BN's running-statistics update, from the batch or from the window."""
         if not self.track_running_stats:
             return
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
-            if self.running_stats == 'batch':
-                mean, var = mean_cur, var_cur * (count / max(count - 1, 1))
-            else:
-                total = pooled * count
-                var = var * total / (total - 1).clamp_min(1)
-            dtype = self.running_mean.dtype
-            self.running_mean.lerp_(mean.to(dtype), factor)
-            self.running_var.lerp_(var.to(dtype), factor)
+        factor = self._momentum_factor()
+        if self.running_stats == 'batch':
+            mean, var = mean_cur, var_cur * (count / max(count - 1, 1))
+        else:
+            total = pooled * count
+            var = var * total / (total - 1).clamp_min(1)
+        dtype = self.running_mean.dtype
+        self._commit_running_stats(torch.lerp(self.running_mean, mean.to(dtype), factor),
+                                   torch.lerp(self.running_var, var.to(dtype), factor))
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
