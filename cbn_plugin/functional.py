@@ -179,9 +179,9 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     ``mean_past``/``var_past``/``valid`` are ``J x C``. The current entry is
     never dropped, so the per-channel count is at least 1. The pooled variance
     is ``mean(var_e) + mean((mu_e - mu_bar)^2)``: the same number as
-    ``mean(nu_e) - mu_bar^2`` without its cancellation. Gradients flow through
-    ``mean_cur``/``var_cur`` only (pass the past entries detached).
-    Returns ``(mean, var, count)``.
+    ``mean(nu_e) - mu_bar^2`` without its cancellation. Returns
+    ``(mean, var, count)``; ``pooled_batch_norm`` takes the gradient through
+    the current entry analytically, with weight ``1 / count``.
     """
     count = valid.sum(0).to(mean_cur.dtype) + 1
     zero = mean_cur.new_zeros(())
@@ -191,20 +191,61 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     return mean, var, count
 
 
-def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-              bias: Tensor | None, eps: float) -> Tensor:
-    """``gamma (x - mean) / sqrt(var + eps) + beta`` with per-channel statistics.
+class _PooledBatchNorm(torch.autograd.Function):
+    """BN's fused kernels with pooled statistics, and the exact gradient through this call's.
 
-    eps inside the sqrt, as in BN, so the layer folds into a standard BN.
-    Computed in the statistics' dtype, returned in ``x``'s.
+    Forward: ``gamma (x - mean) / sqrt(var + eps) + beta`` with the pooled
+    ``(mean, var)``, BN's inference kernel (one pass, eps inside the sqrt).
+    Backward: the pooled statistics depend on this call's batch mean ``mu_c``
+    and variance only, each with per-channel weight ``w`` (1/k for a full
+    window, times this call's share of the step's positions), and
+    ``d var / d mu_c = 2 w (mu_c - mean)``. So the gradient is BN's inference
+    backward (one fused call gives ``gamma g / sigma``, ``sum g x_hat``,
+    ``sum g``) plus a per-channel affine function of ``x``: the same passes
+    over the data as BN's own backward.
     """
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(scale.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(scale.dtype)
-    y = x.to(scale.dtype) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, mean_call, stat_weight, eps):
+        ctx.save_for_backward(x, weight, mean, var, mean_call, stat_weight)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, var, mean_call, stat_weight = ctx.saved_tensors
+        gamma = weight if weight is not None else torch.ones_like(mean)
+        grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, gamma, mean, var, None, None, False, ctx.eps,
+            [True, True, True])
+        invstd = torch.rsqrt(var + ctx.eps)
+        d_mean = -gamma * invstd * sum_g
+        d_var = -0.5 * gamma * invstd * invstd * sum_g_xhat
+        d_var_call = stat_weight * d_var
+        d_mean_call = stat_weight * (d_mean + 2.0 * d_var * (mean_call - mean))
+        m = x.numel() // x.shape[1]
+        slope = 2.0 * d_var_call / m
+        offset = d_mean_call / m - slope * mean_call
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        grad_x = grad_x.addcmul_(x, slope.view(shape)).add_(offset.view(shape))
+        needs = ctx.needs_input_grad
+        return (grad_x, sum_g_xhat if needs[1] else None, sum_g if needs[2] else None,
+                None, None, None, None, None)
+
+
+def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, mean_call: Tensor,
+                      stat_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> Tensor:
+    """Normalise ``x`` with pooled statistics; gradients flow through this call's only.
+
+    ``mean``/``var``: the pooled statistics; ``mean_call``: this call's batch
+    mean; ``stat_weight``: per channel, the weight of this call's statistics in
+    the pool. All three are constants (detached). Computed in the statistics'
+    dtype, returned in ``x``'s.
+    """
+    dtype = mean.dtype
+    params = [p if p is None else p.to(dtype) for p in (weight, bias)]
+    y = _PooledBatchNorm.apply(x.to(dtype), *params, mean, var, mean_call, stat_weight, eps)
     return y.to(x.dtype)
 
 

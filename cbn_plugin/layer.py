@@ -171,9 +171,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         position = self._call_index if self.per_call_windows else 0
         window = CF.active_window(step, self.window_size, self.burn_in_steps, self.ramp_steps)
 
-        mean_cur, var_cur = CF.batch_stats(x)
+        with torch.no_grad():  # the gradient through them is analytic
+            mean_cur, var_cur = CF.batch_stats(x)
         count = x.numel() // x.shape[1]
-        record = self._record(x, mean_cur.detach(), var_cur.detach(), count, conv_io)
+        record = self._record(x, mean_cur, var_cur, count, conv_io)
         if position not in self._past:
             self._past[position] = self._compensated_past(position, window - 1)
         mean_past, var_past, valid = self._past[position]
@@ -181,15 +182,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if pending is None and mean_past.shape[0] == 0:
             out = self._batch_norm(x)  # nothing to pool yet: exactly BN
         else:
+            mean_step, var_step, share = mean_cur, var_cur, 1.0
             if pending is not None:
                 # Earlier calls of this step: same weights, so merged exactly;
                 # the gradient flows through this call's share only.
                 merged = CF.merge_stats(pending, CF.SlotStats(count, mean_cur, var_cur, None, None))
-                mean_cur, var_cur = merged.mean, merged.var
-            mean, var, pooled = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
-            self._update_running_stats(mean_cur.detach(), var_cur.detach(), count,
-                                       mean.detach(), var.detach(), pooled)
-            out = CF.normalize(x, mean, var, self.weight, self.bias, self.eps)
+                mean_step, var_step, share = merged.mean, merged.var, count / merged.count
+            mean, var, pooled = CF.pool_window(mean_step, var_step, mean_past, var_past, valid)
+            self._update_running_stats(mean_step, var_step, count, mean, var, pooled)
+            out = CF.pooled_batch_norm(x, mean, var, mean_cur, share / pooled, self.weight,
+                                       self.bias, self.eps)
         # Only a forward that succeeded changes the window.
         self._call_index += 1
         if record is not None:
