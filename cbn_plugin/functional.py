@@ -71,14 +71,19 @@ def _conv_geometry(conv_input: Tensor, conv: torch.nn.Conv2d) -> tuple[Tensor, t
     return conv_input, conv.padding
 
 
-def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor,
-                    conv: torch.nn.Conv2d) -> tuple[Tensor, Tensor]:
+def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: Tensor,
+                    conv: torch.nn.Conv2d, stride: int = 1) -> tuple[Tensor, Tensor]:
     """Derivatives of the batch mean and variance of ``conv_output`` w.r.t. the conv weight.
 
     Returns ``(grad_mean, grad_var)``: the mean input patch per group
     (``groups x P'``) and ``dvar/dW`` (``C x P'``). One weight-gradient
     convolution with ``C`` output channels plus one with a single channel on
     the batch-summed input; no autograd graph.
+
+    ``stride > 1`` estimates ``dvar/dW`` from every ``stride``-th output row
+    and column (``stride^2`` times cheaper; the statistics and the mean patch
+    stay exact) and then corrects it along ``W`` so that
+    ``<grad_var, W> = 2 var`` still holds exactly.
     """
     dtype = mean.dtype
     inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
@@ -95,15 +100,27 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor,
         inp.sum(0, keepdim=True), (1, cin, kh, kw), ones,
         conv.stride, padding, conv.dilation, 1)
     grad_mean = grad_mean.reshape(conv.groups, -1)
-    centred = (out - mean.view(1, c, 1, 1)) * (2.0 / m)
+    conv_stride = conv.stride
+    if stride > 1:
+        # Output positions (i s, j s) are those of the same conv with s times the stride.
+        out = out[:, :, ::stride, ::stride]
+        conv_stride = tuple(s * stride for s in conv.stride)
+    sampled = out.shape[0] * out.shape[2] * out.shape[3]
+    centred = torch.addcmul(mean.view(1, c, 1, 1) * (-2.0 / sampled), out,
+                            out.new_tensor(2.0 / sampled))
     grad_var = torch.nn.grad.conv2d_weight(
-        inp, weight_shape, centred, conv.stride, padding, conv.dilation, conv.groups)
+        inp, weight_shape, centred, conv_stride, padding, conv.dilation, conv.groups)
     # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
     # large input patches it would break <grad_var, W> = 2 var. Subtracting it
     # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead.
     residual = centred.sum(dim=(0, 2, 3)).view(conv.groups, -1, 1)
     grad_var = grad_var.reshape(conv.groups, c // conv.groups, -1) - residual * grad_mean.unsqueeze(1)
-    return grad_mean, grad_var.reshape(c, -1)
+    grad_var = grad_var.reshape(c, -1)
+    if stride > 1:
+        weight = conv.weight.detach().to(dtype).flatten(1)
+        gap = 2.0 * var - (grad_var * weight).sum(1)
+        grad_var = grad_var + (gap / (weight * weight).sum(1).clamp_min(1e-30)).unsqueeze(1) * weight
+    return grad_mean, grad_var
 
 
 def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:

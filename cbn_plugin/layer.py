@@ -41,6 +41,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         running_stats: what the running statistics used at inference track:
             ``'batch'`` (the current batch, as BN) or ``'window'`` (the pooled
             window statistics).
+        dvar_stride: 1 computes ``dvar/dW`` exactly (one weight-gradient
+            convolution per step); ``s > 1`` estimates it from every s-th
+            output row and column, ``s^2`` times cheaper. The statistics
+            themselves stay exact.
         per_call_windows: when the layer runs several times between two
             optimizer steps, ``False`` pools all calls of a step into that
             step's slot (gradient-accumulation micro-batches, darknet's CmBN);
@@ -55,7 +59,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  rho: float = 1.0, variance_rule: str = 'clamp', running_stats: str = 'batch',
-                 per_call_windows: bool = False, device=None, dtype=None) -> None:
+                 dvar_stride: int = 1, per_call_windows: bool = False, device=None,
+                 dtype=None) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f'CBN window_size must be an integer >= 1 (1 is plain BN), '
                              f'got {window_size!r}')
@@ -68,6 +73,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if running_stats not in RUNNING_STATS_SOURCES:
             raise ValueError(f'CBN running_stats must be one of {RUNNING_STATS_SOURCES}, '
                              f'got {running_stats!r}')
+        if isinstance(dvar_stride, bool) or not isinstance(dvar_stride, int) or dvar_stride < 1:
+            raise ValueError(f'CBN dvar_stride must be an integer >= 1 (1 is exact), '
+                             f'got {dvar_stride!r}')
         if not isinstance(per_call_windows, bool):
             raise ValueError(f'CBN per_call_windows must be True or False, got {per_call_windows!r}')
         if not isinstance(eps, (int, float)) or not eps > 0:
@@ -77,6 +85,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.rho = float(rho)
         self.variance_rule = variance_rule
         self.running_stats = running_stats
+        self.dvar_stride = dvar_stride
         self.per_call_windows = per_call_windows
         # Schedule, set by CBNHook from the config; the step counter it is
         # compared with is a (persistent) buffer, so resume needs nothing else.
@@ -240,7 +249,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     "that conv's output: the conv must feed the norm directly (bind pairs "
                     'conv -> norm; pass pairs= for other layouts, or use rho=0)')
             with torch.no_grad():
-                grad_mean, grad_var = CF.conv_stat_grads(conv_io[0], x, mean, conv)
+                grad_mean, grad_var = CF.conv_stat_grads(conv_io[0], x, mean, var, conv,
+                                                         self.dvar_stride)
         tensors = (mean, var) + ((grad_mean, grad_var) if grad_mean is not None else ())
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             return None
@@ -374,4 +384,5 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def extra_repr(self) -> str:
         return (super().extra_repr() + f', window_size={self.window_size}, rho={self.rho}, '
                 f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}'
+                + (f', dvar_stride={self.dvar_stride}' if self.dvar_stride > 1 else '')
                 + (', per_call_windows=True' if self.per_call_windows else ''))

@@ -17,6 +17,7 @@ from cbn_plugin import CBN, CBNHook
     (dict(variance_rule='drop'), r"variance_rule must be one of \('clamp', 'exclude'\), got 'drop'"),
     (dict(running_stats='ema'), r"running_stats must be one of \('batch', 'window'\), got 'ema'"),
     (dict(per_call_windows='yes'), r"per_call_windows must be True or False, got 'yes'"),
+    (dict(dvar_stride=0), r'dvar_stride must be an integer >= 1 \(1 is exact\), got 0'),
     (dict(eps=0), r'eps must be > 0, got 0'),
 ])
 def test_invalid_arguments(kwargs, match):

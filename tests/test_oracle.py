@@ -141,3 +141,61 @@ def test_compensation_matches_autograd_derivatives_grouped_conv():
     mu, nu = compensated_moments(x_old, old_w, old_b, conv.weight, conv.bias, conv, 1.0)
     torch.testing.assert_close(mean_c[0], mu, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(var_c[0], torch.clamp_min(nu - mu * mu, 0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('stride', [1, 2, 3])
+def test_dvar_dw_exact_and_sampled_against_autograd(stride):
+    """dvar/dW: exact for stride 1; for stride s, the derivative of the variance over
+    every s-th output row and column, corrected along W so <g, W> = 2 var holds."""
+    from cbn_plugin import functional as CF
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True).double()
+    x = torch.randn(2, 3, 13, 11, dtype=torch.float64) + 2
+    w = conv.weight.detach().clone().requires_grad_(True)
+    out = nn.functional.conv2d(x, w, conv.bias, conv.stride, conv.padding)
+    mean = out.mean(dim=(0, 2, 3), keepdim=True)
+    sampled = out[:, :, ::stride, ::stride]
+    var_sampled = ((sampled - mean) ** 2).mean(dim=(0, 2, 3))
+    expect = torch.autograd.grad(var_sampled.sum(), w)[0].flatten(1)
+    var = out.detach().var(dim=(0, 2, 3), unbiased=False)
+    flat_w = w.detach().flatten(1)
+    if stride > 1:
+        gap = 2 * var - (expect * flat_w).sum(1)
+        expect = expect + (gap / (flat_w * flat_w).sum(1)).unsqueeze(1) * flat_w
+    _, grad_var = CF.conv_stat_grads(x, out.detach(), mean.flatten(), var, conv, stride)
+    torch.testing.assert_close(grad_var, expect, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close((grad_var * flat_w).sum(1), 2 * var, rtol=1e-10, atol=1e-12)
+
+
+def test_sampled_mode_stays_close_to_exact():
+    """dvar_stride=2 keeps the means exact and the compensated variances near exact."""
+    torch.manual_seed(0)
+    exact = TwoLayer(window_size=4).double()
+    sampled = copy.deepcopy(exact)
+    sampled.bn1.dvar_stride = sampled.bn2.dvar_stride = 2
+    for model in (exact, sampled):
+        cbn_plugin.bind(model, logger=None)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 + 1
+        exact(x), sampled(x)
+        for model in (exact, sampled):
+            cbn_plugin.step(model)
+            with torch.no_grad():  # the same weight change for both
+                noise = torch.Generator().manual_seed(step)
+                for p in model.parameters():
+                    p.add_(0.01 * torch.randn(p.shape, generator=noise, dtype=p.dtype))
+    x = torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64)
+    exact(x), sampled(x)
+    # The first layer sees identical inputs in both models (the second does not:
+    # its input went through the first layer's pooled statistics).
+    mean_s, var_s, _ = sampled.bn1._past[0]
+    mean_e, var_e, _ = exact.bn1._past[0]
+    torch.testing.assert_close(mean_s, mean_e, rtol=1e-12, atol=1e-12)
+    assert not torch.equal(var_s, var_e)
+    # It recovers most of the compensation: far closer than the uncompensated entries.
+    # (The oldest slot already holds this step's record: compare the two newest.)
+    var_old = exact.bn1.window_var[0, exact.bn1._slots(0, 2)]
+    error = (var_s[:2] - var_e[:2]).abs().mean()
+    compensation = (var_old - var_e[:2]).abs().mean()
+    assert error < 0.2 * compensation, (float(error), float(compensation))
