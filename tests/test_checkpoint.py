@@ -33,7 +33,7 @@ from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.model import BaseModel
-from mmengine.registry import HOOKS
+from mmengine.registry import HOOKS, DefaultScope
 from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
@@ -41,6 +41,15 @@ from torch.utils.data import Dataset
 import cbn_plugin
 from cbn_plugin import checkpoint as ckpt
 from cbn_plugin.checkpoint import TAG, WeightsOnlyCheckpointHook
+
+
+@pytest.fixture(autouse=True, scope='module')
+def keep_default_scope():
+    """A Runner makes its scope ('mmengine') the current one, process-wide: put
+    back whatever scope other test modules (mmdet's) had set."""
+    saved = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict = type(DefaultScope._instance_dict)(saved)
 
 
 # ---------------------------------------------------------------- a tiny Runner
