@@ -14,8 +14,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The detection demo (docs/demo.md): CBN Faster R-CNN on handwritten digits.
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+# All four norms (BN, GN, naive CBN, CBN); rewrites docs/demo.md's table and docs/demo_compare.png.
+.PHONY: demo-compare
+demo-compare: $(STAMP)
+	$(PY) tools/demo.py --compare
 
 clean-venv:
 	rm -rf .venv
