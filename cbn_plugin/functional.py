@@ -71,6 +71,28 @@ def _conv_geometry(conv_input: Tensor, conv: torch.nn.Conv2d) -> tuple[Tensor, t
     return conv_input, conv.padding
 
 
+def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
+    """Sum of the input patches over all output positions, per group: ``groups x P'``.
+
+    The same for every output channel, so one channel suffices, and the batch
+    can be summed first (the patch map is linear).
+    """
+    kh, kw = conv.weight.shape[2:]
+    ones = inp.new_ones((1, 1) + tuple(out_hw))
+    total = torch.nn.grad.conv2d_weight(inp.sum(0, keepdim=True), (1, inp.shape[1], kh, kw),
+                                        ones, conv.stride, padding, conv.dilation, 1)
+    return total.reshape(conv.groups, -1)
+
+
+def _centre_patches(grad: Tensor, residual: Tensor, patch_mean: Tensor) -> Tensor:
+    """``grad - residual (x) patch_mean`` per group: ``C x P'``."""
+    groups = patch_mean.shape[0]
+    c = grad.shape[0]
+    centred = grad.reshape(groups, c // groups, -1) - residual.view(groups, -1, 1) \
+        * patch_mean.unsqueeze(1)
+    return centred.reshape(c, -1)
+
+
 def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: Tensor,
                     conv: torch.nn.Conv2d, stride: int = 1) -> tuple[Tensor, Tensor]:
     """Derivatives of the batch mean and variance of ``conv_output`` w.r.t. the conv weight.
@@ -89,17 +111,7 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
     out = conv_output.detach().to(dtype)
     n, c, h, w = out.shape
-    m = n * h * w
-    weight_shape = conv.weight.shape
-    cin = inp.shape[1]
-    kh, kw = weight_shape[2], weight_shape[3]
-    # Mean patch: the same for every output channel, so one channel suffices,
-    # and the batch can be summed first (the patch map is linear).
-    ones = out.new_full((1, 1, h, w), 1.0 / m)
-    grad_mean = torch.nn.grad.conv2d_weight(
-        inp.sum(0, keepdim=True), (1, cin, kh, kw), ones,
-        conv.stride, padding, conv.dilation, 1)
-    grad_mean = grad_mean.reshape(conv.groups, -1)
+    grad_mean = _patch_sum(inp, padding, conv, (h, w)) / (n * h * w)
     conv_stride = conv.stride
     if stride > 1:
         # Output positions (i s, j s) are those of the same conv with s times the stride.
@@ -109,18 +121,68 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     centred = torch.addcmul(mean.view(1, c, 1, 1) * (-2.0 / sampled), out,
                             out.new_tensor(2.0 / sampled))
     grad_var = torch.nn.grad.conv2d_weight(
-        inp, weight_shape, centred, conv_stride, padding, conv.dilation, conv.groups)
+        inp, conv.weight.shape, centred, conv_stride, padding, conv.dilation, conv.groups)
     # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
     # large input patches it would break <grad_var, W> = 2 var. Subtracting it
     # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead.
-    residual = centred.sum(dim=(0, 2, 3)).view(conv.groups, -1, 1)
-    grad_var = grad_var.reshape(conv.groups, c // conv.groups, -1) - residual * grad_mean.unsqueeze(1)
-    grad_var = grad_var.reshape(c, -1)
+    grad_var = _centre_patches(grad_var, centred.sum(dim=(0, 2, 3)), grad_mean)
     if stride > 1:
         weight = conv.weight.detach().to(dtype).flatten(1)
         gap = 2.0 * var - (grad_var * weight).sum(1)
         grad_var = grad_var + (gap / (weight * weight).sum(1).clamp_min(1e-30)).unsqueeze(1) * weight
     return grad_mean, grad_var
+
+
+def shifted_sums(x: Tensor, shift: Tensor, conv_input: Tensor | None,
+                 conv: torch.nn.Conv2d | None) -> Tensor:
+    """One flat vector of sums that add up exactly across devices (for SyncCBN).
+
+    ``[n, sum(x - s), sum((x - s)^2), sum_i p_i, sum_i (x_i - s) p_i]`` per
+    channel, the last two only with a conv. ``s`` must be the same on every
+    device; close to the mean it keeps the float32 sums free of cancellation.
+    """
+    dtype = stats_dtype(x)
+    out = x.detach().to(dtype)
+    n, c, h, w = out.shape
+    centred = out - shift.to(dtype).view(1, c, 1, 1)
+    parts = [out.new_tensor([float(n * h * w)]), centred.sum(dim=(0, 2, 3)),
+             (centred * centred).sum(dim=(0, 2, 3))]
+    if conv is not None:
+        inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
+        parts.append(_patch_sum(inp, padding, conv, (h, w)).flatten())
+        parts.append(torch.nn.grad.conv2d_weight(
+            inp, conv.weight.shape, centred, conv.stride, padding, conv.dilation,
+            conv.groups).flatten())
+    return torch.cat(parts)
+
+
+def stats_from_sums(sums: Tensor, shift: Tensor, groups: int = 1) -> SlotStats:
+    """The statistics and derivatives of the positions behind ``shifted_sums``.
+
+    With ``mu = s + S1/n``: ``sum_i (x_i - mu)(p_i - p_bar) = A - (mu - s) b``
+    because ``sum_i (x_i - mu) = 0``; so the derivatives reduce exactly.
+    """
+    c = shift.shape[0]
+    count = sums[0]
+    s1, s2 = sums[1:1 + c] / count, sums[1 + c:1 + 2 * c] / count
+    mean = shift.to(sums.dtype) + s1
+    var = (s2 - s1 * s1).clamp_min(0)
+    rest = sums[1 + 2 * c:]
+    if rest.numel() == 0:
+        return SlotStats(int(count), mean, var, None, None)
+    # rest = [b (groups x P'), A (C x P')]
+    p = rest.numel() // (groups + c)
+    patch_sum = rest[:groups * p].view(groups, p)
+    grad_mean = patch_sum / count
+    weighted = rest[groups * p:].view(c, p)
+    grad_var = _centre_patches(weighted, s1, patch_sum) * (2.0 / count)
+    return SlotStats(int(count), mean, var, grad_mean, grad_var)
+
+
+def is_finite(stats: SlotStats) -> bool:
+    """Whether every statistic and derivative of a record is finite (one host sync)."""
+    tensors = [t for t in stats[1:] if t is not None]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:
@@ -223,9 +285,9 @@ class _PooledBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, mean_call, stat_weight, eps):
+    def forward(ctx, x, weight, bias, mean, var, mean_call, stat_weight, eps, count, group):
         ctx.save_for_backward(x, weight, mean, var, mean_call, stat_weight)
-        ctx.eps = eps
+        ctx.eps, ctx.count, ctx.group = eps, count, group
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
@@ -235,34 +297,45 @@ class _PooledBatchNorm(torch.autograd.Function):
         grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(), x, gamma, mean, var, None, None, False, ctx.eps,
             [True, True, True])
+        total_g, total_g_xhat = sum_g, sum_g_xhat
+        if ctx.group is not None:
+            # The statistics were over every device's positions: so is their gradient
+            # (2C numbers, as SyncBN's backward). Parameter gradients stay local for DDP.
+            totals = torch.cat([sum_g, sum_g_xhat])
+            torch.distributed.all_reduce(totals, group=ctx.group)
+            total_g, total_g_xhat = totals.chunk(2)
         invstd = torch.rsqrt(var + ctx.eps)
-        d_mean = -gamma * invstd * sum_g
-        d_var = -0.5 * gamma * invstd * invstd * sum_g_xhat
+        d_mean = -gamma * invstd * total_g
+        d_var = -0.5 * gamma * invstd * invstd * total_g_xhat
         d_var_call = stat_weight * d_var
         d_mean_call = stat_weight * (d_mean + 2.0 * d_var * (mean_call - mean))
-        m = x.numel() // x.shape[1]
+        m = ctx.count
         slope = 2.0 * d_var_call / m
         offset = d_mean_call / m - slope * mean_call
         shape = (1, -1) + (1,) * (x.dim() - 2)
         grad_x = grad_x.addcmul_(x, slope.view(shape)).add_(offset.view(shape))
         needs = ctx.needs_input_grad
         return (grad_x, sum_g_xhat if needs[1] else None, sum_g if needs[2] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, mean_call: Tensor,
                       stat_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
-                      eps: float) -> Tensor:
+                      eps: float, count: int | None = None, group=None) -> Tensor:
     """Normalise ``x`` with pooled statistics; gradients flow through this call's only.
 
     ``mean``/``var``: the pooled statistics; ``mean_call``: this call's batch
     mean; ``stat_weight``: per channel, the weight of this call's statistics in
-    the pool. All three are constants (detached). Computed in the statistics'
-    dtype, returned in ``x``'s.
+    the pool. All three are constants (detached). ``count``: positions behind
+    this call's statistics (all devices' with ``group``, whose backward then
+    sums the statistics' gradient across the group). Computed in the
+    statistics' dtype, returned in ``x``'s.
     """
     dtype = mean.dtype
+    count = x.numel() // x.shape[1] if count is None else count
     params = [p if p is None else p.to(dtype) for p in (weight, bias)]
-    y = _PooledBatchNorm.apply(x.to(dtype), *params, mean, var, mean_call, stat_weight, eps)
+    y = _PooledBatchNorm.apply(x.to(dtype), *params, mean, var, mean_call, stat_weight, eps,
+                               count, group)
     return y.to(x.dtype)
 
 

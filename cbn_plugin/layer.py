@@ -180,15 +180,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         position = self._call_index if self.per_call_windows else 0
         window = CF.active_window(step, self.window_size, self.burn_in_steps, self.ramp_steps)
 
-        with torch.no_grad():  # the gradient through them is analytic
-            mean_cur, var_cur = CF.batch_stats(x)
-        count = x.numel() // x.shape[1]
-        record = self._record(x, mean_cur, var_cur, count, conv_io)
+        group = self._group()
+        current = self._current(x, conv_io, derivatives=self.compensates, group=group)
+        mean_cur, var_cur, count = current.mean, current.var, current.count
+        record = current if CF.is_finite(current) else None
         if position not in self._past:
             self._past[position] = self._compensated_past(position, window - 1)
         mean_past, var_past, valid = self._past[position]
         pending = self._read_pending(position)
-        if pending is None and mean_past.shape[0] == 0:
+        if pending is None and mean_past.shape[0] == 0 and group is None:
             out = self._batch_norm(x)  # nothing to pool yet: exactly BN
         else:
             mean_step, var_step, share = mean_cur, var_cur, 1.0
@@ -200,7 +200,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             mean, var, pooled = CF.pool_window(mean_step, var_step, mean_past, var_past, valid)
             self._update_running_stats(mean_step, var_step, count, mean, var, pooled)
             out = CF.pooled_batch_norm(x, mean, var, mean_cur, share / pooled, self.weight,
-                                       self.bias, self.eps)
+                                       self.bias, self.eps, count, group)
         # Only a forward that succeeded changes the window.
         self._call_index += 1
         if record is not None:
@@ -236,25 +236,28 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             for buffer, new in ((self.running_mean, mean), (self.running_var, var)):
                 buffer.copy_(torch.where(torch.isfinite(new), new, buffer))
 
-    def _record(self, x: Tensor, mean: Tensor, var: Tensor, count: int,
-                conv_io) -> CF.SlotStats | None:
-        """This call's contribution to the window, or None if it is not finite."""
-        grad_mean = grad_var = None
-        if self.compensates:
-            conv = self.bound_conv
-            if conv_io is None or conv_io[1] is not x:
-                name, conv_name = self.__dict__.get('_names', ('', ''))
-                raise RuntimeError(
-                    f'{self._describe()} is bound to conv {conv_name!r} but its input is not '
-                    "that conv's output: the conv must feed the norm directly (bind pairs "
-                    'conv -> norm; pass pairs= for other layouts, or use rho=0)')
-            with torch.no_grad():
-                grad_mean, grad_var = CF.conv_stat_grads(conv_io[0], x, mean, var, conv,
-                                                         self.dvar_stride)
-        tensors = (mean, var) + ((grad_mean, grad_var) if grad_mean is not None else ())
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
-            return None
-        return CF.SlotStats(count, mean, var, grad_mean, grad_var)
+    def _group(self):
+        """The process group the statistics are reduced over; None for CBN."""
+        return None
+
+    def _current(self, x: Tensor, conv_io, derivatives: bool, group=None) -> CF.SlotStats:
+        """This call's statistics, and their derivatives w.r.t. the conv weight."""
+        grads = (None, None)
+        with torch.no_grad():  # the gradient through the statistics is analytic
+            mean, var = CF.batch_stats(x)
+            if derivatives:
+                self._check_conv_io(x, conv_io)
+                grads = CF.conv_stat_grads(conv_io[0], x, mean, var, self.bound_conv,
+                                           self.dvar_stride)
+        return CF.SlotStats(x.numel() // x.shape[1], mean, var, *grads)
+
+    def _check_conv_io(self, x: Tensor, conv_io) -> None:
+        if conv_io is None or conv_io[1] is not x:
+            conv_name = self.__dict__.get('_names', ('', ''))[1]
+            raise RuntimeError(
+                f'{self._describe()} is bound to conv {conv_name!r} but its input is not '
+                "that conv's output: the conv must feed the norm directly (bind pairs "
+                'conv -> norm; pass pairs= for other layouts, or use rho=0)')
 
     # ------------------------------------------------------------------ window
     def _slots(self, position: int, ages: int) -> Tensor:
@@ -386,3 +389,65 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}'
                 + (f', dvar_stride={self.dvar_stride}' if self.dvar_stride > 1 else '')
                 + (', per_call_windows=True' if self.per_call_windows else ''))
+
+
+class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
+    """CBN whose statistics are pooled across devices *and* across steps.
+
+    Per forward, one all-reduce of ``1 + 2C`` numbers (``1 + 2C + P + |W|``
+    when it compensates: the patch sum and ``sum (x - s) p``, which are
+    linear and so reduce exactly) gives every device the statistics and
+    derivatives of the global batch; the window then holds global entries and
+    is identical everywhere. The backward all-reduces ``2C`` numbers, as
+    SyncBN's does. Without an initialised process group (or in a world of
+    one) it behaves as CBN, with a one-time warning, like mmengine's SyncBN.
+    """
+
+    def __init__(self, num_features: int, *args, process_group=None, **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        if self.dvar_stride != 1:
+            raise ValueError(f'SyncCBN supports only exact derivatives (dvar_stride=1), got '
+                             f'dvar_stride={self.dvar_stride}')
+        self.process_group = process_group
+        self._warned = False
+
+    def _group(self):
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size(self.process_group) > 1:
+            return self.process_group if self.process_group is not None else dist.group.WORLD
+        if not self._warned:
+            import warnings
+            warnings.warn('SyncCBN: no initialised process group with more than one process; '
+                          'the statistics are this process\'s own, as in CBN', stacklevel=3)
+            self._warned = True
+        return None
+
+    def _current(self, x: Tensor, conv_io, derivatives: bool, group=None) -> CF.SlotStats:
+        if group is None:
+            return super()._current(x, conv_io, derivatives)
+        import torch.distributed as dist
+        conv = None
+        if derivatives:
+            self._check_conv_io(x, conv_io)
+            conv = self.bound_conv
+        # The shift must be the same on every device: the running mean is
+        # (it is updated from global statistics only).
+        shift = (self.running_mean if self.running_mean is not None
+                 else x.new_zeros(self.num_features)).detach()
+        with torch.no_grad():
+            sums = CF.shifted_sums(x, shift, conv_io[0] if conv is not None else None, conv)
+            dist.all_reduce(sums, group=group)
+            return CF.stats_from_sums(sums, shift, conv.groups if conv is not None else 1)
+
+    def _batch_norm(self, x: Tensor) -> Tensor:
+        """SyncBN: burn-in, window 1, frozen convs and no_grad forwards in training."""
+        group = self._group() if self.training else None
+        if group is None:
+            return super()._batch_norm(x)
+        current = self._current(x, None, derivatives=False, group=group)
+        ones = torch.ones_like(current.mean)
+        self._update_running_stats(current.mean, current.var, current.count, current.mean,
+                                   current.var, ones)
+        return CF.pooled_batch_norm(x, current.mean, current.var, current.mean, ones,
+                                    self.weight, self.bias, self.eps, current.count, group)
