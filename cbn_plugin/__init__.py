@@ -7,7 +7,7 @@ the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 """
 from . import checkpoint  # noqa: F401  (registers WeightsOnlyCheckpointHook)
 from .binding import bind, cbn_layers, step
-from .convert import convert_bn_to_cbn, convert_to_bn
+from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn
 from .hook import CBNHook
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
 from .registry import register
@@ -18,5 +18,5 @@ register()
 
 __all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'SyncCBN',
            'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
-           'convert_to_bn', 'step']
+           'convert_sync_cbn', 'convert_to_bn', 'step']
 __version__ = '0.1.0'

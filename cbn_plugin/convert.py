@@ -4,13 +4,16 @@
 BatchNorm2d with the same affine parameters and running statistics, so the
 converted model gives identical eval outputs and needs no plugin.
 ``convert_bn_to_cbn`` turns a model built with plain BN into a CBN model.
+``convert_sync_cbn`` is the cross-device conversion: torch's and mmengine's
+``convert_sync_batchnorm`` turn *every* ``_BatchNorm`` subclass, CBN
+included, into plain SyncBN; this one turns CBN into SyncCBN instead.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .layer import WINDOW_BUFFERS, CrossIterationBatchNorm2d
+from .layer import WINDOW_BUFFERS, CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
 
 
 def _copy_norm_state(src: nn.modules.batchnorm._BatchNorm, dst) -> None:
@@ -67,6 +70,33 @@ def convert_bn_to_cbn(model: nn.Module, **cbn_kwargs) -> nn.Module:
             dtype=None if ref is None else ref.dtype, **cbn_kwargs)
         _copy_norm_state(module, cbn)
         return cbn
+    return _replace(model, make)
+
+
+def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
+    """CBN -> SyncCBN (window state kept) and plain ``nn.BatchNorm2d`` -> ``nn.SyncBatchNorm``.
+
+    Bind the result (``cbn_plugin.bind`` or the CBN hook) before training.
+    """
+    def make(module):
+        if type(module) is CrossIterationBatchNorm2d:
+            sync = SyncCrossIterationBatchNorm2d(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, window_size=module.window_size, rho=module.rho,
+                variance_rule=module.variance_rule, running_stats=module.running_stats,
+                per_call_windows=module.per_call_windows, process_group=process_group)
+            sync.load_state_dict(module.state_dict())
+            sync.to(module.running_mean.device if module.running_mean is not None else 'cpu')
+            sync.train(module.training)
+            sync.burn_in_steps, sync.ramp_steps = module.burn_in_steps, module.ramp_steps
+            if module.weight is not None:
+                sync.weight.requires_grad_(module.weight.requires_grad)
+                sync.bias.requires_grad_(module.bias.requires_grad)
+            module.attach(None)
+            return sync
+        if type(module) is nn.BatchNorm2d:
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        return None
     return _replace(model, make)
 
 

@@ -30,6 +30,29 @@ def _non_negative(name: str, value, integer: bool) -> None:
         raise ValueError(f'CBNHook {name} must be a non-negative {kind}, got {value!r}')
 
 
+def _norm_types(node) -> set:
+    if isinstance(node, dict):
+        found = {node['type']} if isinstance(node.get('type'), str) else set()
+        return found.union(*(_norm_types(v) for v in node.values()))
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_norm_types(v) for v in node))
+    return set()
+
+
+def _refuse_sync_bn_conversion(cfg) -> None:
+    """mmengine's ``sync_bn`` converts every _BatchNorm subclass, CBN included."""
+    if cfg is None or not cfg.get('sync_bn'):
+        return
+    cbn_types = _norm_types(cfg.get('model', {})) & {'CBN', 'SyncCBN'}
+    if cbn_types:
+        raise ValueError(
+            f"cfg.sync_bn={cfg.get('sync_bn')!r} makes mmengine replace every BatchNorm "
+            f'subclass by SyncBatchNorm, which would silently turn the model\'s '
+            f'{sorted(cbn_types)} layers into plain SyncBN. Remove sync_bn and use '
+            "norm_cfg=dict(type='SyncCBN') for cross-device CBN (cbn_plugin.convert_sync_cbn "
+            'converts a built model)')
+
+
 @HOOKS.register_module()
 class CBNHook(Hook):
     """Cross-Iteration BN training hook.
@@ -84,6 +107,7 @@ class CBNHook(Hook):
         return burn_in, self.ramp_iters // accumulate, total
 
     def before_train(self, runner) -> None:
+        _refuse_sync_bn_conversion(runner.cfg)
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         self._layers = [layer for _, layer in cbn_layers(model)]
         if not self._layers:

@@ -81,3 +81,19 @@ def test_convert_script_names_a_corrupt_file(tmp_path, content):
                           str(tmp_path / 'out.pth')], capture_output=True, text=True)
     assert run.returncode != 0 and f"cannot read checkpoint '{src}'" in run.stderr
     assert not (tmp_path / 'out.pth').exists()
+
+
+def test_convert_sync_cbn_keeps_window_and_converts_plain_bn():
+    from cbn_plugin import SyncCBN
+    model = trained()
+    model.append(nn.BatchNorm2d(8))
+    window = model[0].bn.window_mean.clone()
+    synced = cbn_plugin.convert_sync_cbn(copy.deepcopy(model))
+    assert type(synced[0].bn) is SyncCBN and type(synced[1].bn) is SyncCBN
+    assert type(synced[2]) is nn.SyncBatchNorm
+    assert torch.equal(synced[0].bn.window_mean, window)
+    assert synced[1].bn.running_stats == 'window'
+    assert len(cbn_plugin.bind(synced, logger=None)) == 2
+    synced.eval(), model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(synced[:2](x), model[:2](x), rtol=0, atol=0)

@@ -100,3 +100,15 @@ def test_model_without_cbn_trains_with_the_hook(tmp_path):
     runner = make_runner(tmp_path, model=ToyModel(norm='BN'))
     runner.train()
     assert 'train/cbn_window' not in runner.message_hub.log_scalars
+
+
+def test_mmengine_sync_bn_conversion_of_cbn_is_refused():
+    from mmengine.config import Config
+    from cbn_plugin.hook import _refuse_sync_bn_conversion
+    cfg = Config(dict(sync_bn='torch', model=dict(type='X', neck=dict(
+        norm_cfg=dict(type='CBN')))))
+    with pytest.raises(ValueError, match=r"sync_bn='torch' .*\['CBN'\] layers into plain "
+                                         r"SyncBN.*type='SyncCBN'"):
+        _refuse_sync_bn_conversion(cfg)
+    cfg.model.neck.norm_cfg.type = 'BN'
+    _refuse_sync_bn_conversion(cfg)
