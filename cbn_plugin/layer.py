@@ -280,18 +280,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if ages == 0:
             empty = torch.zeros(0, c, device=self._state_device())
             return empty, empty, empty.bool()
+        # Compensate every slot in place (views, no copy of the |W|-sized
+        # derivatives), then pick the used ones, newest first: J x C is small.
         idx = self._slots(position, ages)
-        mean_old = self.window_mean[position, idx]
-        var_old = self.window_var[position, idx]
+        mean_old = self.window_mean[position]
+        var_old = self.window_var[position]
         grad_mean = grad_var = weight = bias = None
         if self.compensates:
             conv = self.bound_conv
-            grad_mean = self.window_grad_mean[position, idx]
-            grad_var = self.window_grad_var[position, idx]
+            grad_mean = self.window_grad_mean[position]
+            grad_var = self.window_grad_var[position]
             weight, bias = conv.weight, conv.bias
         with torch.no_grad():
             mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, weight, bias,
                                       self.rho)
+            mean, var, mean_old, var_old = (t[idx] for t in (mean, var, mean_old, var_old))
             var, valid, negative = CF.apply_variance_rule(mean, var, self.variance_rule)
         self.diagnostics.update(
             negative_fraction=negative.float().mean(),
