@@ -84,7 +84,8 @@ def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, window_size=module.window_size, rho=module.rho,
                 variance_rule=module.variance_rule, running_stats=module.running_stats,
-                per_call_windows=module.per_call_windows, process_group=process_group)
+                stats_backward=module.stats_backward, per_call_windows=module.per_call_windows,
+                process_group=process_group)
             sync.load_state_dict(module.state_dict())
             sync.to(module.running_mean.device if module.running_mean is not None else 'cpu')
             sync.train(module.training)

@@ -27,6 +27,7 @@ WINDOW_BUFFERS = (
     'window_grad_var',   # S x (k-1) x C x P'       (dvar/dW)
 )
 RUNNING_STATS_SOURCES = ('batch', 'window')
+STATS_BACKWARD = ('current', 'pooled')
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -41,6 +42,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         running_stats: what the running statistics used at inference track:
             ``'batch'`` (the current batch, as BN) or ``'window'`` (the pooled
             window statistics).
+        stats_backward: how the gradient treats the pooled statistics.
+            ``'current'`` (the paper, the authors' code): only this batch's
+            statistics carry gradient, at weight 1/k; past entries are
+            constants. ``'pooled'``: BN's backward as if the pooled statistics
+            were this batch's (full weight).
         dvar_stride: 1 computes ``dvar/dW`` exactly (one weight-gradient
             convolution per step); ``s > 1`` estimates it from every s-th
             output row and column, ``s^2`` times cheaper. The statistics
@@ -59,6 +65,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  rho: float = 1.0, variance_rule: str = 'clamp', running_stats: str = 'batch',
+                 stats_backward: str = 'current',
                  dvar_stride: int = 1, per_call_windows: bool = False, device=None,
                  dtype=None) -> None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
@@ -73,6 +80,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if running_stats not in RUNNING_STATS_SOURCES:
             raise ValueError(f'CBN running_stats must be one of {RUNNING_STATS_SOURCES}, '
                              f'got {running_stats!r}')
+        if stats_backward not in STATS_BACKWARD:
+            raise ValueError(f'CBN stats_backward must be one of {STATS_BACKWARD}, '
+                             f'got {stats_backward!r}')
         if isinstance(dvar_stride, bool) or not isinstance(dvar_stride, int) or dvar_stride < 1:
             raise ValueError(f'CBN dvar_stride must be an integer >= 1 (1 is exact), '
                              f'got {dvar_stride!r}')
@@ -86,6 +96,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.variance_rule = variance_rule
         self.running_stats = running_stats
         self.dvar_stride = dvar_stride
+        self.stats_backward = stats_backward
         self.per_call_windows = per_call_windows
         # Schedule, set by CBNHook from the config; the step counter it is
         # compared with is a (persistent) buffer, so resume needs nothing else.
@@ -199,7 +210,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 mean_step, var_step, share = merged.mean, merged.var, count / merged.count
             mean, var, pooled = CF.pool_window(mean_step, var_step, mean_past, var_past, valid)
             self._update_running_stats(mean_step, var_step, count, mean, var, pooled)
-            out = CF.pooled_batch_norm(x, mean, var, mean_cur, share / pooled, self.weight,
+            if self.stats_backward == 'current':
+                mean_call, stat_weight = mean_cur, share / pooled
+            else:  # BN's backward, as if the pooled statistics were this batch's
+                mean_call, stat_weight = mean, torch.ones_like(mean)
+            out = CF.pooled_batch_norm(x, mean, var, mean_call, stat_weight, self.weight,
                                        self.bias, self.eps, count, group)
         # Only a forward that succeeded changes the window.
         self._call_index += 1
@@ -391,6 +406,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return (super().extra_repr() + f', window_size={self.window_size}, rho={self.rho}, '
                 f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}'
                 + (f', dvar_stride={self.dvar_stride}' if self.dvar_stride > 1 else '')
+                + (", stats_backward='pooled'" if self.stats_backward == 'pooled' else '')
                 + (', per_call_windows=True' if self.per_call_windows else ''))
 
 

@@ -18,6 +18,7 @@ from cbn_plugin import CBN, CBNHook
     (dict(running_stats='ema'), r"running_stats must be one of \('batch', 'window'\), got 'ema'"),
     (dict(per_call_windows='yes'), r"per_call_windows must be True or False, got 'yes'"),
     (dict(dvar_stride=0), r'dvar_stride must be an integer >= 1 \(1 is exact\), got 0'),
+    (dict(stats_backward='window'), r"stats_backward must be one of \('current', 'pooled'\), got 'window'"),
     (dict(eps=0), r'eps must be > 0, got 0'),
 ])
 def test_invalid_arguments(kwargs, match):

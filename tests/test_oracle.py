@@ -203,3 +203,29 @@ def test_sampled_mode_stays_close_to_exact():
     error = (var_s[:2] - var_e[:2]).abs().mean()
     compensation = (var_old - var_e[:2]).abs().mean()
     assert error < 0.2 * compensation, (float(error), float(compensation))
+
+
+def test_pooled_stats_backward_is_bn_backward_with_the_pooled_statistics():
+    torch.manual_seed(5)
+    model = TwoLayer(window_size=3, stats_backward='pooled').double()
+    cbn_plugin.bind(model, logger=None)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        model(torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)).sum().backward()
+        cbn_plugin.step(model)
+    bn = model.bn2
+    captured = {}
+    handle = bn.register_forward_hook(lambda m, args, out: captured.update(x=args[0], y=out))
+    x = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    model(x)
+    handle.remove()
+    grad = torch.randn_like(captured['y'])
+    dx, = torch.autograd.grad(captured['y'], captured['x'], grad)
+    mean_past, var_past, valid = bn._past[0]
+    from cbn_plugin import functional as CF
+    mean_cur, var_cur = CF.batch_stats(captured['x'].detach())
+    mean, var, _ = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
+    expect = torch.ops.aten.native_batch_norm_backward(
+        grad, captured['x'].detach(), bn.weight.detach(), None, None, mean,
+        torch.rsqrt(var + bn.eps), True, bn.eps, [True, False, False])[0]
+    torch.testing.assert_close(dx, expect, rtol=1e-10, atol=1e-12)
