@@ -280,10 +280,11 @@ class _PooledBatchNorm(torch.autograd.Function):
     Backward: the pooled statistics depend on this call's batch mean ``mu_c``
     and variance only, each with per-channel weight ``w`` (1/k for a full
     window, times this call's share of the step's positions), and
-    ``d var / d mu_c = 2 w (mu_c - mean)``. So the gradient is BN's inference
-    backward (one fused call gives ``gamma g / sigma``, ``sum g x_hat``,
-    ``sum g``) plus a per-channel affine function of ``x``: the same passes
-    over the data as BN's own backward.
+    ``d var / d mu_c = 2 w (mu_c - mean)``. So the input gradient is
+    ``(gamma / sigma) g + a x + b`` per channel: BN's fused backward gives
+    ``sum g x_hat`` and ``sum g`` in one pass, two ``addcmul`` passes give
+    the rest (BN's own backward makes two passes; the autograd-ops version
+    of the same maths about six; ``tools/benchmark.py`` measures all three).
     """
 
     @staticmethod
@@ -296,9 +297,9 @@ class _PooledBatchNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, var, mean_call, stat_weight = ctx.saved_tensors
         gamma = weight if weight is not None else torch.ones_like(mean)
-        grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(), x, gamma, mean, var, None, None, False, ctx.eps,
-            [True, True, True])
+        # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
+        _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad, x, gamma, mean, var, None, None, False, ctx.eps, [False, True, True])
         total_g, total_g_xhat = sum_g, sum_g_xhat
         if ctx.group is not None:
             # The statistics were over every device's positions: so is their gradient
@@ -315,7 +316,9 @@ class _PooledBatchNorm(torch.autograd.Function):
         slope = 2.0 * d_var_call / m
         offset = d_mean_call / m - slope * mean_call
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        grad_x = grad_x.addcmul_(x, slope.view(shape)).add_(offset.view(shape))
+        # grad_x = (gamma / sigma) g + slope x + offset, per channel: two passes.
+        grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
+        grad_x.addcmul_(grad, (gamma * invstd).view(shape))
         needs = ctx.needs_input_grad
         return (grad_x, sum_g_xhat if needs[1] else None, sum_g if needs[2] else None,
                 None, None, None, None, None, None, None)

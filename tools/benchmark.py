@@ -1,0 +1,482 @@
+"""Speed and memory of CBN against BN, GN and the authors' method, measured side by side.
+
+Every figure is a ratio or a time measured in the same run: the variants are
+interleaved repeat by repeat and the median is reported, so machine load
+drifts hit all of them alike. Writes ``docs/benchmarks.md`` and
+``docs/benchmarks.json``.
+
+    .venv/bin/python tools/benchmark.py                  # everything, CPU
+    .venv/bin/python tools/benchmark.py --parts layer    # one part
+    .venv/bin/python tools/benchmark.py --device cuda    # on a GPU
+
+Parts:
+1. layer: conv + norm, forward and backward, at FPN and box-head shapes.
+2. detector: one training step (forward, backward, SGD step) of Faster R-CNN
+   R50-FPN with the 4conv1fc head, norms in the authors' placement.
+3. inference: eval-mode CBN model vs BN model, and after conversion to BN.
+
+The authors' method is re-implemented here (``AuthorsCBN``) with their costs:
+two ``torch.autograd.grad`` calls with ``retain_graph`` per layer per step,
+and Python lists of mu, nu, dmu/dW, dnu/dW and W.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cbn_plugin  # noqa: E402
+from cbn_plugin import CBN  # noqa: E402
+
+
+# ---------------------------------------------------------------- reference
+class AuthorsCBN(nn.Module):
+    """The authors' CBN, for comparison (github.com/Howal/Cross-iterationBatchNorm).
+
+    Needs the conv weight (their forward took it as a second argument; here
+    ``conv`` is set after construction). Compensates the last ``window_size - 1``
+    steps with derivatives from two autograd.grad calls, drops entries with
+    nu < mu^2, and keeps everything in Python lists.
+    """
+
+    def __init__(self, num_features, window_size=4, eps=1e-5, momentum=0.1, **_):
+        super().__init__()
+        self.num_features, self.window_size = num_features, window_size
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer('running_mean', torch.zeros(num_features))
+        self.register_buffer('running_var', torch.ones(num_features))
+        self.pre_mu, self.pre_nu, self.pre_dmu, self.pre_dnu, self.pre_w = [], [], [], [], []
+        self.conv = None
+
+    def forward(self, x):
+        c = self.num_features
+        if not self.training:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                            self.weight, self.bias, False, 0.0, self.eps)
+        weight = self.conv.weight
+        flat = x.transpose(0, 1).reshape(c, -1)
+        mu, nu = flat.mean(1), (flat * flat).mean(1)
+        ones = torch.ones_like(mu)
+        dmu = torch.autograd.grad(mu, weight, ones, retain_graph=True)[0]
+        dnu = torch.autograd.grad(nu, weight, ones, retain_graph=True)[0]
+        mus, nus = [mu], [nu]
+        for pm, pn, pdm, pdn, pw in zip(self.pre_mu, self.pre_nu, self.pre_dmu, self.pre_dnu,
+                                        self.pre_w):
+            dw = weight.detach() - pw
+            mus.append(pm + (pdm * dw).sum((1, 2, 3)))
+            nus.append(pn + (pdn * dw).sum((1, 2, 3)))
+        mu_all, nu_all = torch.stack(mus), torch.stack(nus)
+        keep = (nu_all - mu_all * mu_all >= 0).to(x.dtype)
+        keep[0] = 1
+        count = keep.sum(0)
+        mean = (mu_all * keep).sum(0) / count
+        var = (nu_all * keep).sum(0) / count - mean * mean
+        k1 = self.window_size - 1
+        self.pre_mu = [mu.detach()] + self.pre_mu[:k1 - 1]
+        self.pre_nu = [nu.detach()] + self.pre_nu[:k1 - 1]
+        self.pre_dmu = [dmu.detach()] + self.pre_dmu[:k1 - 1]
+        self.pre_dnu = [dnu.detach()] + self.pre_dnu[:k1 - 1]
+        self.pre_w = [weight.detach().clone()] + self.pre_w[:k1 - 1]
+        with torch.no_grad():
+            m = flat.shape[1]
+            self.running_mean.lerp_(mu.detach(), self.momentum)
+            self.running_var.lerp_((nu - mu * mu).detach() * m / (m - 1), self.momentum)
+        shape = (1, -1, 1, 1)
+        return ((x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+                * self.weight.view(shape) + self.bias.view(shape))
+
+    def window_numel(self):
+        return sum(t.numel() for lst in (self.pre_mu, self.pre_nu, self.pre_dmu, self.pre_dnu,
+                                         self.pre_w) for t in lst)
+
+
+def attach_authors(model):
+    """Give every AuthorsCBN the conv of its ConvModule (or the conv before it)."""
+    for module in model.modules():
+        norm = getattr(module, 'norm', None) if hasattr(module, 'norm_name') else None
+        if isinstance(norm, AuthorsCBN):
+            norm.conv = module.conv
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            for before, after in zip(module, list(module)[1:]):
+                if isinstance(after, AuthorsCBN):
+                    after.conv = before
+
+
+# ---------------------------------------------------------------- timing
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device) -> dict:
+    """Median seconds per call of each function, calls interleaved repeat by repeat."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def norm_variants(window=4):
+    return {
+        'BN': lambda c: nn.BatchNorm2d(c),
+        'GN': lambda c: nn.GroupNorm(32, c),
+        'CBN burn-in': lambda c: _burning(CBN(c, window_size=window)),
+        'CBN exact': lambda c: CBN(c, window_size=window),
+        'CBN sampled': lambda c: CBN(c, window_size=window, dvar_stride=2),
+        'naive CBN': lambda c: CBN(c, window_size=window, rho=0.0),
+        'authors CBN': lambda c: AuthorsCBN(c, window_size=window),
+    }
+
+
+def _burning(layer):
+    layer.burn_in_steps = 10 ** 9   # plain BN for the whole benchmark
+    return layer
+
+
+def window_numel(model):
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (CBN, AuthorsCBN)):
+            total += m.window_numel()
+    return total
+
+
+# ---------------------------------------------------------------- part 1
+LAYER_SHAPES = [
+    # name, batch, cin, cout, kernel, size
+    ('FPN 3x3 256->256 @64x64', 2, 256, 256, 3, 64),
+    ('FPN 3x3 256->256 @32x32', 2, 256, 256, 3, 32),
+    ('FPN 3x3 256->256 @16x16', 4, 256, 256, 3, 16),
+    ('FPN lateral 1x1 512->256 @64x64', 2, 512, 256, 1, 64),
+    ('box head 3x3 256->256, RoIs @7x7', None, 256, 256, 3, 7),
+]
+
+
+def layer_part(args, device):
+    rows = []
+    for name, batch, cin, cout, kernel, size in LAYER_SHAPES:
+        batch = batch or args.rois
+        label = name.replace('RoIs', f'{batch} RoIs')
+        x = torch.randn(batch, cin, size, size, device=device)
+        grad = torch.randn(batch, cout, size, size, device=device)
+        fns, models = {}, {}
+        for norm, make in norm_variants(args.window).items():
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+                                  make(cout)).to(device)
+            if isinstance(model[1], CBN):
+                cbn_plugin.bind(model, logger=None)
+            if isinstance(model[1], AuthorsCBN):
+                model[1].conv = model[0]
+
+            def call(model=model):
+                model(x).backward(grad)
+                cbn_plugin.step(model)
+            for _ in range(args.window + 1):  # fill the windows
+                call()
+            fns[norm], models[norm] = call, model
+        times = interleaved(fns, args.repeats, device)
+        for norm, seconds in times.items():
+            rows.append(dict(shape=label, norm=norm, ms=seconds * 1e3,
+                             ratio_to_bn=seconds / times['BN'],
+                             window_numbers=window_numel(models[norm])))
+        print(f'  {label}: ' + ', '.join(f'{n} {times[n] / times["BN"]:.2f}x' for n in times),
+              flush=True)
+    return rows
+
+
+def composite_pooled_norm(x, past_mean, past_var, weight, bias, eps):
+    """The pooled normalisation written with autograd ops (the alternative to our Function)."""
+    var_cur, mean_cur = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    count = past_mean.shape[0] + 1
+    mean = (mean_cur + past_mean.sum(0)) / count
+    var = (var_cur + (mean_cur - mean) ** 2 + (past_var + (past_mean - mean) ** 2).sum(0)) / count
+    scale = torch.rsqrt(var + eps) * weight
+    return x * scale.view(1, -1, 1, 1) + (bias - mean * scale).view(1, -1, 1, 1)
+
+
+def normalisation_part(args, device):
+    """Normalisation alone (no conv): BN's fused training kernels, our autograd
+    Function on BN's fused inference kernels, and the same maths in autograd ops."""
+    from cbn_plugin import functional as CF
+    rows = []
+    for batch, size in ((2, 64), (args.rois, 7)):
+        x = torch.randn(batch, 256, size, size, device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        weight = torch.rand(256, device=device, requires_grad=True)
+        bias = torch.rand(256, device=device, requires_grad=True)
+        past_mean = torch.randn(args.window - 1, 256, device=device)
+        past_var = torch.rand(args.window - 1, 256, device=device) + 0.5
+
+        def bn():
+            y = nn.functional.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5)
+            y.backward(grad)
+
+        def function():
+            with torch.no_grad():
+                mean_cur, var_cur = CF.batch_stats(x)
+                valid = torch.ones_like(past_mean, dtype=torch.bool)
+                mean, var, pooled = CF.pool_window(mean_cur, var_cur, past_mean, past_var, valid)
+            y = CF.pooled_batch_norm(x, mean, var, mean_cur, 1.0 / pooled, weight, bias, 1e-5)
+            y.backward(grad)
+
+        def composite():
+            composite_pooled_norm(x, past_mean, past_var, weight, bias, 1e-5).backward(grad)
+        times = interleaved({'BN (fused, training)': bn, 'CBN Function (ours)': function,
+                             'CBN in autograd ops': composite}, args.repeats, device)
+        label = f'{batch}x256x{size}x{size}'
+        for name, seconds in times.items():
+            rows.append(dict(shape=label, variant=name, ms=seconds * 1e3,
+                             ratio_to_bn=seconds / times['BN (fused, training)']))
+        print(f'  norm only {label}: ' + ', '.join(
+            f'{n} {t / times["BN (fused, training)"]:.2f}x' for n, t in times.items()), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- part 2
+def detector_cfg(norm_cfg, args):
+    from mmengine.hub import get_config
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
+    cfg.backbone.init_cfg = None
+    cfg.neck.norm_cfg = norm_cfg
+    cfg.roi_head.bbox_head = dict(
+        type='Shared4Conv1FCBBoxHead', in_channels=256, fc_out_channels=1024,
+        roi_feat_size=7, num_classes=80, norm_cfg=norm_cfg,
+        bbox_coder=cfg.roi_head.bbox_head.bbox_coder, reg_class_agnostic=False,
+        loss_cls=cfg.roi_head.bbox_head.loss_cls, loss_bbox=cfg.roi_head.bbox_head.loss_bbox)
+    cfg.train_cfg.rcnn.sampler.num = args.rois_per_image
+    return cfg
+
+
+def detector_part(args, device):
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    if 'AuthorsCBN' not in MODELS.module_dict:
+        MODELS.register_module('AuthorsCBN', module=AuthorsCBN)
+    variants = {'none': None, 'BN': dict(type='BN'), 'GN': dict(type='GN', num_groups=32),
+                'CBN burn-in': dict(type='CBN', window_size=args.window),
+                'CBN exact': dict(type='CBN', window_size=args.window),
+                'CBN sampled': dict(type='CBN', window_size=args.window, dvar_stride=2),
+                'authors CBN': dict(type='AuthorsCBN', window_size=args.window)}
+    torch.manual_seed(0)
+    batch = demo_mm_inputs(2, (3, args.image, args.image), num_items=[8, 8], num_classes=80,
+                           device=str(device))
+    fns, models, peaks = {}, {}, {}
+    for name, norm_cfg in variants.items():
+        torch.manual_seed(0)
+        model = MODELS.build(detector_cfg(norm_cfg, args)).to(device)
+        model.train()
+        cbn_plugin.bind(model, logger=None)
+        attach_authors(model)
+        if name == 'CBN burn-in':
+            for _, layer in cbn_plugin.cbn_layers(model):
+                _burning(layer)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        data = model.data_preprocessor(batch, True)
+
+        def step(model=model, opt=opt, data=data):
+            losses = model(**data, mode='loss')
+            loss = sum(v if torch.is_tensor(v) else sum(v) for k, v in losses.items()
+                       if 'loss' in k)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            cbn_plugin.step(model)
+        for _ in range(args.window):
+            step()
+        fns[name], models[name] = step, model
+        print(f'  built {name}', flush=True)
+    times = interleaved(fns, args.detector_repeats, device)
+    rows = []
+    for name, seconds in times.items():
+        peak = None
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            fns[name]()
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        rows.append(dict(norm=name, s=seconds, ratio_to_bn=seconds / times['BN'],
+                         window_numbers=window_numel(models[name]), peak_mib=peak))
+    print('  ' + ', '.join(f'{n} {times[n] / times["BN"]:.3f}x' for n in times), flush=True)
+    profile = profile_step(fns['CBN exact'], device) if args.profile else None
+    authors_overhead = times['authors CBN'] / times['BN'] - 1
+    ours_overhead = times['CBN exact'] / times['BN'] - 1
+    summary = dict(overhead_ours=ours_overhead, overhead_authors=authors_overhead,
+                   overhead_share=ours_overhead / authors_overhead if authors_overhead > 0 else None,
+                   authors_window_formula=authors_numbers(models['CBN exact'], args.window))
+    return rows, summary, profile
+
+
+def authors_numbers(model, window):
+    """The authors' 3*(k-1)*|W| (+ 2*(k-1)*C) per CBN layer, for the same model."""
+    total = 0
+    for _, layer in cbn_plugin.cbn_layers(model):
+        conv = layer.bound_conv
+        total += (window - 1) * (3 * conv.weight.numel() + 2 * layer.num_features)
+    return total
+
+
+def profile_step(step, device):
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
+# ---------------------------------------------------------------- part 3
+def inference_part(args, device):
+    rows = []
+    x = torch.randn(2, 256, 64, 64, device=device)
+
+    def stack(norm):
+        layers = []
+        for _ in range(4):
+            layers += [nn.Conv2d(256, 256, 3, padding=1, bias=False), norm(256), nn.ReLU()]
+        return nn.Sequential(*layers).to(device)
+    torch.manual_seed(0)
+    bn = stack(nn.BatchNorm2d)
+    cbn = stack(lambda c: CBN(c, window_size=args.window))
+    cbn.load_state_dict(bn.state_dict())
+    cbn_plugin.bind(cbn, logger=None)
+    converted = cbn_plugin.convert_to_bn(copy.deepcopy(cbn))
+    for model in (bn, cbn, converted):
+        model.eval()
+    with torch.no_grad():
+        same = torch.equal(cbn(x), converted(x))
+        fns = {name: (lambda m=m: m(x)) for name, m in
+               (('BN', bn), ('CBN eval', cbn), ('CBN converted to BN', converted))}
+        times = interleaved(fns, args.repeats, device)
+    for name, seconds in times.items():
+        rows.append(dict(model=name, ms=seconds * 1e3, ratio_to_bn=seconds / times['BN']))
+    print('  ' + ', '.join(f'{n} {times[n] / times["BN"]:.3f}x' for n in times), flush=True)
+    return rows, same
+
+
+# ---------------------------------------------------------------- report
+def machine(device):
+    info = dict(python=platform.python_version(), torch=torch.__version__,
+                platform=platform.platform(), cpus=os.cpu_count(),
+                threads=torch.get_num_threads(), device=str(device))
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name()
+    try:
+        info['load_average'] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def write_report(results, path: Path):
+    lines = ['# Benchmarks', '',
+             f'Generated by `{results["command"]}` on {results["date"]}. '
+             'All ratios are measured side by side in this one run (interleaved repeats, '
+             'median); rerun the command to regenerate this page and '
+             f'`{path.with_suffix(".json").name}`.', '',
+             '## Machine', '']
+    lines += [f'- {k}: {v}' for k, v in results['machine'].items()]
+    if results['machine']['device'] == 'cpu':
+        lines += ['', 'No GPU was lent to this session: CPU figures only.']
+    if 'layer' in results:
+        lines += ['', '## 1. Layer: conv + norm, forward and backward', '',
+                  '| shape | norm | ms/call | vs BN | window numbers |', '|---|---|---|---|---|']
+        lines += [f'| {r["shape"]} | {r["norm"]} | {r["ms"]:.1f} | {r["ratio_to_bn"]:.2f} | '
+                  f'{r["window_numbers"]:,} |' for r in results['layer']]
+    if 'normalisation' in results:
+        lines += ['', '### Normalisation alone, forward and backward (the measured choice)', '',
+                  '| shape | variant | ms/call | vs BN |', '|---|---|---|---|']
+        lines += [f'| {r["shape"]} | {r["variant"]} | {r["ms"]:.2f} | {r["ratio_to_bn"]:.2f} |'
+                  for r in results['normalisation']]
+    if 'detector' in results:
+        d = results['detector_summary']
+        lines += ['', '## 2. Detector: one training step of Faster R-CNN R50-FPN 4conv1fc', '',
+                  results['detector_setting'], '',
+                  '| norm in FPN + box head | s/step | vs BN | window numbers | peak MiB |',
+                  '|---|---|---|---|---|']
+        lines += [f'| {r["norm"]} | {r["s"]:.2f} | {r["ratio_to_bn"]:.3f} | '
+                  f'{r["window_numbers"]:,} | {r["peak_mib"] or "n/a (CPU)"} |'
+                  for r in results['detector']]
+        share = d['overhead_share']
+        lines += ['', f'- Overhead over BN: ours {d["overhead_ours"]:+.1%}, the authors\' '
+                  f'{d["overhead_authors"]:+.1%}; ours is '
+                  + (f'{share:.0%} of theirs.' if share is not None else 'not comparable.'),
+                  f'- Whole-detector window memory: ours '
+                  f'{next(r for r in results["detector"] if r["norm"] == "CBN exact")["window_numbers"]:,}'
+                  f' numbers; the authors\' formula 3(k-1)|W| + 2(k-1)C gives '
+                  f'{d["authors_window_formula"]:,}.']
+        if results.get('profile'):
+            lines += ['', '### Profile of the CBN exact step (torch.profiler, top ops)', '',
+                      '```', results['profile'].rstrip(), '```']
+    if 'inference' in results:
+        lines += ['', '## 3. Inference: 4 x (conv 3x3 256 + norm + ReLU), 2x256x64x64', '',
+                  '| model | ms | vs BN |', '|---|---|---|']
+        lines += [f'| {r["model"]} | {r["ms"]:.1f} | {r["ratio_to_bn"]:.3f} |'
+                  for r in results['inference']]
+        lines += ['', f'- Converted model output identical to CBN eval output: '
+                  f'{results["inference_identical"]}']
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('\n'.join(lines) + '\n')
+    path.with_suffix('.json').write_text(json.dumps(results, indent=1, default=str) + '\n')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--parts', nargs='+', default=['layer', 'detector', 'inference'],
+                        choices=['layer', 'detector', 'inference'])
+    parser.add_argument('--window', type=int, default=4)
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--detector-repeats', type=int, default=3)
+    parser.add_argument('--rois', type=int, default=256, help='RoIs in the box-head layer shape')
+    parser.add_argument('--image', type=int, default=320, help='detector input size (square)')
+    parser.add_argument('--rois-per-image', type=int, default=512,
+                        help='sampled RoIs per image in the detector (mmdet default 512)')
+    parser.add_argument('--no-profile', dest='profile', action='store_false')
+    parser.add_argument('--out', default=str(ROOT / 'docs' / 'benchmarks.md'))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    results = dict(command='python tools/benchmark.py ' + ' '.join(argv or sys.argv[1:]),
+                   date=time.strftime('%Y-%m-%d %H:%M'), machine=machine(device))
+    if 'layer' in args.parts:
+        print('layer part', flush=True)
+        results['layer'] = layer_part(args, device)
+        results['normalisation'] = normalisation_part(args, device)
+    if 'detector' in args.parts:
+        print('detector part', flush=True)
+        rows, summary, profile = detector_part(args, device)
+        results.update(detector=rows, detector_summary=summary, profile=profile,
+                       detector_setting=f'2 images of {args.image}x{args.image}, '
+                       f'{args.rois_per_image} sampled RoIs per image, window {args.window}, '
+                       'SGD step included, ResNet-50 backbone with BN (trainable).')
+    if 'inference' in args.parts:
+        print('inference part', flush=True)
+        results['inference'], results['inference_identical'] = inference_part(args, device)
+    results['machine']['load_average_end'] = os.getloadavg()
+    write_report(results, Path(args.out))
+    print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+    main()
