@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Distributed testing with torchrun: tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args...]
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
+# GPUS processes per node: one per GPU, or, without a GPU, CPU processes that
+# tools/test.py connects with the gloo backend.
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and PORT on
+# every node; GPUS is per node.
 # PYTHON selects the interpreter (e.g. PYTHON=.venv/bin/python).
 
 CONFIG=$1

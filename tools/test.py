@@ -4,7 +4,12 @@
 Same command line as MMDetection's: ``config checkpoint``, ``--work-dir``,
 ``--out`` (a .pkl of predictions), ``--show``, ``--show-dir``,
 ``--wait-time``, ``--cfg-options``, ``--launcher``, ``--tta``. Runs on CPU
-when no GPU exists; ``tools/dist_test.sh`` launches it on several GPUs.
+when no GPU exists. ``tools/dist_test.sh CONFIG CKPT N`` launches N processes
+with torchrun, ``tools/slurm_test.sh`` with Slurm's ``srun``: on N GPUs, or
+on CPU with the gloo backend (``setup_cpu_distributed`` from
+``tools/train.py``: MMEngine 0.10.7's launcher setup needs a GPU, so without
+one the process group is initialised here and the DDP wrapper gets
+``device_ids=None``; see ``tools/train.py``'s docstring).
 
 As in ``tools/train.py``: ``cbn_plugin`` is imported, MMDetection's modules
 are registered (default scope from the config, ``'mmdet'`` if none), and
@@ -28,6 +33,8 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import cbn_plugin  # noqa: E402,F401  (registers 'CBN')
+# tools/train.py: Python puts this script's folder, tools/, on sys.path.
+from train import setup_cpu_distributed  # noqa: E402
 from cbn_plugin.checkpoint import add_weights_only_hook  # noqa: E402
 from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: E402
 from mmdet.evaluation import DumpDetResults  # noqa: E402
@@ -148,6 +155,9 @@ def main():
 
     # restore what cbn_plugin.checkpoint encoded when the checkpoint is loaded
     add_weights_only_hook(cfg)
+
+    # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
+    setup_cpu_distributed(cfg)
 
     # build the runner from config
     if 'runner_type' not in cfg:
