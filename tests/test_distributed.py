@@ -22,12 +22,15 @@ iteration, 2 processes: 2 iterations per epoch and process. Checked:
   ranks; ``tools/dist_test.sh`` with 2 processes evaluates the checkpoint to
   the same mAP as the validation at the end of training;
 - the CPU setup helper and the Slurm/MPI environment translation (unit
-  level), and ``tools/slurm_*.sh`` build the documented ``srun`` command.
+  level), and ``tools/slurm_*.sh`` build the documented ``srun`` command;
+- ``tools/measure_comm.py`` runs (2 gloo processes, tiny maps) and counts the
+  all-reduce payloads ``docs/scaling.md`` documents.
 
 Each rank's CBN state is dumped after training by a tiny hook
 (``DumpCBNStateHook``, written next to the config and imported through
-``custom_imports``). About 1.5 minutes on 2 idle CPU cores (an R18-FPN step
-at 128 px takes about 2 s with the 2 processes sharing them).
+``custom_imports``). About 100 s of CPU time; 3 minutes of wall time on 2
+CPU cores shared with other jobs (load average 6), less on idle ones (an
+R18-FPN step at 128 px takes about 2 s with the 2 processes sharing them).
 """
 from __future__ import annotations
 
@@ -443,3 +446,24 @@ def test_slurm_scripts_call_srun(tmp_path, script):
     else:
         tail = [f'{REPO}/tools/test.py', 'cfg.py', 'ckpt.pth', '--launcher=slurm']
     assert argv == common + tail + ['--cfg-options', 'a=1']
+
+
+def test_measure_comm_counts_the_documented_payloads(tmp_path):
+    """``tools/measure_comm.py`` (2 gloo processes, tiny maps): the all-reduce sizes it counts
+    are ``1 + 2C`` (+ ``P + |W|`` when compensating) forward and ``2C`` backward."""
+    out = tmp_path / 'comm.json'
+    run = subprocess.run([sys.executable, str(REPO / 'tools' / 'measure_comm.py'), '--image', '32',
+                          '32', '--rois', '1', '--warmup', '2', '--repeats', '1',
+                          '--no-ddp-reference', '--out', str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    result = json.loads(out.read_text())
+    assert result['world_size'] == 2 and result['backend'] == 'gloo'
+    c = 256
+    for layer in result['layers']:
+        p = layer['cin'] * layer['kernel'] ** 2
+        assert layer['calls']['BN'] == layer['calls']['CBN'] == []
+        assert layer['calls']['SyncBN'] == [1 + 2 * c, 2 * c]
+        assert layer['calls']['SyncCBN'] == [1 + 2 * c + p + c * p, 2 * c]
+    assert sum(layer['count'] for layer in result['layers']) == 12
+    assert '| SyncCBN | 24 | 5,736,204 | 22.94 |' in run.stdout
