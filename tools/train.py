@@ -32,7 +32,8 @@ What differs from MMDetection's script:
    ``'mpi'`` are kept, so is ``dist_cfg.timeout``), from the launcher's
    environment (torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
    ``MASTER_PORT``; Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/
-   ``SLURM_NODELIST`` translated as MMEngine does), before the Runner is
+   ``SLURM_NODELIST`` and Open MPI's ``OMPI_COMM_WORLD_*`` translated as
+   MMEngine does), before the Runner is
    built (the Runner skips ``init_dist`` when a group exists), and sets
    ``model_wrapper_cfg`` to ``MMDistributedDataParallel`` with
    ``device_ids=None`` and MMEngine's own defaults otherwise
