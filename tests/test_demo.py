@@ -135,6 +135,6 @@ def test_demo_trains_two_iterations_and_evaluates(tmp_path):
     row = table[1].split()
     assert row[0] == 'CBN' and row[1] == '2'
     assert all(math.isfinite(float(v)) for v in row[2:5])
-    # The dataset is reused, not rewritten, by a second run with the same arguments.
+    # The demo records what it wrote, so a later run with the same arguments reuses it.
     manifest = json.loads((tmp_path / 'data' / 'demo_manifest.json').read_text())
     assert manifest['num_train'] == 4 and manifest['num_val'] == 2

@@ -91,6 +91,8 @@ def load_config(norm: str, args):
     if args.log_interval:
         cfg.default_hooks.logger.interval = args.log_interval
         cfg.log_processor.window_size = args.log_interval
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     if args.max_iters is not None:
         scale_schedule(cfg, args.max_iters)
     return cfg
@@ -248,6 +250,7 @@ def write_compare(results: list[dict], args, started: str, wall: float) -> None:
 
 
 def parse_args(argv=None):
+    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -270,6 +273,8 @@ def parse_args(argv=None):
                         'docs/demo.md)')
     parser.add_argument('--log-interval', type=int, default=None,
                         help='iterations per log line (default: the config\'s, 100)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override config keys, key=value (as tools/train.py)')
     return parser.parse_args(argv)
 
 

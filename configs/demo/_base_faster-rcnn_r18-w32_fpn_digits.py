@@ -108,7 +108,7 @@ model = dict(
             debug=False),
         # Few proposals and RoIs: at most 6 digits per canvas.
         rpn_proposal=dict(
-            nms_pre=1000,
+            nms_pre=500,
             max_per_img=150,
             nms=dict(type='nms', iou_threshold=0.7),
             min_bbox_size=0),
@@ -192,11 +192,11 @@ val_evaluator = dict(
     format_only=False)
 test_evaluator = val_evaluator
 
-# Schedule: 2,500 iterations of 2 images (about 3 passes over the 1,600 train
+# Schedule: 2,000 iterations of 2 images (2.5 passes over the 1,600 train
 # canvases), validated once at the end of training in the same process, so no
 # checkpoint is saved or reloaded. SGD at lr 0.02 with 100 warm-up iterations,
-# x0.1 at 80 % and 93 %. About 7 min on one core of a busy 2-core CPU.
-max_iters = 2500
+# x0.1 at 80 % and 93 %.
+max_iters = 2000
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
