@@ -429,6 +429,7 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
                              f'dvar_stride={self.dvar_stride}')
         self.process_group = process_group
         self._warned = False
+        self._shift = None
 
     def _group(self):
         import torch.distributed as dist
@@ -450,14 +451,18 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         if derivatives:
             self._check_conv_io(x, conv_io)
             conv = self.bound_conv
-        # The shift must be the same on every device: the running mean is
-        # (it is updated from global statistics only).
-        shift = (self.running_mean if self.running_mean is not None
-                 else x.new_zeros(self.num_features)).detach()
+        # The shift must be the same on every device, and near the mean: the
+        # previous global mean is both by construction (zeros before the first).
+        shift = self._shift
+        if shift is None or shift.shape[0] != self.num_features:
+            shift = torch.zeros(self.num_features, dtype=CF.stats_dtype(x), device=x.device)
         with torch.no_grad():
             sums = CF.shifted_sums(x, shift, conv_io[0] if conv is not None else None, conv)
             dist.all_reduce(sums, group=group)
-            return CF.stats_from_sums(sums, shift, conv.groups if conv is not None else 1)
+            current = CF.stats_from_sums(sums, shift, conv.groups if conv is not None else 1)
+        if CF.is_finite(current):
+            self._shift = current.mean
+        return current
 
     def _batch_norm(self, x: Tensor) -> Tensor:
         """SyncBN: burn-in, window 1, frozen convs and no_grad forwards in training."""
