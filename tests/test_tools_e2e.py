@@ -230,8 +230,8 @@ def test_mask_rcnn_trains_and_evaluates_segm(tmp_path, data):
 def test_dist_scripts_call_torchrun(tmp_path, script):
     """``dist_*.sh`` launch ``python -m torch.distributed.run`` with the env settings.
 
-    A real multi-process launch needs GPUs (MMEngine's pytorch launcher calls
-    ``torch.cuda.set_device``), so ``PYTHON`` points at a recorder here.
+    This checks the command line they build (``PYTHON`` points at a recorder);
+    real 2-process CPU launches are in ``tests/test_distributed.py``.
     """
     recorder = tmp_path / 'python'
     recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$PYTHONPATH" "$@" > "$0.args"\n')
