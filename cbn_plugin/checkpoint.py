@@ -1,4 +1,10 @@
-"""Checkpoints that load with ``torch.load(path)`` under ``weights_only=True``.
+"""Checkpoints that load with ``torch.load(path)`` (``weights_only=True``), are written
+atomically, are checked before loading, and resume exactly.
+
+All of it is :class:`WeightsOnlyCheckpointHook`, which ``tools/train.py`` and
+``tools/test.py`` add to every config. Three parts: the weights_only
+encoding (first below), the RNG state (exact resume) and the file
+guarantees (both after the encoding).
 
 Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``: it only
 rebuilds tensors, Python scalars, strings, bytes and the standard containers.
@@ -70,17 +76,99 @@ encoded dicts: MMEngine skips the encoded log scalars with a warning and
 keeps encoded runtime values such as ``best_score``. So resume with the hook
 (``tools/train.py`` always has it). Outside a Runner, :func:`load_checkpoint`
 is ``torch.load`` (weights_only) followed by :func:`decode_checkpoint`.
+
+Exact resume
+------------
+MMEngine saves the model, optimizer, schedulers and message hub, but no
+random number generator state: after ``--resume`` the RPN/RoI samplers,
+``RandomFlip`` and dropout draw other numbers than the run that was not
+interrupted, and the two runs drift apart. The hook saves
+``checkpoint['rng_state']`` (:func:`get_rng_state`: python ``random``,
+numpy's global generator, torch's CPU generator and, when CUDA is
+initialised, every CUDA device's; plain tensors, ints and floats) and
+restores it in ``before_train`` of the resumed run: after the Runner's own
+seeding (at construction, and again in ``Runner.resume`` when the seed
+differs), the weight initialisation and the checkpoint load, and just
+before the first epoch's data is drawn, which is where the uninterrupted run
+goes on after ``CheckpointHook`` saved in ``after_train_epoch``. Validation
+also draws random numbers (the val dataloader's base seed, any random test
+transform), and the uninterrupted run validates after the epoch it saved
+while the resumed run does not: so the hook puts the training RNG state
+back after every validation (``before_val``/``after_val``; a best checkpoint
+saved during validation stores the state from before it). Training then
+draws the same numbers whether or when it validates. ``load_from`` without
+resume (fine-tuning) does not restore anything.
+
+With that, training resumed from an end-of-epoch checkpoint is bit-identical
+to the uninterrupted run on the same machine and software
+(``tests/test_resume.py``: losses, every parameter, BN/CBN buffer and CBN
+window, momentum, and the final RNG states), given what MMEngine needs for
+reproducibility anyway (``randomness=dict(seed=..., deterministic=True)``
+for CUDA kernels). Not exact, and why:
+
+- multi-process runs: only rank 0 writes the checkpoint (and calls this
+  hook's ``before_save_checkpoint``), so the other ranks' states are not in
+  it; the hook then restores nothing and warns;
+- ``persistent_workers=True`` with ``num_workers > 0`` (MMDetection's
+  default): the workers' generators live in the worker processes, which a
+  resumed run starts afresh from the seed. ``num_workers=0`` or
+  non-persistent workers (re-seeded identically every epoch by MMEngine)
+  resume exactly;
+- checkpoints inside an epoch (``by_epoch=False`` in an epoch-based loop):
+  MMEngine restarts that epoch's data from its beginning;
+- ``IterBasedTrainLoop``: MMEngine skips the trained batches by loading them
+  again through the pipeline, which draws random numbers after the restore.
+
+Checkpoint files
+----------------
+- Written atomically (local paths): the hook wraps the Runner's
+  ``save_checkpoint`` so MMEngine writes ``<name>.partial-<pid>`` beside the
+  target, then fsyncs, checks its zip directory and ``os.replace``-s it onto
+  ``<name>``. A checkpoint file is complete or absent; a crash mid-write
+  leaves only the ``.partial-<pid>`` file, which nothing reads (delete it).
+  Without this MMEngine writes in place, and since ``CheckpointHook``
+  rewrites the newest checkpoint when ``save_best`` improves, a crash there
+  truncated the very file ``last_checkpoint`` names.
+- ``last_checkpoint`` is written by MMEngine after the checkpoint is
+  complete, so it never names a partly written file. Its own (tiny) write is
+  not atomic: an empty one stops auto-resume with an error saying so.
+  MMEngine deletes the oldest kept checkpoint *before* writing the next one:
+  with ``max_keep_ckpts=1`` a crash in between leaves no checkpoint (the
+  error names the missing file). Keep at least 2.
+- Checked before loading: ``before_run`` (which ``Runner.train``/``val``/
+  ``test`` call before ``load_or_resume``) checks the file that is about to
+  be read (``load_from``, ``--resume PATH``, or the one ``last_checkpoint``
+  names for ``--resume``) with :func:`check_checkpoint_file` and raises
+  ``FileNotFoundError`` / :class:`CheckpointFileError` naming it (and the
+  ``last_checkpoint`` file that named it) when it is missing, empty,
+  truncated, fails a CRC-32 check, or is no checkpoint at all. This reads
+  the file once more (the page cache then serves ``torch.load``). URLs and
+  other remote paths, and files in torch's pre-1.6 format, are not checked.
+- Non-local storage backends are written by MMEngine as before (not
+  atomically).
+
+``dict(type='WeightsOnlyCheckpointHook', restore_rng=False,
+check_files=False, atomic_save=False)`` turns the last two parts off.
 """
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
+import logging
+import os
+import os.path as osp
+import random
+import re
+import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 from mmengine.config import ConfigDict
+from mmengine.dist import get_world_size, is_main_process
 from mmengine.hooks import Hook
-from mmengine.logging import HistoryBuffer
+from mmengine.logging import HistoryBuffer, print_log
 from mmengine.registry import HOOKS
 
 TAG = '__cbn_ckpt__'
@@ -274,25 +362,316 @@ def load_checkpoint(filename, map_location=None) -> dict:
     return decode_checkpoint(torch.load(filename, map_location=map_location))
 
 
+# ---------------------------------------------------------------- RNG state
+RNG_KEY = 'rng_state'
+RNG_FORMAT = 1
+
+
+def get_rng_state() -> dict:
+    """This process's random number generator states, as weights_only-safe plain data.
+
+    Python's ``random``, NumPy's global ``RandomState``, torch's CPU
+    generator and, when CUDA is initialised, every CUDA device's generator.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {
+        'format': RNG_FORMAT,
+        'world_size': get_world_size(),
+        'torch': torch.get_rng_state(),
+        'numpy': {'kind': str(kind), 'keys': torch.from_numpy(keys.astype(np.int64)),
+                  'pos': int(pos), 'has_gauss': int(has_gauss),
+                  'cached_gaussian': float(cached_gaussian)},
+        'random': {'version': int(version), 'internal': torch.tensor(internal, dtype=torch.int64),
+                   'gauss_next': None if gauss_next is None else float(gauss_next)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> list[str]:
+    """Restore what :func:`get_rng_state` returned; returns the generators restored.
+
+    CUDA states are restored for the devices both the state and this process
+    have (a CPU-only process skips them).
+    """
+    if state.get('format') != RNG_FORMAT:
+        raise ValueError(f'RNG state of format {state.get("format")!r}; this version of '
+                         f'cbn_plugin.checkpoint reads format {RNG_FORMAT}')
+    torch.set_rng_state(state['torch'])
+    npy = state['numpy']
+    np.random.set_state((npy['kind'], npy['keys'].numpy().astype(np.uint32), npy['pos'],
+                         npy['has_gauss'], npy['cached_gaussian']))
+    rnd = state['random']
+    random.setstate((rnd['version'], tuple(rnd['internal'].tolist()), rnd['gauss_next']))
+    restored = ['torch', 'numpy', 'random']
+    cuda = state.get('cuda') or []
+    if cuda and torch.cuda.is_available():
+        for device in range(min(len(cuda), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda[device], device)
+        restored.append(f'cuda x{min(len(cuda), torch.cuda.device_count())}')
+    return restored
+
+
+# ---------------------------------------------------------------- checkpoint files
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
+
+
+# torch.save's legacy (non-zip) format opens with a pickled magic number.
+_LEGACY_MAGIC = b'\x8a\x0a' + (0x1950a86a20f9469cfc6c).to_bytes(10, 'little')
+_ZIP_LOCAL_HEADER = b'PK\x03\x04'
+_URI = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def check_checkpoint_file(path, crc: bool = True, what: str = 'checkpoint',
+                          note: str = '') -> None:
+    """Raise a clear error naming ``path`` when it cannot be a complete ``torch.save`` file.
+
+    ``torch.save`` writes a zip archive whose directory sits at the very end,
+    so a file cut short anywhere (a crash or a full disk while writing, an
+    interrupted copy) has no directory and is caught without reading it.
+    ``crc=True`` also reads every member once and checks its CRC-32 (bit rot,
+    overwritten blocks). Files in torch's pre-1.6 format are accepted
+    unchecked (they hold no directory or checksums). Raises
+    ``FileNotFoundError`` or :class:`CheckpointFileError`; their message
+    starts with ``f'{what} {path}{note}'``.
+    """
+    path = os.fspath(path)
+    name = f'{what} {path}{note}'
+    if not osp.exists(path):
+        raise FileNotFoundError(f'{name} does not exist')
+    if not osp.isfile(path):
+        raise CheckpointFileError(f'{name} is not a file')
+    size = osp.getsize(path)
+    if size == 0:
+        raise CheckpointFileError(f'{name} is empty (0 bytes): it was never written '
+                                  'completely (a crash or a full disk while saving?)')
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_LOCAL_HEADER):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointFileError(
+                f'{name} is truncated ({size} bytes, and the zip directory that '
+                'torch.save writes last is missing): it was cut short while being written '
+                'or copied (a crash or a full disk?). Use an earlier checkpoint.')
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if not any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+                    raise CheckpointFileError(f'{name} is a zip archive but not a '
+                                              'torch.save file (it has no data.pkl)')
+                bad = archive.testzip() if crc else None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            raise CheckpointFileError(f'{name} is a corrupt zip archive ({size} '
+                                      f'bytes): {err}') from err
+        if bad is not None:
+            raise CheckpointFileError(f'{name} is corrupt: its member {bad!r} fails the '
+                                      'CRC-32 check (the file was damaged after it was written)')
+        return
+    if head.startswith(b'\x80') and _LEGACY_MAGIC in head:
+        return  # torch's legacy format: nothing cheap to check
+    raise CheckpointFileError(
+        f'{name} is not a PyTorch checkpoint ({size} bytes starting with '
+        f'{head[:8]!r}, neither the zip archive torch.save writes nor its legacy format)')
+
+
+def _local(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and not _URI.match(os.fspath(path))
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, 'O_DIRECTORY', 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # e.g. a directory on a file system that refuses it
+        pass
+    finally:
+        os.close(fd)
+
+
+PARTIAL_SUFFIX = '.partial-'
+
+
+def _atomic_save_checkpoint(original):
+    """Wrap a Runner's bound ``save_checkpoint`` so a local file appears complete or not at all.
+
+    MMEngine writes ``out_dir/filename`` in place (``open(path, 'wb')``): a
+    crash mid-write leaves a truncated file under the final name, and
+    ``CheckpointHook`` rewrites the newest checkpoint in place when
+    ``save_best`` improves. The wrapper lets MMEngine write
+    ``filename + '.partial-<pid>'`` in the same directory, fsyncs it, checks
+    its zip directory, then ``os.replace``-s it onto ``filename`` (atomic on
+    POSIX and Windows) and fsyncs the directory.
+    """
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        arguments = bound.arguments
+        out_dir, filename = arguments.get('out_dir'), arguments.get('filename')
+        if (not is_main_process() or not _local(out_dir) or not isinstance(filename, str)
+                or arguments.get('file_client_args') is not None
+                or (arguments.get('backend_args') or {}).get('backend', 'local') != 'local'):
+            return original(*args, **kwargs)
+        final = osp.join(os.fspath(out_dir), filename)
+        partial_name = f'{filename}{PARTIAL_SUFFIX}{os.getpid()}'
+        partial = osp.join(os.fspath(out_dir), partial_name)
+        arguments['filename'] = partial_name
+        try:
+            result = original(*bound.args, **bound.kwargs)
+            _fsync(partial)
+            check_checkpoint_file(partial, crc=False, what='freshly written checkpoint')
+            os.replace(partial, final)
+        except BaseException:
+            if osp.exists(partial):
+                try:
+                    os.remove(partial)
+                except OSError:
+                    pass
+            raise
+        _fsync(osp.dirname(final) or '.', directory=True)
+        return result
+
+    save_checkpoint._cbn_atomic = True
+    return save_checkpoint
+
+
+def _checkpoint_to_load(runner) -> tuple[str | None, str]:
+    """The file ``Runner.load_or_resume`` is about to read, and where its name came from."""
+    if getattr(runner, '_has_loaded', False):
+        return None, ''
+    resume, load_from = getattr(runner, '_resume', False), getattr(runner, '_load_from', None)
+    if resume and load_from is None:
+        record = osp.join(runner.work_dir, 'last_checkpoint')
+        if not osp.isfile(record):
+            return None, ''  # MMEngine starts from scratch
+        with open(record) as f:
+            named = f.read().strip()
+        if not named:
+            raise CheckpointFileError(
+                f'{record} is empty, so there is no checkpoint to auto-resume from (it was '
+                'being written when the run stopped?). Pass --resume PATH to pick a '
+                'checkpoint, or delete the file to start from scratch.')
+        return named, f' (named by {record} for auto-resume)'
+    if load_from is not None:
+        return load_from, ''
+    return None, ''
+
+
 # ---------------------------------------------------------------- hook
 class WeightsOnlyCheckpointHook(Hook):
-    """Write checkpoints ``torch.load`` accepts with ``weights_only=True``.
+    """Weights_only-loadable, atomically written checkpoints that resume exactly.
 
-    ``before_save_checkpoint`` encodes the checkpoint (see the module
-    docstring); ``after_load_checkpoint`` decodes it, and ``Runner.resume``
-    calls that before it restores the message hub, optimizer and schedulers.
-    Priority ``'LOWEST'``: it encodes after every other hook has added its part.
-    (The only other MMEngine/MMDetection hook that touches checkpoints,
-    ``EMAHook``, reads and writes tensors only, which are never encoded.)
+    - ``before_save_checkpoint`` adds the RNG states (``'rng_state'``, see
+      :func:`get_rng_state`) and encodes the checkpoint (module docstring);
+      ``after_load_checkpoint`` decodes it, and ``Runner.resume`` calls that
+      before it restores the message hub, optimizer and schedulers.
+    - ``before_run`` checks the file the Runner is about to load or resume
+      (``load_from``, ``--resume PATH``, or the one ``last_checkpoint``
+      names) and raises :class:`CheckpointFileError` / ``FileNotFoundError``
+      naming it when it is missing, truncated or corrupt
+      (:func:`check_checkpoint_file`), and makes the Runner write local
+      checkpoints atomically (``_atomic_save_checkpoint``).
+    - ``before_train`` restores the saved RNG states when the Runner resumed
+      (after everything that seeds or draws at start-up: the Runner's
+      seeding, weight init, the checkpoint load). ``before_val``/``after_val``
+      put the training RNG state back after each validation, so a run that
+      validates draws the same training random numbers as one that does not
+      (and as one resumed at that point). A best checkpoint saved during a
+      validation stores the training state from before it.
+
+    Priority ``'LOWEST'``: it encodes after every other hook has added its
+    part, and restores after every other hook's ``before_train``. (The only
+    other MMEngine/MMDetection hook that touches checkpoints, ``EMAHook``,
+    reads and writes tensors only, which are never encoded.)
+
+    Args:
+        restore_rng: save and restore the RNG states (and isolate
+            validations) as above. ``False`` keeps MMEngine's behaviour.
+        check_files: check the checkpoint before it is loaded.
+        atomic_save: write checkpoints atomically.
     """
 
     priority = 'LOWEST'
 
+    def __init__(self, restore_rng: bool = True, check_files: bool = True,
+                 atomic_save: bool = True) -> None:
+        self.restore_rng, self.check_files, self.atomic_save = restore_rng, check_files, atomic_save
+        self._loaded_rng = None
+        self._val_rng = None
+
+    # -- files
+    def before_run(self, runner) -> None:
+        if self.check_files:
+            path, source = _checkpoint_to_load(runner)
+            if path is not None and _local(path):
+                check_checkpoint_file(path, note=source)
+        if self.atomic_save and not getattr(runner.save_checkpoint, '_cbn_atomic', False):
+            runner.save_checkpoint = _atomic_save_checkpoint(runner.save_checkpoint)
+
+    def after_run(self, runner) -> None:
+        if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_atomic', False):
+            del runner.save_checkpoint  # back to the class's method
+
+    # -- save / load
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.restore_rng and RNG_KEY not in checkpoint:
+            # During a validation (a best checkpoint, or save_best re-saving the
+            # newest one), the training stream's state is the one from before it.
+            checkpoint[RNG_KEY] = self._val_rng if self._val_rng is not None else \
+                get_rng_state()
         encode_checkpoint(checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         decode_checkpoint(checkpoint)
+        meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
+        self._loaded_rng = (checkpoint.get(RNG_KEY), meta.get('epoch'), meta.get('iter'))
+
+    # -- RNG
+    def before_train(self, runner) -> None:
+        loaded, self._loaded_rng = self._loaded_rng, None
+        if not self.restore_rng or loaded is None:
+            return
+        state, epoch, it = loaded
+        if not it or (runner.epoch, runner.iter) != (epoch, it):
+            return  # load_from (fine-tuning): the checkpoint's progress is not resumed
+        if not isinstance(state, dict):
+            print_log('WeightsOnlyCheckpointHook: the resumed checkpoint holds no RNG state '
+                      '(not written by this hook); random draws after the resume differ '
+                      'from an uninterrupted run', logger='current', level=logging.WARNING)
+            return
+        if get_world_size() > 1 or state.get('world_size', 1) > 1:
+            print_log(f'WeightsOnlyCheckpointHook: RNG state not restored: the checkpoint '
+                      f'holds rank 0\'s state of a {state.get("world_size", 1)}-process run '
+                      f'and this run has {get_world_size()} processes; random draws after '
+                      'the resume differ from an uninterrupted run', logger='current',
+                      level=logging.WARNING)
+            return
+        restored = set_rng_state(state)
+        if state.get('cuda') and not torch.cuda.is_available():
+            print_log('WeightsOnlyCheckpointHook: the checkpoint holds CUDA RNG states but '
+                      'CUDA is unavailable; they are not restored', logger='current',
+                      level=logging.WARNING)
+        print_log(f'WeightsOnlyCheckpointHook: restored the RNG states ({", ".join(restored)}) '
+                  f'saved at epoch {epoch}, iter {it}', logger='current')
+
+    def before_val(self, runner) -> None:
+        if self.restore_rng:
+            self._val_rng = get_rng_state()
+
+    def after_val(self, runner) -> None:
+        state, self._val_rng = self._val_rng, None
+        if state is not None:
+            set_rng_state(state)
 
 
 def add_weights_only_hook(cfg) -> bool:

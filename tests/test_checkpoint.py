@@ -13,14 +13,27 @@ kind of object MMEngine 0.10.7 pickles into a checkpoint. The checks:
 - decoding gives back the message hub and meta exactly, and a resumed Runner
   sees the same message hub, optimizer and CBN window state;
 - a file holding an arbitrary pickled object is still refused, with torch's
-  message, and its payload never runs.
+  message, and its payload never runs;
+- the RNG states (torch, numpy, python ``random``) travel through the file
+  in weights_only form, and a resumed Runner whose model, data and metric
+  all draw random numbers ends bit-identical to an uninterrupted one (and
+  differs without the RNG restore);
+- a checkpoint write that fails midway (here: the rewrite of the newest
+  checkpoint that ``save_best`` does) leaves the previous complete file in
+  place, where plain MMEngine leaves a truncated file that ``last_checkpoint``
+  names;
+- truncated, corrupt, empty, missing and non-checkpoint files are refused
+  before loading, with an error naming the file.
 """
 from __future__ import annotations
 
 import collections
 import copy
 import io
+import os
 import pickle
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -40,7 +53,7 @@ from torch.utils.data import Dataset
 
 import cbn_plugin
 from cbn_plugin import checkpoint as ckpt
-from cbn_plugin.checkpoint import TAG, WeightsOnlyCheckpointHook
+from cbn_plugin.checkpoint import TAG, CheckpointFileError, WeightsOnlyCheckpointHook
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -205,13 +218,15 @@ def test_loads_in_fresh_process_without_plugin(trained):
         import sys, torch
         ck = torch.load({str(work_dir / 'epoch_2.pth')!r})
         assert sorted(ck) == ['message_hub', 'meta', 'optimizer', 'param_schedulers',
-                              'state_dict'], sorted(ck)
+                              'rng_state', 'state_dict'], sorted(ck)
         assert not any(m.split('.')[0] in ('cbn_plugin', 'mmengine', 'mmdet')
                        for m in sys.modules), 'plugin or mmengine imported'
         hub = ck['message_hub']
         buf = hub['log_scalars']['train/loss']
         assert buf['{TAG}'] == 'HistoryBuffer', buf
         assert buf['log_history']['data'].dtype == torch.float64
+        rng = ck['rng_state']
+        assert rng['torch'].dtype == torch.uint8 and rng['numpy']['keys'].shape == (624,)
         print('OK', ck['meta']['epoch'], len(hub['log_scalars']))
     """)
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
@@ -362,3 +377,258 @@ def test_hook_registered_and_added_once():
     assert empty.custom_hooks == [dict(type='WeightsOnlyCheckpointHook')]
     off = ConfigDict(weights_only_checkpoints=False)
     assert not ckpt.add_weights_only_hook(off) and 'custom_hooks' not in off
+
+
+# ---------------------------------------------------------------- RNG state
+def draws():
+    return (torch.rand(3), torch.randn(2), np.random.rand(2), np.random.randn(1),
+            random.random(), random.gauss(0, 1))
+
+
+def test_rng_state_round_trip_through_weights_only():
+    random.gauss(0, 1)  # leaves a cached second gaussian (gauss_next)
+    np.random.randn(1)  # leaves numpy's cached gaussian
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    state = ckpt.get_rng_state()
+    expected = draws() + ((torch.rand(4, device='cuda').cpu(),) if 'cuda' in state else ())
+    assert set(state) >= {'format', 'world_size', 'torch', 'numpy', 'random'}
+    assert ckpt.encode(state) is state  # plain data: nothing to encode
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    restored = ckpt.set_rng_state(roundtrip(state))
+    assert restored[:3] == ['torch', 'numpy', 'random']
+    again = draws() + ((torch.rand(4, device='cuda').cpu(),) if 'cuda' in state else ())
+    assert same(again, expected)
+    with pytest.raises(ValueError, match='format'):
+        ckpt.set_rng_state(dict(state, format=99))
+
+
+class NoisyCBNNet(TinyCBNNet):
+    """Dropout: the model draws from torch's generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x, y, mode='tensor'):
+        out = self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+        if mode == 'loss':
+            return dict(loss=((out - y) ** 2).mean())
+        return out
+
+
+class NoisyData(TinyData):
+    """Augmentation from numpy's and python's global generators (as mmcv's transforms)."""
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        noise = torch.from_numpy(np.random.randn(1, 6, 6).astype(np.float32))
+        item['x'] = item['x'] + 0.1 * noise + random.random()
+        return item
+
+
+class DrawingMetric(NumpyMetric):
+    """A validation that consumes random numbers of every kind."""
+
+    def process(self, data_batch, data_samples):
+        torch.rand(1), np.random.rand(), random.random()
+        super().process(data_batch, data_samples)
+
+
+def make_noisy_runner(work_dir, name, max_epochs, resume_from=None, **hook_args):
+    loader = dict(dataset=NoisyData(), batch_size=2, collate_fn=dict(type='default_collate'))
+    torch.manual_seed(1)  # the model is built before the Runner seeds
+    return Runner(
+        model=NoisyCBNNet(), work_dir=str(work_dir), experiment_name=name,
+        train_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=True)),
+        val_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=False)),
+        val_evaluator=dict(type=DrawingMetric), val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=1),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        custom_hooks=[dict(type='CBNHook', burn_in_iters=1),
+                      dict(type='WeightsOnlyCheckpointHook', **hook_args)],
+        randomness=dict(seed=0), resume=resume_from is not None, load_from=resume_from)
+
+
+def test_resume_is_bit_exact_with_random_model_data_and_validation(tmp_path):
+    """3 epochs at once == 2 epochs, then a new Runner resumed for the 3rd.
+
+    Validation runs after every epoch and draws random numbers; the hook
+    keeps them out of the training stream, so the run that validated after
+    epoch 2 and the resumed one (which did not) continue alike.
+    """
+    def final_state(runner):
+        runner.train()
+        return {k: v.clone() for k, v in runner.model.state_dict().items()}
+
+    whole = final_state(make_noisy_runner(tmp_path / 'whole', f'whole_{id(tmp_path)}', 3))
+    first = make_noisy_runner(tmp_path / 'part', f'part_{id(tmp_path)}', 2)
+    first.train()
+    assert 'rng_state' in torch.load(tmp_path / 'part' / 'epoch_2.pth')
+    resumed = final_state(make_noisy_runner(tmp_path / 'resumed', f'res_{id(tmp_path)}', 3,
+                                            resume_from=str(tmp_path / 'part' / 'epoch_2.pth')))
+    assert int(whole['bn.num_steps']) == 12 and whole['bn.window_mean'] is not None
+    assert list(resumed) == list(whole)
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole), \
+        [k for k in whole if not torch.equal(resumed[k], whole[k])]
+    # The control: without the RNG restore the resumed run draws other numbers.
+    plain = final_state(make_noisy_runner(
+        tmp_path / 'plain', f'plain_{id(tmp_path)}', 3, restore_rng=False,
+        resume_from=str(tmp_path / 'part' / 'epoch_2.pth')))
+    assert not torch.equal(plain['head.weight'], whole['head.weight'])
+
+
+def test_load_from_does_not_restore_rng(tmp_path, trained):
+    """Fine-tuning from a checkpoint (load_from, no resume) keeps the run's own seed."""
+    work_dir, _ = trained
+    runner, _ = make_runner(tmp_path, f'finetune_{id(tmp_path)}', max_epochs=1)
+    runner._resume, runner._load_from = False, str(work_dir / 'epoch_1.pth')
+    hook = next(h for h in runner.hooks if isinstance(h, WeightsOnlyCheckpointHook))
+    hook.before_run(runner)
+    runner.load_checkpoint(runner._load_from)
+    assert hook._loaded_rng is not None
+    seeded = ckpt.get_rng_state()
+    hook.before_train(runner)  # iter 0 != the checkpoint's: not a resume
+    assert same(ckpt.get_rng_state(), seeded)
+    hook.after_run(runner)
+
+
+# ---------------------------------------------------------------- atomic writes
+def failing_put(monkeypatch, name: str, nth: int):
+    """Make the ``nth`` write of a file whose name starts with ``name`` stop halfway."""
+    from mmengine.fileio.backends.local_backend import LocalBackend
+    put, seen = LocalBackend.put, []
+
+    def half_put(self, obj, filepath):
+        if os.path.basename(str(filepath)).startswith(name):
+            seen.append(str(filepath))
+            if len(seen) == nth:
+                with open(filepath, 'wb') as f:
+                    f.write(obj[:len(obj) // 2])
+                raise OSError(28, 'No space left on device (simulated)')
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(LocalBackend, 'put', half_put)
+    return seen
+
+
+@pytest.mark.parametrize('atomic', [True, False])
+def test_rewrite_of_newest_checkpoint_fails_midway(tmp_path, monkeypatch, atomic):
+    """``save_best`` rewrites epoch_1.pth in place after the validation improves.
+
+    The write fails halfway. With the hook, epoch_1.pth is still the first,
+    complete version; plain MMEngine (``atomic_save=False``) leaves a
+    truncated epoch_1.pth that ``last_checkpoint`` names, so auto-resume would
+    read it.
+    """
+    seen = failing_put(monkeypatch, 'epoch_1.pth', nth=2)
+    runner, _ = make_runner(tmp_path, f'atomic{atomic}_{id(tmp_path)}', max_epochs=1)
+    hook = next(h for h in runner.hooks if isinstance(h, WeightsOnlyCheckpointHook))
+    hook.atomic_save = atomic
+    with pytest.raises(OSError, match='simulated'):
+        runner.train()
+    assert len(seen) == 2
+    path = tmp_path / 'epoch_1.pth'
+    assert (tmp_path / 'last_checkpoint').read_text() == str(path)
+    if not atomic:
+        with pytest.raises(CheckpointFileError, match='truncated'):
+            ckpt.check_checkpoint_file(path)
+        return
+    assert all('.partial-' in p for p in seen)
+    assert not list(tmp_path.glob('*.partial-*'))  # the failed write is cleaned up
+    ckpt.check_checkpoint_file(path)
+    first = ckpt.load_checkpoint(path)
+    assert first['meta']['epoch'] == 1
+    assert 'best_score' not in first['message_hub']['runtime_info']  # the first version
+
+
+def test_atomic_save_is_undone_after_run(trained):
+    work_dir, _ = trained
+    runner, _ = make_runner(work_dir, f'undo_{id(work_dir)}', max_epochs=1)
+    hook = next(h for h in runner.hooks if isinstance(h, WeightsOnlyCheckpointHook))
+    hook.before_run(runner)
+    assert runner.save_checkpoint._cbn_atomic
+    hook.before_run(runner)  # wrapped once only
+    assert runner.save_checkpoint.__wrapped__.__func__ is Runner.save_checkpoint
+    hook.after_run(runner)
+    assert 'save_checkpoint' not in runner.__dict__
+
+
+# ---------------------------------------------------------------- damaged files
+@pytest.fixture(scope='module')
+def damaged(tmp_path_factory, trained):
+    work_dir, _ = trained
+    good = (work_dir / 'epoch_1.pth').read_bytes()
+    tmp = tmp_path_factory.mktemp('damaged')
+    files = {'truncated': good[:len(good) // 2], 'tail cut': good[:-10],
+             'garbage': b'this is not a checkpoint\n' * 8, 'empty': b'', 'good': good}
+    flipped = bytearray(good)
+    flipped[len(good) // 3] ^= 0x10  # inside a tensor's bytes
+    files['bit flip'] = bytes(flipped)
+    paths = {}
+    for name, data in files.items():
+        paths[name] = tmp / f"{name.replace(' ', '_')}.pth"
+        paths[name].write_bytes(data)
+    buffer = io.BytesIO()
+    torch.save({'w': torch.ones(3)}, buffer, _use_new_zipfile_serialization=False)
+    paths['legacy'] = tmp / 'legacy.pth'
+    paths['legacy'].write_bytes(buffer.getvalue())
+    import zipfile
+    paths['zip'] = tmp / 'other.zip'
+    with zipfile.ZipFile(paths['zip'], 'w') as archive:
+        archive.writestr('readme.txt', 'hello')
+    paths['missing'] = tmp / 'missing.pth'
+    paths['directory'] = tmp
+    return paths
+
+
+@pytest.mark.parametrize('name, error, message', [
+    ('truncated', CheckpointFileError, 'is truncated'),
+    ('tail cut', CheckpointFileError, 'is truncated'),
+    ('garbage', CheckpointFileError, 'is not a PyTorch checkpoint'),
+    ('empty', CheckpointFileError, r'is empty \(0 bytes\)'),
+    ('bit flip', CheckpointFileError, 'fails the CRC-32 check'),
+    ('zip', CheckpointFileError, 'not a torch.save file'),
+    ('missing', FileNotFoundError, 'does not exist'),
+    ('directory', CheckpointFileError, 'is not a file'),
+])
+def test_check_checkpoint_file_refuses(damaged, name, error, message):
+    path = damaged[name]
+    with pytest.raises(error, match=message) as err:
+        ckpt.check_checkpoint_file(path)
+    assert str(path) in str(err.value)
+
+
+def test_check_checkpoint_file_accepts(damaged):
+    ckpt.check_checkpoint_file(damaged['good'])
+    ckpt.check_checkpoint_file(damaged['legacy'])  # torch's pre-1.6 format, unchecked
+    ckpt.check_checkpoint_file(damaged['bit flip'], crc=False)  # only the directory
+
+
+def test_runner_refuses_damaged_file_before_loading(tmp_path, damaged):
+    """``load_from``, ``resume=PATH`` and auto-resume, in train() and val()."""
+    def runner_with(name, **kwargs):
+        runner, _ = make_runner(tmp_path, f'{name}_{id(tmp_path)}', max_epochs=1)
+        for key, value in kwargs.items():
+            setattr(runner, key, value)
+        return runner
+
+    path = str(damaged['truncated'])
+    with pytest.raises(CheckpointFileError, match=f'checkpoint {path} is truncated'):
+        runner_with('load', _load_from=path).train()
+    with pytest.raises(CheckpointFileError, match=f'checkpoint {path} is truncated'):
+        runner_with('resume', _load_from=path, _resume=True).train()
+    with pytest.raises(CheckpointFileError, match='is not a PyTorch checkpoint'):
+        runner_with('val', _load_from=str(damaged['garbage'])).val()
+    record = tmp_path / 'last_checkpoint'
+    record.write_text(path)
+    named = re.escape(f'(named by {record} for auto-resume)')
+    with pytest.raises(CheckpointFileError, match=f'{re.escape(path)} {named} is truncated'):
+        runner_with('auto', _resume=True).train()
+    record.write_text(str(damaged['missing']))
+    with pytest.raises(FileNotFoundError, match=f'{named} does not exist'):
+        runner_with('auto_missing', _resume=True).train()
+    record.write_text('')
+    with pytest.raises(CheckpointFileError, match=f'{record} is empty'):
+        runner_with('auto_empty', _resume=True).train()
