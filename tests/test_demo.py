@@ -138,3 +138,25 @@ def test_demo_trains_two_iterations_and_evaluates(tmp_path):
     # The demo records what it wrote, so a later run with the same arguments reuses it.
     manifest = json.loads((tmp_path / 'data' / 'demo_manifest.json').read_text())
     assert manifest['num_train'] == 4 and manifest['num_val'] == 2
+
+
+def test_demo_compare_writes_table_and_plot(tmp_path):
+    """``make demo-compare``'s code path, two norms, 2 iterations, into a scratch docs dir."""
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    (docs / 'demo.md').write_text('# Demo\n\nhand-written text\n\n'
+                                  '<!-- demo-compare:begin (written by tools/demo.py --compare; '
+                                  'do not edit) -->\nold\n<!-- demo-compare:end -->\n\ntail\n')
+    cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--compare', '--norms', 'bn', 'cbn',
+           '--max-iters', '2', '--num-train', '4', '--num-val', '2',
+           '--data-root', str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work'),
+           '--docs-dir', str(docs)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    text = (docs / 'demo.md').read_text()
+    assert 'hand-written text' in text and text.rstrip().endswith('tail')
+    assert '\nold\n' not in text and '| BN | 2 |' in text and '| CBN | 2 |' in text
+    assert (docs / 'demo_compare.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    results = json.loads((tmp_path / 'work' / 'compare_results.json').read_text())
+    assert [r['norm'] for r in results] == ['bn', 'cbn']
+    assert all(len(r['losses']) == 2 for r in results)

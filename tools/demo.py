@@ -158,7 +158,9 @@ def train_and_evaluate(norm: str, args) -> dict:
     seconds = time.perf_counter() - start
     m = recorder.metrics
     tail = recorder.losses[-max(1, len(recorder.losses) // 10):]
+    burn_in = [h.get('burn_in_iters') for h in cfg.get('custom_hooks', []) if h.type == 'CBNHook']
     return dict(norm=norm, label=LABELS[norm], iters=cfg.train_cfg.max_iters,
+                burn_in=burn_in[0] if burn_in else None,
                 mAP=m.get('coco/bbox_mAP', float('nan')),
                 mAP50=m.get('coco/bbox_mAP_50', float('nan')),
                 mAP75=m.get('coco/bbox_mAP_75', float('nan')),
@@ -204,8 +206,13 @@ def write_compare(results: list[dict], args, started: str, wall: float) -> None:
     for r in results:
         ax_loss.plot(range(1, len(r['losses']) + 1), smooth(r['losses'], 50), label=r['label'],
                      linewidth=1)
+    burn_in = [r['burn_in'] for r in results if r.get('burn_in')]
+    if burn_in:
+        ax_loss.axvline(burn_in[0], color='grey', linestyle=':', linewidth=1)
+        ax_loss.annotate('CBN burn-in ends', (burn_in[0], 1), xycoords=('data', 'axes fraction'),
+                         xytext=(3, -12), textcoords='offset points', fontsize=8, color='grey')
     ax_loss.set_xlabel('iteration')
-    ax_loss.set_ylabel('training loss (mean of last 50 iterations)')
+    ax_loss.set_ylabel('training loss (mean of the last 50 iterations)')
     ax_loss.set_yscale('log')
     ax_loss.legend()
     x = range(len(results))
@@ -213,8 +220,12 @@ def write_compare(results: list[dict], args, started: str, wall: float) -> None:
     ax_map.bar([i + 0.2 for i in x], [r['mAP50'] for r in results], 0.4, label='mAP50')
     ax_map.set_xticks(list(x), [r['label'] for r in results])
     ax_map.set_ylabel('COCO box mAP on val')
-    ax_map.set_ylim(0, 1)
-    ax_map.legend()
+    for i, r in enumerate(results):
+        for dx, value in ((-0.2, r['mAP']), (0.2, r['mAP50'])):
+            ax_map.annotate(f'{value:.3f}', (i + dx, value), ha='center', va='bottom',
+                            fontsize=8, xytext=(0, 2), textcoords='offset points')
+    ax_map.set_ylim(0, 1.15)
+    ax_map.legend(loc='upper center', ncol=2)
     fig.suptitle(f'Faster R-CNN R18-w32-FPN from scratch, digits, batch 2, '
                  f'{results[0]["iters"]} iterations, seed {args.seed}')
     fig.tight_layout()
@@ -300,6 +311,8 @@ def main(argv=None) -> list[dict]:
     print(f'\ntotal {wall / 60:.1f} min ({args.threads} torch threads; load average at start '
           f'{args.load_before})', flush=True)
     if args.compare:
+        dump = Path(args.work_dir) / 'compare_results.json'
+        dump.write_text(json.dumps(results, sort_keys=True) + '\n')
         write_compare(results, args, started, wall)
     bad = [r['label'] for r in results if not math.isfinite(r['mAP'])]
     if bad:
