@@ -454,8 +454,11 @@ def main(argv=None):
     parser.add_argument('--rois-per-image', type=int, default=512,
                         help='sampled RoIs per image in the detector (mmdet default 512)')
     parser.add_argument('--no-profile', dest='profile', action='store_false')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads (1: ratios robust to other load on the machine)')
     parser.add_argument('--out', default=str(ROOT / 'docs' / 'benchmarks.md'))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = dict(command='python tools/benchmark.py ' + ' '.join(argv or sys.argv[1:]),
                    date=time.strftime('%Y-%m-%d %H:%M'), machine=machine(device))
