@@ -38,18 +38,16 @@ import importlib.util
 import json
 import math
 import os
-import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from mmengine.config import Config
 
-from tiny_coco import write_tiny_coco
+from tiny_coco import coco_map, derived_config, scalars, write_tiny_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'cbn'
@@ -100,45 +98,9 @@ def tiny_config(base: Path, data: dict, dump_dir: Path) -> str:
     The hook list is the real config's (``CBNHook``, shortened by ``OPTIONS``)
     with the dump hook appended.
     """
-    root = data['root'].rstrip('/') + '/'
     hooks = [dict(h) for h in Config.fromfile(str(base)).custom_hooks]
     hooks.append(dict(type='DumpCBNStateHook', out=str(dump_dir)))
-    return textwrap.dedent(f"""\
-        _base_ = {str(base)!r}
-        data_root = {root!r}
-        metainfo = dict(classes={tuple(data['classes'])!r},
-                        palette=[(220, 20, 60), (0, 0, 142)])
-        train_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='LoadAnnotations', with_bbox=True),
-            dict(type='Resize', scale=(128, 128), keep_ratio=True),
-            dict(type='RandomFlip', prob=0.5),
-            dict(type='PackDetInputs'),
-        ]
-        test_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='Resize', scale=(128, 128), keep_ratio=True),
-            dict(type='LoadAnnotations', with_bbox=True),
-            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                                  'img_shape', 'scale_factor')),
-        ]
-        dataset = dict(data_root=data_root, metainfo=metainfo, ann_file={data['ann_file']!r},
-                       data_prefix=dict(img={data['img_prefix']!r}))
-        train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                                dataset=dict(dataset, pipeline=train_pipeline))
-        val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                              dataset=dict(dataset, pipeline=test_pipeline))
-        test_dataloader = val_dataloader
-        val_evaluator = dict(ann_file=data_root + {data['ann_file']!r}, metric='bbox')
-        test_evaluator = val_evaluator
-        model = dict(
-            backbone=dict(init_cfg=None),
-            roi_head=dict(bbox_roi_extractor=dict(roi_layer=dict(sampling_ratio=2)),
-                          bbox_head=dict(num_classes=2)),
-            train_cfg=dict(rpn_proposal=dict(nms_pre=100, max_per_img=100),
-                           rcnn=dict(sampler=dict(num=64))),
-            test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100),
-                          rcnn=dict(max_per_img=20)))
+    return derived_config(base, data, extra=f"""\
         train_cfg = dict(max_epochs=2, val_interval=100)  # validates after the last epoch
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
         randomness = dict(seed=0)
@@ -164,19 +126,6 @@ def launch(script: str, *args, tmp: Path, timeout: int = 400) -> str:
     log = out.stdout + out.stderr
     assert out.returncode == 0, f'{script} exited {out.returncode}:\n{log[-8000:]}'
     return log
-
-
-def scalars(work_dir: Path) -> list[dict]:
-    records = []
-    for path in sorted(work_dir.glob('*/vis_data/scalars.json')):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [r for r in records if 'loss' in r]
-
-
-def coco_map(log: str) -> str:
-    found = re.findall(r'bbox_mAP_copypaste: ([-0-9. ]+)', log)
-    assert found, f'no COCO bbox mAP in the log:\n{log[-3000:]}'
-    return found[-1].strip()
 
 
 def rank_states(dump_dir: Path) -> list[dict]:

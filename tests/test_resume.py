@@ -34,17 +34,15 @@ thread each: about 1.5 minutes on 2 busy CPU cores.
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_coco import write_tiny_coco
+from tiny_coco import derived_config, train_records, write_tiny_coco
 
 REPO = Path(__file__).resolve().parents[1]
 FASTER = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
@@ -75,36 +73,9 @@ LocalBackend.put = put
 
 
 def tiny_config(data: dict) -> str:
-    root = data['root'].rstrip('/') + '/'
-    return textwrap.dedent(f"""\
-        _base_ = {str(FASTER)!r}
-        data_root = {root!r}
-        metainfo = dict(classes={tuple(data['classes'])!r},
-                        palette=[(220, 20, 60), (0, 0, 142)])
-        train_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='LoadAnnotations', with_bbox=True),
-            dict(type='Resize', scale=(64, 64), keep_ratio=True),
-            dict(type='RandomFlip', prob=0.5),
-            dict(type='PackDetInputs'),
-        ]
-        test_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='Resize', scale=(64, 64), keep_ratio=True),
-            dict(type='LoadAnnotations', with_bbox=True),
-            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                                  'img_shape', 'scale_factor')),
-        ]
-        dataset = dict(data_root=data_root, metainfo=metainfo, ann_file={data['ann_file']!r},
-                       data_prefix=dict(img={data['img_prefix']!r}))
-        train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                                dataset=dict(dataset, pipeline=train_pipeline))
-        val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                              dataset=dict(dataset, pipeline=test_pipeline, indices=2))
-        test_dataloader = val_dataloader
-        val_evaluator = dict(ann_file=data_root + {data['ann_file']!r}, metric='bbox')
-        test_evaluator = val_evaluator
-        # The real layout (CBN in the FPN and the 4conv1fc head), narrow.
+    # 64 px, validation on 2 images; the real layout (CBN in the FPN and the
+    # 4conv1fc head), narrow.
+    return derived_config(FASTER, data, image=64, val_indices=2, model="""\
         model = dict(
             backbone=dict(depth=18, base_channels=16, init_cfg=None),
             neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
@@ -117,6 +88,7 @@ def tiny_config(data: dict) -> str:
                            rpn_proposal=dict(nms_pre=100, max_per_img=100),
                            rcnn=dict(sampler=dict(num=32))),
             test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100), rcnn=dict(max_per_img=20)))
+    """, extra="""\
         custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
         train_cfg = dict(max_epochs=2, val_interval=1)
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
@@ -151,11 +123,6 @@ class Tool:
         log = self.path.read_text()
         assert code == expect, f'{self.args[0]} exited {code}, expected {expect}:\n{log[-6000:]}'
         return log
-
-
-def train_records(path: Path) -> list[dict]:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [r for r in records if 'loss' in r]
 
 
 def same_tree(a, b) -> bool:

@@ -27,7 +27,6 @@ is under a second there; several times that when the cores are shared).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_coco import write_tiny_coco
+from tiny_coco import coco_map, derived_config, scalars, write_tiny_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'cbn'
@@ -53,49 +52,7 @@ LOSS_KEYS = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox')
 
 def tiny_config(base: Path, data: dict, mask: bool = False) -> str:
     """A derived config: the real ``base`` shrunk to the tiny dataset on CPU."""
-    root = data['root'].rstrip('/') + '/'
-    with_mask = ', with_mask=True' if mask else ''
-    metric = "['bbox', 'segm']" if mask else "'bbox'"
-    mask_model = ("model['roi_head'].update(mask_head=dict(num_classes=2), "
-                  "mask_roi_extractor=dict(roi_layer=dict(sampling_ratio=2)))") if mask else ''
-    return textwrap.dedent(f"""\
-        _base_ = {str(base)!r}
-        data_root = {root!r}
-        metainfo = dict(classes={tuple(data['classes'])!r},
-                        palette=[(220, 20, 60), (0, 0, 142)])
-        train_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='LoadAnnotations', with_bbox=True{with_mask}),
-            dict(type='Resize', scale=(128, 128), keep_ratio=True),
-            dict(type='RandomFlip', prob=0.5),
-            dict(type='PackDetInputs'),
-        ]
-        test_pipeline = [
-            dict(type='LoadImageFromFile'),
-            dict(type='Resize', scale=(128, 128), keep_ratio=True),
-            dict(type='LoadAnnotations', with_bbox=True{with_mask}),
-            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                                  'img_shape', 'scale_factor')),
-        ]
-        dataset = dict(data_root=data_root, metainfo=metainfo, ann_file={data['ann_file']!r},
-                       data_prefix=dict(img={data['img_prefix']!r}))
-        train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                                dataset=dict(dataset, pipeline=train_pipeline))
-        val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
-                              dataset=dict(dataset, pipeline=test_pipeline))
-        test_dataloader = val_dataloader
-        val_evaluator = dict(ann_file=data_root + {data['ann_file']!r}, metric={metric})
-        test_evaluator = val_evaluator
-        # No pretrained weights (no network); proposals and samples cut for CPU.
-        model = dict(
-            backbone=dict(init_cfg=None),
-            roi_head=dict(bbox_roi_extractor=dict(roi_layer=dict(sampling_ratio=2)),
-                          bbox_head=dict(num_classes=2)),
-            train_cfg=dict(rpn_proposal=dict(nms_pre=100, max_per_img=100),
-                           rcnn=dict(sampler=dict(num=64))),
-            test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100),
-                          rcnn=dict(max_per_img=20)))
-        {mask_model}
+    return derived_config(base, data, mask=mask, extra="""\
         train_cfg = dict(val_interval=100)  # validates once, after the last epoch
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=2))
         randomness = dict(seed=0)
@@ -109,21 +66,6 @@ def run_tool(*args, timeout=300) -> str:
     log = out.stdout + out.stderr
     assert out.returncode == 0, f'{args[0]} exited {out.returncode}:\n{log[-6000:]}'
     return log
-
-
-def scalars(work_dir: Path) -> list[dict]:
-    """Training records of every run in ``work_dir`` (one per logged iteration)."""
-    records = []
-    for path in sorted(work_dir.glob('*/vis_data/scalars.json')):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line]
-    return [r for r in records if 'loss' in r]
-
-
-def coco_map(log: str, kind: str = 'bbox') -> str:
-    """The ``<kind>_mAP_copypaste`` numbers mmdet's CocoMetric prints."""
-    found = re.findall(rf'{kind}_mAP_copypaste: ([-0-9. ]+)', log)
-    assert found, f'no COCO {kind} mAP in the log:\n{log[-3000:]}'
-    return found[-1].strip()
 
 
 @pytest.fixture(scope='module')

@@ -13,11 +13,18 @@ configs can use the same data). Usage::
 
 The same ``seed`` and arguments always give byte-identical files.
 Run as a script to write one: ``python tests/tiny_coco.py OUT_DIR``.
+
+For the tests that run the real tools on it: :func:`derived_config` (the text
+of a config whose ``_base_`` is a real config, shrunk to this set on CPU),
+:func:`train_records`/:func:`scalars` (the training records of
+``vis_data/scalars.json``) and :func:`coco_map` (the mAP numbers in a log).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +113,92 @@ def write_tiny_coco(root, num_images: int = 4, seed: int = 0, image_size=(96, 12
         json.dump(coco, f, indent=1, sort_keys=True)
     return dict(root=str(root), ann_file=f'annotations/{ann_name}', img_prefix=f'{img_dir}/',
                 classes=CLASSES, num_images=num_images, num_annotations=len(annotations))
+
+
+# The real model, with no pretrained weights (no network) and proposals and
+# samples cut for CPU: the default ``model`` of :func:`derived_config`.
+SHRUNK_MODEL = """\
+model = dict(
+    backbone=dict(init_cfg=None),
+    roi_head=dict(bbox_roi_extractor=dict(roi_layer=dict(sampling_ratio=2)),
+                  bbox_head=dict(num_classes=2)),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=100, max_per_img=100),
+                   rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100),
+                  rcnn=dict(max_per_img=20)))
+"""
+
+
+def derived_config(base, data: dict, image: int = 128, mask: bool = False,
+                   val_indices: int | None = None, model: str = SHRUNK_MODEL,
+                   extra: str = '') -> str:
+    """The text of a config that shrinks the real config ``base`` to the set ``data``.
+
+    ``_base_`` is ``base``; the file sets ``data_root``, ``metainfo`` (the two
+    classes), the train and test pipelines (``Resize`` to ``image`` x
+    ``image``, masks loaded when ``mask``), the dataloaders (batch 2, no
+    worker processes; validation and test on the first ``val_indices`` images
+    when given) and the COCO evaluators (``bbox``, and ``segm`` when
+    ``mask``). Then ``model`` (config lines; a 2-class mask head is added when
+    ``mask``) and ``extra`` (dedented: schedule, hooks, randomness, imports).
+    ``data`` is what :func:`write_tiny_coco` returns.
+    """
+    root = data['root'].rstrip('/') + '/'
+    with_mask = ', with_mask=True' if mask else ''
+    metric = "['bbox', 'segm']" if mask else "'bbox'"
+    indices = f', indices={val_indices!r}' if val_indices is not None else ''
+    text = textwrap.dedent(f"""\
+        _base_ = {str(base)!r}
+        data_root = {root!r}
+        metainfo = dict(classes={tuple(data['classes'])!r},
+                        palette=[(220, 20, 60), (0, 0, 142)])
+        train_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations', with_bbox=True{with_mask}),
+            dict(type='Resize', scale=({image}, {image}), keep_ratio=True),
+            dict(type='RandomFlip', prob=0.5),
+            dict(type='PackDetInputs'),
+        ]
+        test_pipeline = [
+            dict(type='LoadImageFromFile'),
+            dict(type='Resize', scale=({image}, {image}), keep_ratio=True),
+            dict(type='LoadAnnotations', with_bbox=True{with_mask}),
+            dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
+                                                  'img_shape', 'scale_factor')),
+        ]
+        dataset = dict(data_root=data_root, metainfo=metainfo, ann_file={data['ann_file']!r},
+                       data_prefix=dict(img={data['img_prefix']!r}))
+        train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                                dataset=dict(dataset, pipeline=train_pipeline))
+        val_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                              dataset=dict(dataset, pipeline=test_pipeline{indices}))
+        test_dataloader = val_dataloader
+        val_evaluator = dict(ann_file=data_root + {data['ann_file']!r}, metric={metric})
+        test_evaluator = val_evaluator
+    """) + textwrap.dedent(model)
+    if mask:
+        text += ("model['roi_head'].update(mask_head=dict(num_classes=2), "
+                 "mask_roi_extractor=dict(roi_layer=dict(sampling_ratio=2)))\n")
+    return text + textwrap.dedent(extra)
+
+
+def train_records(path) -> list[dict]:
+    """The training records (one per logged iteration) of one ``scalars.json``."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    return [r for r in records if 'loss' in r]
+
+
+def scalars(work_dir) -> list[dict]:
+    """Training records of every run in ``work_dir`` (``*/vis_data/scalars.json``, in order)."""
+    return [r for path in sorted(Path(work_dir).glob('*/vis_data/scalars.json'))
+            for r in train_records(path)]
+
+
+def coco_map(log: str, kind: str = 'bbox') -> str:
+    """The last ``<kind>_mAP_copypaste`` numbers mmdet's CocoMetric printed in ``log``."""
+    found = re.findall(rf'{kind}_mAP_copypaste: ([-0-9. ]+)', log)
+    assert found, f'no COCO {kind} mAP in the log:\n{log[-3000:]}'
+    return found[-1].strip()
 
 
 if __name__ == '__main__':

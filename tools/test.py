@@ -11,7 +11,8 @@ on CPU with the gloo backend (``setup_cpu_distributed`` from
 one the process group is initialised here and the DDP wrapper gets
 ``device_ids=None``; see ``tools/train.py``'s docstring).
 
-As in ``tools/train.py``: ``cbn_plugin`` is imported, MMDetection's modules
+As in ``tools/train.py`` (its ``load_config`` and ``build_runner`` are used
+here): ``cbn_plugin`` is imported, MMDetection's modules
 are registered (default scope from the config, ``'mmdet'`` if none), and
 ``WeightsOnlyCheckpointHook`` is appended to ``cfg.custom_hooks`` so that the
 objects ``cbn_plugin.checkpoint`` encoded are restored on load. The
@@ -19,7 +20,6 @@ checkpoint itself is read by MMEngine with ``torch.load``'s default
 ``weights_only=True``.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 import warnings
@@ -29,17 +29,14 @@ from copy import deepcopy
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine import ConfigDict  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
 
 import cbn_plugin  # noqa: E402,F401  (registers 'CBN')
 # tools/train.py: Python puts this script's folder, tools/, on sys.path.
-from train import setup_cpu_distributed  # noqa: E402
-from cbn_plugin.checkpoint import add_weights_only_hook  # noqa: E402
+from train import (add_cfg_options_and_launcher, build_runner, load_config,  # noqa: E402
+                   parse_with_local_rank)
 from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: E402
 from mmdet.evaluation import DumpDetResults  # noqa: E402
 from mmdet.registry import RUNNERS  # noqa: E402
-from mmdet.utils import register_all_modules, setup_cache_size_limit_of_dynamo  # noqa: E402
 
 
 # TODO (as upstream): support fuse_conv_bn and format_only
@@ -64,54 +61,15 @@ def parse_args():
         'to the work_dir/timestamp/show_dir')
     parser.add_argument(
         '--wait-time', type=float, default=2, help='the interval of show (s)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
+    add_cfg_options_and_launcher(parser)
     parser.add_argument('--tta', action='store_true')
-    # torch.distributed.run passes --local-rank (torch >= 2.0) or sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_with_local_rank(parser)
 
 
 def main():
     args = parse_args()
-
-    # Register mmdet's modules; the scope itself comes from the config.
-    register_all_modules(init_default_scope=False)
-    # Reduce the number of repeated compilations and improve testing speed.
-    setup_cache_size_limit_of_dynamo()
-
-    # load config
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if cfg.get('default_scope', None) is None:
-        cfg.default_scope = 'mmdet'
-
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        # update configs according to CLI args if args.work_dir is not None
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        # use config filename as default work_dir if cfg.work_dir is None
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
+    # mmdet's modules registered, config loaded, --cfg-options and --work-dir applied
+    cfg = load_config(args)
 
     cfg.load_from = args.checkpoint
 
@@ -153,20 +111,9 @@ def main():
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
-    # restore what cbn_plugin.checkpoint encoded when the checkpoint is loaded
-    add_weights_only_hook(cfg)
-
-    # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
-    setup_cpu_distributed(cfg)
-
-    # build the runner from config
-    if 'runner_type' not in cfg:
-        # build the default runner
-        runner = Runner.from_cfg(cfg)
-    else:
-        # build customized runner from the registry
-        # if 'runner_type' is set in the cfg
-        runner = RUNNERS.build(cfg)
+    # WeightsOnlyCheckpointHook (restores what cbn_plugin.checkpoint encoded
+    # when the checkpoint is loaded), distributed on CPU, the runner
+    runner = build_runner(cfg, RUNNERS)
 
     # add `DumpResults` dummy metric
     if args.out is not None:

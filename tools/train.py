@@ -86,6 +86,12 @@ def parse_args():
         help='If specify checkpoint path, resume from it, while if not '
         'specify, try to auto resume from the latest checkpoint '
         'in the work directory.')
+    add_cfg_options_and_launcher(parser)
+    return parse_with_local_rank(parser)
+
+
+def add_cfg_options_and_launcher(parser):
+    """``--cfg-options`` and ``--launcher``, as in MMDetection's tools (here and ``test.py``)."""
     parser.add_argument(
         '--cfg-options',
         nargs='+',
@@ -101,12 +107,15 @@ def parse_args():
         choices=['none', 'pytorch', 'slurm', 'mpi'],
         default='none',
         help='job launcher')
+
+
+def parse_with_local_rank(parser):
+    """Add ``--local_rank``, parse the command line, export ``LOCAL_RANK`` if unset."""
     # torch.distributed.run passes --local-rank (torch >= 2.0) or sets LOCAL_RANK.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args()
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
-
     return args
 
 
@@ -194,12 +203,15 @@ def setup_cpu_distributed(cfg) -> bool:
     return True
 
 
-def main():
-    args = parse_args()
+def load_config(args):
+    """Register mmdet's modules and load ``args.config`` (here and in ``test.py``).
 
+    ``args.launcher``, ``args.cfg_options`` and ``args.work_dir`` applied;
+    the default scope is the config's, ``'mmdet'`` when it has none.
+    """
     # Register mmdet's modules; the scope itself comes from the config.
     register_all_modules(init_default_scope=False)
-    # Reduce the number of repeated compilations and improve training speed.
+    # Reduce the number of repeated compilations and improve training (testing) speed.
     setup_cache_size_limit_of_dynamo()
 
     # load config
@@ -218,6 +230,35 @@ def main():
         # use config filename as default work_dir if cfg.work_dir is None
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def build_runner(cfg, runners=RUNNERS):
+    """The Runner of ``cfg`` (here and in ``test.py``, which passes mmdet's ``RUNNERS``).
+
+    First ``WeightsOnlyCheckpointHook`` is added (checkpoints loadable with
+    ``torch.load``'s default ``weights_only=True``; what
+    ``cbn_plugin.checkpoint`` encoded is restored on load) and a distributed
+    run on CPU is set up (:func:`setup_cpu_distributed`).
+    """
+    # checkpoints loadable with torch.load's default weights_only=True
+    add_weights_only_hook(cfg)
+
+    # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
+    setup_cpu_distributed(cfg)
+
+    # build the runner from config
+    if 'runner_type' not in cfg:
+        # build the default runner
+        return Runner.from_cfg(cfg)
+    # build customized runner from the registry
+    # if 'runner_type' is set in the cfg
+    return runners.build(cfg)
+
+
+def main():
+    args = parse_args()
+    cfg = load_config(args)
 
     # enable automatic-mixed-precision training
     if args.amp is True:
@@ -244,23 +285,8 @@ def main():
         cfg.resume = True
         cfg.load_from = args.resume
 
-    # checkpoints loadable with torch.load's default weights_only=True
-    add_weights_only_hook(cfg)
-
-    # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
-    setup_cpu_distributed(cfg)
-
-    # build the runner from config
-    if 'runner_type' not in cfg:
-        # build the default runner
-        runner = Runner.from_cfg(cfg)
-    else:
-        # build customized runner from the registry
-        # if 'runner_type' is set in the cfg
-        runner = RUNNERS.build(cfg)
-
     # start training
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':
