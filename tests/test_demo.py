@@ -50,7 +50,8 @@ def test_generator_is_byte_identical_across_runs(small_sets):
 def test_generator_seed_changes_the_data(tmp_path, small_sets):
     make_digits_det.build(tmp_path, **{**SMALL, 'seed': 1})
     a, _ = small_sets
-    assert (tmp_path / 'train' / '000000.png').read_bytes() != (a / 'train' / '000000.png').read_bytes()
+    first = 'train/000000.png'
+    assert (tmp_path / first).read_bytes() != (a / first).read_bytes()
 
 
 def test_json_loads_in_pycocotools(small_sets):

@@ -83,7 +83,8 @@ def _clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> None:
             x0, y0 = rng.uniform(0, size * 0.8, 2)
             w, h = rng.uniform(size * 0.08, size * 0.4, 2)
             inside = (xx >= x0) & (xx <= x0 + w) & (yy >= y0) & (yy <= y0 + h)
-            inner = (xx >= x0 + 1.5) & (xx <= x0 + w - 1.5) & (yy >= y0 + 1.5) & (yy <= y0 + h - 1.5)
+            inner = ((xx >= x0 + 1.5) & (xx <= x0 + w - 1.5)
+                     & (yy >= y0 + 1.5) & (yy <= y0 + h - 1.5))
             alpha = (inside & ~inner).astype(np.float32)
         else:  # a soft blob
             cx, cy = rng.uniform(0, size, 2)
