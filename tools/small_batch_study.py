@@ -1,0 +1,1426 @@
+"""Small-batch study: BN, GN, naive CBN and CBN trained from scratch at batch 32 down to 1.
+
+Every norm layer of a small CNN (and of a small ResNet, stem included) is swapped for the
+norm under test; each run sees the same number of training samples, with the learning rate
+scaled linearly with the batch (Goyal et al.) so that the schedule per sample is the same.
+CBN's window is ``k = 32 / batch`` steps, so the window always spans 32 samples, the largest
+batch. Alongside the accuracy, the script measures *why*: at chosen steps it pushes the raw
+input batches of the window's old steps through the current whole network (every norm
+frozen to the statistics it used at this step, so the function is exactly the one that
+ran) and compares, per layer, the current batch alone, naive pooling, CBN's compensated
+pooling and a variance-form compensation against the true window statistics. It also
+compares the conv-weight gradient of each backward (the layer's 'current' and 'pooled', BN
+at the batch alone, and an emulated 'compensated' one that differentiates the past entries
+through their compensation) with large-batch BN's, and can train with the emulated one.
+
+    .venv/bin/python tools/small_batch_study.py            # full study -> docs/small_batch*
+    .venv/bin/python tools/small_batch_study.py --tiny --out-dir /tmp/sb   # seconds
+    .venv/bin/python tools/small_batch_study.py --from-json docs/small_batch.json  # re-render
+
+The full run writes ``docs/small_batch.json`` (every run, every measurement),
+``docs/small_batch.png`` (accuracy vs batch), ``docs/small_batch_errors.png`` (statistics
+error vs window and learning rate) and the generated block of ``docs/small_batch.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cbn_plugin  # noqa: E402
+from cbn_plugin import functional as CF  # noqa: E402
+from cbn_plugin.layer import CrossIterationBatchNorm2d as CBN  # noqa: E402
+
+DOC_BEGIN = '<!-- small-batch:begin (written by tools/small_batch_study.py; do not edit) -->'
+DOC_END = '<!-- small-batch:end -->'
+LARGEST_BATCH = 32
+EPS = 1e-5
+
+# ----------------------------------------------------------------------------- data
+
+_DATA: dict = {}
+
+
+def load_task(task: str):
+    """``(x_train, y_train, x_test, y_test)``: N x 1 x H x W float32, int64 labels.
+
+    scikit-learn's 1,797 real 8x8 handwritten digits, one fixed stratified split
+    (1,078 train / 719 test). ``'raw'``: the 8x8 images. ``'lowres'``: the same images
+    at a quarter of the pixels (2x2 average pooling to 4x4), the harder task of the study.
+    Both are standardised with the training set's pixel mean and std.
+    """
+    if task in _DATA:
+        return _DATA[task]
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 16.0
+    labels = digits.target.astype(np.int64)
+    idx_tr, idx_te = train_test_split(np.arange(len(labels)), test_size=0.4,
+                                      stratify=labels, random_state=0)
+    if task == 'raw':
+        canvas = images
+    elif task == 'lowres':
+        canvas = images.reshape(-1, 4, 2, 4, 2).mean((2, 4))
+    else:
+        raise ValueError(f'unknown task {task!r}')
+    x = torch.from_numpy(np.ascontiguousarray(canvas)).unsqueeze(1)
+    x = (x - x[idx_tr].mean()) / x[idx_tr].std()
+    y = torch.from_numpy(labels)
+    _DATA[task] = (x[idx_tr], y[idx_tr], x[idx_te], y[idx_te])
+    return _DATA[task]
+
+
+# ----------------------------------------------------------------------------- models
+
+def make_norm(spec: dict, channels: int) -> nn.Module:
+    kind = spec['kind']
+    if kind == 'bn':
+        return nn.BatchNorm2d(channels)
+    if kind == 'gn':
+        return nn.GroupNorm(min(8, channels), channels)
+    if kind == 'cbn':
+        return CBN(channels, window_size=spec['window'], rho=spec['rho'],
+                   stats_backward={'compensated': 'current'}.get(spec.get('backward'),
+                                                                 spec.get('backward', 'current')),
+                   running_stats=spec.get('running_stats', 'batch'),
+                   variance_rule=spec.get('variance_rule', 'clamp'))
+    raise ValueError(f'unknown norm {kind!r}')
+
+
+class SmallCNN(nn.Module):
+    """conv3x3-norm-ReLU blocks (bias-free convs), global average pool, linear."""
+
+    def __init__(self, spec, widths=(16, 32, 64), strides=(1, 2, 1)):
+        super().__init__()
+        layers, cin = [], 1
+        for w, s in zip(widths, strides):
+            layers += [nn.Conv2d(cin, w, 3, s, 1, bias=False), make_norm(spec, w),
+                       nn.ReLU(inplace=True)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, spec, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = make_norm(spec, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = make_norm(spec, cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            make_norm(spec, cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class SmallResNet(nn.Module):
+    """ResNet-style: stem conv+norm, then one basic block per stage; EVERY norm is swapped.
+
+    Widths 16, 32, 64, strides 1, 2, 1 (on 4x4 inputs: maps 4x4, 4x4, 2x2, 2x2); 9 norm
+    layers, the first one right after the stem conv, three in projection shortcuts.
+    """
+
+    def __init__(self, spec, widths=(16, 32, 64), strides=(1, 2, 1)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = make_norm(spec, widths[0])
+        blocks, cin = [], widths[0]
+        for w, s in zip(widths, strides):
+            blocks.append(BasicBlock(spec, cin, w, s))
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.layers(x).mean((2, 3)))
+
+
+class OneConv(nn.Module):
+    """A single conv + norm (the analysis oracle: CBN's truncation is then exact)."""
+
+    def __init__(self, spec, width=8):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False),
+                                      make_norm(spec, width), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+ARCHS = {'cnn': SmallCNN, 'resnet': SmallResNet, 'oneconv': OneConv}
+
+
+# ----------------------------------------------------------------------------- probe
+
+def _rms(t):
+    return float(t.pow(2).mean().sqrt())
+
+
+def _mean_err(mean, ref_mean, ref_var):
+    """RMS over channels of the mean error in units of the reference std."""
+    return _rms((mean - ref_mean) / (ref_var + EPS).sqrt())
+
+
+def _std_err(var, ref_var):
+    """RMS over channels of log(sigma / sigma_ref) (about the relative error of the std)."""
+    return _rms(0.5 * torch.log((var.clamp_min(0) + EPS) / (ref_var + EPS)))
+
+
+class NormProbe:
+    """Hooks on every CBN layer of a model.
+
+    In training forwards it records this step's batch statistics and the statistics the
+    layer normalised with (``pool_window`` of the batch and ``layer._past[0]``, exactly the
+    layer's computation), and keeps two sets of running statistics with the layer's own
+    update rule: from the batch (``running_stats='batch'``) and from the window
+    (``running_stats='window'``), so one training run can be evaluated both ways.
+    In ``'probe'`` mode (eval, no grad) every CBN's output is replaced by BN with the
+    statistics it used at the last training forward, so a forward is the function of the
+    network as it ran at that step, and each layer's input statistics are recorded.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = cbn_plugin.cbn_layers(model)
+        self.mode = 'train'
+        self.cur, self.used, self.recorded, self.slots = {}, {}, {}, {}
+        self.snapshot = False  # set before a training forward whose step is analysed
+        self.grad_mode = 'current'
+        # 'compensated': train with the past entries' gradient w.r.t. the conv weight
+        self.override = None
+        self.losses = {}
+        self.ema = {}
+        self.handles = []
+        for name, layer in self.layers:
+            self.ema[name] = {k: (layer.running_mean.clone(), layer.running_var.clone())
+                              for k in ('batch', 'window')}
+            self.handles.append(layer.register_forward_pre_hook(
+                lambda mod, args, name=name: self._pre(name, mod, args)))
+            self.handles.append(layer.register_forward_hook(
+                lambda mod, args, out, name=name: self._post(name, mod, args, out)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def _pre(self, name, layer, args):
+        if self.mode == 'train' and layer.training and torch.is_grad_enabled():
+            self.cur[name] = CF.batch_stats(args[0].detach())
+            if self.snapshot or self.override:
+                # The forward writes this step's record over the oldest slot, which the
+                # window of this step still uses: keep the slots as they were.
+                self.slots[name] = {b: getattr(layer, b)[0].clone() for b in (
+                    'window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
+                    if getattr(layer, b) is not None}
+        elif self.mode == 'probe':
+            self.recorded[name] = CF.batch_stats(args[0])
+
+    def _post(self, name, layer, args, out):
+        if self.mode == 'probe':
+            mean, var, _ = self.used[name]
+            return F.batch_norm(args[0], mean, var, layer.weight, layer.bias, False, 0.0,
+                                layer.eps)
+        if self.mode == 'grad':
+            return self._grad_forward(name, layer, args[0])
+        if not (layer.training and torch.is_grad_enabled()):
+            return None
+        mean_c, var_c = self.cur[name]
+        past = layer._past.get(0)
+        count = args[0].numel() // args[0].shape[1]
+        if past is not None and past[0].shape[0] > 0:
+            mean, var, pooled = CF.pool_window(mean_c, var_c, *past)
+            total = pooled * count
+            window = (mean, var * total / (total - 1).clamp_min(1))
+            self.used[name] = (mean, var, True)
+        else:
+            window = None
+            self.used[name] = (mean_c, var_c, False)
+        batch = (mean_c, var_c * (count / max(count - 1, 1)))
+        m = layer.momentum
+        for key, new in (('batch', batch), ('window', window or batch)):
+            old = self.ema[name][key]
+            self.ema[name][key] = tuple(torch.lerp(o, n.to(o.dtype), m) for o, n in zip(old, new))
+        if self.override == 'compensated' and window is not None:
+            return self._compensated_forward(name, layer, args[0])
+        return None
+
+    def _grad_forward(self, name, layer, x):
+        """This step's normalisation with a chosen backward (``self.grad_mode``).
+
+        'current' / 'pooled': the layer's own pooled forward and its two backwards;
+        'small': BN over this batch alone (BN at this batch size); 'ideal': BN over the
+        whole input (the union of the window's batches: large-batch BN, the target).
+        """
+        mode = self.grad_mode
+        mean, var, used = self.used[name]
+        if mode == 'ideal' or mode == 'small' or not used:
+            return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        if mode == 'compensated':
+            return self._compensated_forward(name, layer, x)
+        if mode == 'current':
+            count = layer._past[0][2].sum(0).to(mean.dtype) + 1
+            mean_call, weight = self.cur[name][0], 1.0 / count
+        else:
+            mean_call, weight = mean, torch.ones_like(mean)
+        return CF.pooled_batch_norm(x, mean, var, mean_call, weight, layer.weight, layer.bias,
+                                    layer.eps)
+
+    def _compensated_forward(self, name, layer, x):
+        """The layer's forward, differentiable in x AND in the bound conv's weight.
+
+        The compensated past entries are explicit functions of the current weight
+        (``mu = <p_bar, W>``, ``var = var_old + <dvar/dW, W> - 2 var_old - d_mu^2``); the
+        paper detaches them. Here they keep their gradient, so the backward sees the
+        whole pooled statistic (past entries through the same one-conv truncation).
+        """
+        conv, slots = layer.bound_conv, self.slots[name]
+        mean_p, _, valid = layer._past[0]
+        idx = layer._slots(0, mean_p.shape[0])
+        w = conv.weight.flatten(1)
+        groups = slots['window_grad_mean'].shape[1]
+        proj = torch.einsum('jgp,gcp->jgc', slots['window_grad_mean'][idx],
+                            w.view(groups, -1, w.shape[1])).flatten(1)
+        if conv.bias is not None:
+            proj = proj + conv.bias
+        mean_o, var_o = slots['window_mean'][idx], slots['window_var'][idx]
+        d_mu = layer.rho * (proj - mean_o)
+        mean_k = mean_o + d_mu
+        var_k = var_o + layer.rho * (torch.einsum('jcp,cp->jc', slots['window_grad_var'][idx], w)
+                                     - 2 * var_o) - d_mu * d_mu
+        var_k = var_k.clamp_min(0) if layer.variance_rule == 'clamp' else var_k
+        var_c, mean_c = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        mean, var, _ = CF.pool_window(mean_c, var_c, mean_k, var_k, valid)
+        shape = (1, -1, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var + layer.eps).view(shape)
+        return y * layer.weight.view(shape) + layer.bias.view(shape)
+
+    def gradients(self, model, old_batches, xb, yb):
+        """Conv-weight gradients of this batch's loss under each backward, and the ideal.
+
+        Returns ``{mode: [grad per conv]}`` for 'current', 'pooled', 'small', 'ideal'.
+        The ideal is the gradient of this batch's loss through BN over the union of this
+        batch and the window's old batches, all under the current weights.
+        """
+        convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+        was_training = model.training
+        model.eval()
+        self.mode = 'grad'
+        out = {}
+        modes = ['current', 'pooled', 'small', 'ideal']
+        if all(layer.compensates for _, layer in self.layers):
+            modes.append('compensated')
+        try:
+            for mode in modes:
+                self.grad_mode = mode
+                x = torch.cat([xb] + list(old_batches)) if mode == 'ideal' else xb
+                loss = F.cross_entropy(model(x)[:len(xb)], yb)
+                out[mode] = torch.autograd.grad(loss, convs)
+                self.losses[mode] = float(loss.detach())
+        finally:
+            self.mode = 'train'
+            model.train(was_training)
+        return out
+
+    def swap_running(self, key: str):
+        """Put the ``key`` running statistics into the layers; returns a restore function."""
+        saved = {name: (layer.running_mean.clone(), layer.running_var.clone())
+                 for name, layer in self.layers}
+        for name, layer in self.layers:
+            layer.running_mean.copy_(self.ema[name][key][0])
+            layer.running_var.copy_(self.ema[name][key][1])
+
+        def restore():
+            for name, layer in self.layers:
+                layer.running_mean.copy_(saved[name][0])
+                layer.running_var.copy_(saved[name][1])
+        return restore
+
+    @torch.no_grad()
+    def replay(self, model, batches):
+        """Per batch, every CBN's input statistics under the network of the last step."""
+        was_training = model.training
+        model.eval()
+        self.mode = 'probe'
+        out = []
+        try:
+            for xb in batches:
+                self.recorded = {}
+                model(xb)
+                out.append(dict(self.recorded))
+        finally:
+            self.mode = 'train'
+            model.train(was_training)
+        return out
+
+    def analyse(self, model, old_batches, population):
+        """The statistics-error analysis of the current step, per CBN layer.
+
+        ``old_batches``: the raw inputs of the previous steps, newest first (step t-1
+        first), so entry ``j`` matches ``layer._past[0]``'s row ``j``. ``population``: a
+        fixed set of training inputs. Call after the training forward and before the
+        optimizer step (the conv weights are the ones the compensation used).
+        Returns ``{layer: metrics}`` (layers whose window is not in use are left out).
+        """
+        ages = {name: layer._past[0][0].shape[0] for name, layer in self.layers
+                if 0 in layer._past and layer._past[0][0].shape[0] > 0}
+        if not ages:
+            return {}
+        j_max = max(ages.values())
+        truth = self.replay(model, list(old_batches)[:j_max] + [population])
+        pop = truth.pop()
+        result = {}
+        for name, layer in self.layers:
+            if name not in ages:
+                continue
+            j = ages[name]
+            mean_c, var_c = self.cur[name]
+            mean_p, var_p, valid = layer._past[0]
+            idx = layer._slots(0, j)
+            slots = self.slots[name]
+            mean_o, var_o = slots['window_mean'][idx], slots['window_var'][idx]
+            mean_t = torch.stack([truth[a][name][0] for a in range(j)])
+            var_t = torch.stack([truth[a][name][1] for a in range(j)])
+            ones = torch.ones_like(valid)
+            win = CF.pool_window(mean_c, var_c, mean_t, var_t, ones)
+            est = {'current': (mean_c, var_c),
+                   'naive': CF.pool_window(mean_c, var_c, mean_o, var_o, ones)[:2],
+                   'cbn': self.used[name][:2]}
+            m = {'ages': j}
+            if layer.compensates:
+                conv = layer.bound_conv
+                mean_k, var_k = CF.compensate(mean_o, var_o, slots['window_grad_mean'][idx],
+                                              slots['window_grad_var'][idx], conv.weight,
+                                              conv.bias, layer.rho)
+                d_mu2 = (mean_k - mean_o) ** 2 * layer.rho ** 2
+                var_v = var_k + d_mu2  # first-order step on var itself
+                est['varform'] = CF.pool_window(mean_c, var_c, mean_k, var_v.clamp_min(0),
+                                                ones)[:2]
+                scale = var_t.sum()
+                under = (var_t - var_k).sum()
+                m.update(
+                    entry_mean_err_naive=_rms((mean_o - mean_t) / (var_t + EPS).sqrt()),
+                    entry_mean_err_comp=_rms((mean_k - mean_t) / (var_t + EPS).sqrt()),
+                    entry_var_bias_naive=float((var_o - var_t).sum() / scale),
+                    entry_var_bias_comp=float((var_k - var_t).sum() / scale),
+                    entry_var_bias_varform=float((var_v - var_t).sum() / scale),
+                    entry_var_abs_naive=float((var_o - var_t).abs().sum() / scale),
+                    entry_var_abs_comp=float((var_k - var_t).abs().sum() / scale),
+                    entry_var_abs_varform=float((var_v - var_t).abs().sum() / scale),
+                    entry_dmu2=float(d_mu2.sum() / scale),
+                    dmu2_share_of_under=float(d_mu2.sum() / under) if under > 0 else float('nan'),
+                    neg_frac_comp=float((var_k < 0).float().mean()),
+                    neg_frac_varform=float((var_v < 0).float().mean()),
+                    neg_fixed_by_varform=float(((var_k < 0) & (var_v >= 0)).sum()
+                                               / (var_k < 0).sum().clamp_min(1)),
+                    check_mean=float((mean_k - mean_p).abs().max()),
+                    check_var=float((var_k.clamp_min(0) - var_p).abs().max()),
+                )
+            for key, (mean, var) in est.items():
+                m[f'win_mean_err_{key}'] = _mean_err(mean, win[0], win[1])
+                m[f'win_std_err_{key}'] = _std_err(var, win[1])
+                m[f'pop_mean_err_{key}'] = _mean_err(mean, *pop[name])
+                m[f'pop_std_err_{key}'] = _std_err(var, pop[name][1])
+            m['pop_mean_err_truth'] = _mean_err(win[0], *pop[name])
+            m['pop_std_err_truth'] = _std_err(win[1], pop[name][1])
+            result[name] = m
+        return result
+
+
+@torch.no_grad()
+def running_stats_error(model, population) -> dict:
+    """How far each BN/CBN layer's running statistics are from what inference sees.
+
+    Pushes ``population`` through the model in eval mode (every layer normalising with
+    its running statistics, i.e. the test-time network) and compares each layer's running
+    mean / std with the statistics of its actual input there. Mean over the layers of the
+    RMS-over-channels mean error (units of the input std) and |log std ratio|.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+    seen, handles = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, _BatchNorm) and mod.track_running_stats:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: seen.__setitem__(name, (m, CF.batch_stats(a[0])))))
+    was = model.training
+    model.eval()
+    try:
+        model(population)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    mean_errs, std_errs = [], []
+    for mod, (mean, var) in seen.values():
+        mean_errs.append(_mean_err(mod.running_mean.float(), mean, var))
+        std_errs.append(_std_err(mod.running_var.float(), var))
+    return {'mean': float(np.mean(mean_errs)), 'std': float(np.mean(std_errs))}
+
+
+def radial_stats(model) -> dict:
+    """Per conv: mean cos(grad W_j, W_j) over output channels, and mean ||W_j||.
+
+    With BN right after a bias-free conv the loss is invariant to the scale of each W_j,
+    so the gradient is orthogonal to W_j (cos 0). CBN's 'current' backward is the exact
+    gradient of a forward whose past statistics are constants: not scale-invariant.
+    """
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d) and mod.weight.grad is not None:
+            w, g = mod.weight.detach().flatten(1), mod.weight.grad.flatten(1)
+            cos = (w * g).sum(1) / (w.norm(dim=1) * g.norm(dim=1)).clamp_min(1e-30)
+            out[name] = (float(cos.mean()), float(w.norm(dim=1).mean()))
+    return out
+
+
+def _cos(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def gradient_fidelity(model, probe, old_batches, xb, yb) -> dict:
+    """Cosine of each backward's conv-weight gradient with the ideal (large-batch BN) one.
+
+    Averaged over the convs. ``check``: the largest relative difference between the
+    emulated gradient of the layer's own ``stats_backward`` and the gradient the training
+    backward actually produced (0 up to rounding: the emulation is the layer's backward).
+    """
+    grads = probe.gradients(model, old_batches, xb, yb)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    own = probe.override or probe.layers[0][1].stats_backward
+    check = max(float((e - c.grad).norm() / c.grad.norm().clamp_min(1e-30))
+                for e, c in zip(grads[own], convs))
+    out = {f'cos_{mode}': float(np.mean([_cos(g, i) for g, i in zip(grads[mode],
+                                                                     grads['ideal'])]))
+           for mode in ('current', 'pooled', 'small', 'compensated') if mode in grads}
+    out['check'] = check
+    if 'compensated' in grads:
+        # its forward must be the layer's: same loss as the layer's own forward
+        out['check_compensated_forward'] = abs(probe.losses['compensated']
+                                               - probe.losses['current'])
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+def evaluate(model, x, y, batch=512):
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+    model.train(was)
+    return correct / len(x)
+
+
+def _mean_dicts(dicts):
+    keys = dicts[0].keys()
+    return {k: float(np.nanmean([d[k] for d in dicts])) for k in keys}
+
+
+def train_run(cfg: dict) -> dict:
+    """One training run; returns accuracy, loss, and the measurements.
+
+    cfg keys: task, arch, norm (spec), batch, samples, lr, seed, and optionally
+    measure (number of analysis points), wd, burn_in_samples.
+    """
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg['seed'])
+    xtr, ytr, xte, yte = load_task(cfg['task'])
+    model = ARCHS[cfg['arch']](cfg['norm'])
+    batch = cfg['batch']
+    steps = max(1, cfg['samples'] // batch)
+    probe = None
+    if cbn_plugin.cbn_layers(model):
+        cbn_plugin.bind(model, logger=None)
+        for _, layer in cbn_plugin.cbn_layers(model):
+            layer.burn_in_steps = cfg.get('burn_in_samples', 0) // batch
+        probe = NormProbe(model)
+        if cfg['norm'].get('backward') == 'compensated':
+            probe.override = 'compensated'
+    opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=0.9,
+                          weight_decay=cfg.get('wd', 5e-4))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = np.random.default_rng(cfg['seed'])
+    order = np.concatenate([gen.permutation(len(xtr))
+                            for _ in range(steps * batch // len(xtr) + 1)])
+    pop_idx = torch.from_numpy(np.random.default_rng(1234).permutation(len(xtr))[:512])
+    population = xtr[pop_idx]
+    window = cfg['norm'].get('window', 1)
+    history = deque(maxlen=max(1, window - 1))
+    n_measure = cfg.get('measure', 0)
+    # Measurement points: evenly spread once the window is full.
+    first = min(steps - 1, window + 1)
+    points = set(np.linspace(first, steps - 1, n_measure).round().astype(int).tolist()) \
+        if n_measure else set()
+    analyses, radial, grad_checks = [], [], []
+    losses, status = [], 'ok'
+    start = time.perf_counter()
+    for s in range(steps):
+        xb = xtr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
+        yb = ytr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
+        if probe is not None:
+            probe.snapshot = s in points
+        try:
+            loss = F.cross_entropy(model(xb), yb)
+        except (ValueError, RuntimeError) as exc:
+            status = f'error at step {s}: {str(exc).splitlines()[0][:150]}'
+            break
+        if not torch.isfinite(loss):
+            status = f'non-finite loss at step {s}'
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s in points:
+            radial.append(radial_stats(model))
+            if probe is not None:
+                old = list(reversed(history))
+                analyses.append(probe.analyse(model, old, population))
+                if any(used for *_, used in probe.used.values()):
+                    grad_checks.append(gradient_fidelity(model, probe, old, xb, yb))
+        opt.step()
+        sched.step()
+        cbn_plugin.step(model)
+        history.append(xb)
+        losses.append(loss.item())
+    train_time = time.perf_counter() - start
+    acc = {'batch': float('nan'), 'window': float('nan')}
+    running_err = {}
+    if status == 'ok':
+        acc['batch'] = evaluate(model, xte, yte)
+        running_err['batch'] = running_stats_error(model, population)
+        if probe is not None:
+            restore = probe.swap_running('window')
+            acc['window'] = evaluate(model, xte, yte)
+            running_err['window'] = running_stats_error(model, population)
+            restore()
+        else:
+            acc['window'] = acc['batch']
+    n_tail = max(1, len(losses) // 10)
+    result = dict(cfg=cfg, acc=acc['batch'], acc_window=acc['window'],
+                  final_loss=float(np.mean(losses[-n_tail:])) if losses else float('nan'),
+                  status=status, steps=steps, steps_done=len(losses), time=train_time,
+                  running_error=running_err)
+    if probe is not None:
+        # the layer's own running statistics must be the probe's copy of its rule
+        key = cfg['norm'].get('running_stats', 'batch')
+        result['ema_check'] = max(
+            float((layer.running_mean - probe.ema[n][key][0]).abs().max())
+            for n, layer in probe.layers) if status == 'ok' else float('nan')
+        probe.remove()
+    layers = sorted({n for a in analyses for n in a})
+    if layers:
+        result['analysis'] = {n: _mean_dicts([a[n] for a in analyses if n in a])
+                              for n in layers}
+        result['analysis_points'] = len(analyses)
+    if grad_checks:
+        result['grad_fidelity'] = _mean_dicts(grad_checks)
+    if radial:
+        names = list(radial[0])
+        result['radial_cos'] = {n: float(np.mean([r[n][0] for r in radial])) for n in names}
+        result['weight_norm'] = {n: [r[n][1] for r in radial] for n in names}
+    return result
+
+
+# ----------------------------------------------------------------------------- grid
+
+NORMS = {  # row label -> norm spec (window filled in per batch)
+    'BN': dict(kind='bn'),
+    'GN': dict(kind='gn'),
+    'naive CBN': dict(kind='cbn', rho=0.0, backward='current'),
+    'CBN (paper backward)': dict(kind='cbn', rho=1.0, backward='current'),
+    'CBN (pooled backward)': dict(kind='cbn', rho=1.0, backward='pooled'),
+    # Not a layer option: the layer runs with 'current', and NormProbe replaces its output
+    # by the same forward made differentiable in the conv weight through the past entries.
+    'CBN (compensated backward, emulated)': dict(kind='cbn', rho=1.0, backward='compensated'),
+}
+
+
+EMULATED = 'CBN (compensated backward, emulated)'
+SWEEP_NORMS = ('CBN (paper backward)', 'CBN (pooled backward)', EMULATED)
+
+
+def window_for(batch: int) -> int:
+    return max(1, LARGEST_BATCH // batch)
+
+
+def lr_for(batch: int, base: float) -> float:
+    return base * batch / LARGEST_BATCH
+
+
+def spec_for(label: str, batch: int, window: int | None = None) -> dict:
+    spec = dict(NORMS[label])
+    if spec['kind'] == 'cbn':
+        spec['window'] = window or window_for(batch)
+    return spec
+
+
+def build_grid(args) -> list[dict]:
+    jobs = []
+    base = dict(samples=args.samples, wd=5e-4, measure=0)
+
+    def add(group, label, **kw):
+        cfg = dict(base, group=group, label=label, **kw)
+        jobs.append(cfg)
+
+    for seed in range(args.seeds):
+        for b in args.batches:
+            for label in args.norms:
+                measure = args.measure if NORMS[label]['kind'] == 'cbn' and b < LARGEST_BATCH \
+                    else args.measure_bn
+                add('main', label, task='lowres', arch='cnn', norm=spec_for(label, b), batch=b,
+                    lr=lr_for(b, args.base_lr), seed=seed, measure=measure)
+        for b in args.raw_batches:
+            add('raw', 'BN', task='raw', arch='cnn', norm=spec_for('BN', b), batch=b,
+                lr=lr_for(b, args.base_lr), seed=seed)
+    for seed in range(args.resnet_seeds):
+        for b in args.resnet_batches:
+            for label in args.resnet_norms:
+                add('resnet', label, task='lowres', arch='resnet', norm=spec_for(label, b),
+                    batch=b, lr=lr_for(b, args.base_lr), seed=seed,
+                    measure=args.measure if NORMS[label]['kind'] == 'cbn' and b < 32 else 0)
+    b = args.sweep_batch
+    for lr in args.sweep_lrs:
+        add('sweep', 'BN', task='lowres', arch='cnn', norm=spec_for('BN', b), batch=b, lr=lr,
+            seed=0, measure=args.measure_bn)
+        for k in args.sweep_windows:
+            for label in SWEEP_NORMS:
+                if label == EMULATED and k not in args.sweep_emulated_windows:
+                    continue
+                add('sweep', label, task='lowres', arch='cnn', norm=spec_for(label, b, k),
+                    batch=b, lr=lr, seed=0, measure=args.measure)
+    return jobs
+
+
+def _key(cfg):
+    return json.dumps({k: v for k, v in cfg.items() if k not in ('group', 'label', 'measure')},
+                      sort_keys=True)
+
+
+def _cost(cfg):
+    per_step = 1.0 + (2.0 if cfg['norm']['kind'] == 'cbn' else 0.0)
+    per_step *= 3 if cfg['arch'] == 'resnet' else 1
+    return cfg['samples'] // cfg['batch'] * per_step
+
+
+def _worker(cfg):
+    try:
+        return train_run(cfg)
+    except Exception as exc:  # a crash is a result too
+        return dict(cfg=cfg, acc=float('nan'), acc_window=float('nan'), final_loss=float('nan'),
+                    status=f'crash: {type(exc).__name__}: {exc}'[:200], steps=0, steps_done=0,
+                    time=0.0)
+
+
+def run_jobs(jobs, workers: int, log=print):
+    """Run the distinct jobs (largest first, ``workers`` processes); one result per job."""
+    unique = {}
+    for cfg in jobs:
+        key = _key(cfg)
+        if key not in unique or cfg.get('measure', 0) > unique[key].get('measure', 0):
+            unique[key] = cfg
+    todo = sorted(unique.values(), key=_cost, reverse=True)
+    done = {}
+    start = time.perf_counter()
+    if workers <= 1:
+        results = map(_worker, todo)
+    else:
+        import multiprocessing as mp
+        pool = mp.get_context('spawn').Pool(workers)
+        results = pool.imap_unordered(_worker, todo)
+    for i, res in enumerate(results):
+        done[_key(res['cfg'])] = res
+        c = res['cfg']
+        log(f'[{i + 1}/{len(todo)} {time.perf_counter() - start:6.0f}s] {c["group"]:6s} '
+            f'{c["arch"]:6s} {c["label"]:22s} b={c["batch"]:<2d} lr={c["lr"]:.4g} '
+            f'k={c["norm"].get("window", "-")} seed={c["seed"]}: acc {res["acc"]:.3f}'
+            f'/{res["acc_window"]:.3f} loss {res["final_loss"]:.3f} {res["time"]:.0f}s '
+            f'{res["status"]}')
+    if workers > 1:
+        pool.close()
+        pool.join()
+    out = []
+    for cfg in jobs:
+        res = dict(done[_key(cfg)])
+        res['cfg'] = cfg
+        out.append(res)
+    return out, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(values, digits=3):
+    vals = [v for v in values if v == v]
+    if not vals:
+        return 'fails'
+    if len(vals) == 1:
+        return f'{vals[0]:.{digits}f}'
+    suffix = '' if len(vals) == len(values) else f' ({len(values) - len(vals)} failed)'
+    return f'{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}{suffix}'
+
+
+def _select(results, **kw):
+    out = []
+    for r in results:
+        c = r['cfg']
+        if all((c.get(k) if k != 'window' else c['norm'].get('window')) == v
+               for k, v in kw.items()):
+            out.append(r)
+    return out
+
+
+def accuracy_rows(results, group, labels, batches, window_stats=False):
+    """``[(row label, [cell per batch])]`` with accuracy mean ± std over seeds."""
+    rows = []
+    variants = [('batch', 'acc')] + ([('window', 'acc_window')] if window_stats else [])
+    for label in labels:
+        for stats, field in variants:
+            if stats == 'window' and NORMS[label]['kind'] != 'cbn':
+                continue
+            cells = []
+            for b in batches:
+                rs = _select(results, group=group, label=label, batch=b)
+                cells.append(_fmt([r[field] for r in rs]) if rs else '')
+            name = label if NORMS[label]['kind'] != 'cbn' else \
+                f'{label}, running stats from {stats}'
+            rows.append((name, cells))
+    return rows
+
+
+def md_table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join([name] + list(cells)) + ' |' for name, cells in rows]
+    return '\n'.join(lines)
+
+
+def _analysis_mean(rs, key, layer=None):
+    vals = []
+    for r in rs:
+        for name, m in r.get('analysis', {}).items():
+            if (layer is None or name == layer) and key in m:
+                vals.append(m[key])
+    return float(np.nanmean(vals)) if vals else float('nan')
+
+
+def plot_accuracy(results, args, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = [('main', 'SmallCNN (3 norm layers), digits at 4x4', args.batches, args.norms)]
+    if any(r['cfg']['group'] == 'resnet' for r in results):
+        panels.append(('resnet', 'SmallResNet (9 norm layers, all swapped)',
+                       args.resnet_batches, args.resnet_norms))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
+    colors = {'BN': 'C0', 'GN': 'C2', 'naive CBN': 'C7', 'CBN (paper backward)': 'C3',
+              EMULATED: 'C4',
+              'CBN (pooled backward)': 'C1'}
+    for ax, (group, title, batches, labels) in zip(axes[0], panels):
+        for label in labels:
+            for stats, field, style in (('batch', 'acc', '-'), ('window', 'acc_window', '--')):
+                if stats == 'window' and NORMS[label]['kind'] != 'cbn':
+                    continue
+                xs, ms, ss = [], [], []
+                for b in batches:
+                    vals = [r[field] for r in _select(results, group=group, label=label, batch=b)]
+                    vals = [v if v == v else 0.1 for v in vals]  # a failed run scores chance
+                    if vals:
+                        xs.append(b)
+                        ms.append(np.mean(vals))
+                        ss.append(np.std(vals))
+                if xs:
+                    name = label if stats == 'batch' else None
+                    ax.errorbar(xs, ms, yerr=ss, fmt=style + 'o', color=colors[label],
+                                label=name, capsize=3, ms=4, alpha=0.9 if stats == 'batch' else 0.6)
+        ax.set_xscale('log', base=2)
+        ax.set_xticks(batches)
+        ax.set_xticklabels([str(b) for b in batches])
+        ax.set_xlabel('batch size (window k = 32 / batch for CBN; lr ∝ batch)')
+        ax.set_ylabel('test accuracy')
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title='dashed: CBN with running stats from the window',
+                  title_fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_errors(results, args, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    sweep = [r for r in results if r['cfg']['group'] == 'sweep' and 'analysis' in r
+             and r['cfg']['label'] == 'CBN (paper backward)']
+    if not sweep:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    est = [('current', 'current batch alone (BN)', 'C0'), ('naive', 'naive pooling', 'C7'),
+           ('cbn', 'CBN, (mu, nu) compensation', 'C3'),
+           ('varform', 'var-form compensation', 'C1')]
+    styles = ('-', '--', ':', '-.')
+    for lr, style in zip(args.sweep_lrs, styles):
+        rs_lr = [r for r in sweep if r['cfg']['lr'] == lr]
+        ks = sorted({r['cfg']['norm']['window'] for r in rs_lr})
+        for ax, quantity in zip(axes[:2], ('mean', 'std')):
+            for key, _, color in est:
+                if quantity == 'mean' and key == 'varform':
+                    continue  # the same mean as CBN's
+                ys = [_analysis_mean(_select(rs_lr, window=k), f'win_{quantity}_err_{key}')
+                      for k in ks]
+                ax.plot(ks, ys, style + 'o', color=color, ms=4)
+        for key, color, marker in (('neg_frac_comp', 'C3', 'o'),
+                                   ('neg_frac_varform', 'C1', 's')):
+            ys = [100 * _analysis_mean(_select(rs_lr, window=k), key) for k in ks]
+            axes[2].plot(ks, ys, style + marker, color=color, ms=4)
+    titles = ('mean error vs the true window mean\n(RMS over channels, units of window std)',
+              'std error vs the true window std\n(RMS over channels of |log sigma ratio|)',
+              '% of past entries with negative variance\n(before the clamp)')
+    for ax, title in zip(axes, titles):
+        ax.set_xscale('log', base=2)
+        ax.set_xticks(args.sweep_windows)
+        ax.set_xticklabels([str(k) for k in args.sweep_windows])
+        ax.set_xlabel(f'window k (batch {args.sweep_batch}, paper backward, mean over layers)')
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale('log')
+    axes[1].set_yscale('log')
+    lr_handles = [Line2D([], [], color='k', linestyle=st, label=f'lr {lr:g}')
+                  for lr, st in zip(args.sweep_lrs, styles)]
+    axes[0].legend(handles=[Line2D([], [], color=c, marker='o', label=n) for k, n, c in est
+                            if k != 'varform'] + lr_handles, fontsize=7)
+    axes[1].legend(handles=[Line2D([], [], color=c, marker='o', label=n) for _, n, c in est],
+                   fontsize=7)
+    axes[2].legend(handles=[Line2D([], [], color='C3', marker='o', label='(mu, nu) form'),
+                            Line2D([], [], color='C1', marker='s', label='var form')]
+                   + lr_handles, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+ESTIMATES = (('current', 'current batch alone (BN)'), ('naive', 'naive pooling (rho=0)'),
+             ('cbn', 'CBN compensated (what the layer used)'),
+             ('varform', 'first-order step on var instead'))
+
+
+def error_tables(results, group, label, batches):
+    """Per batch and layer: errors vs the true window and vs the population."""
+    lines = []
+    rows = []
+    for b in batches:
+        rs = [r for r in _select(results, group=group, label=label, batch=b) if 'analysis' in r]
+        if not rs:
+            continue
+        for layer in sorted({n for r in rs for n in r['analysis']}):
+            cells = []
+            for key, _ in ESTIMATES:
+                cells.append(f'{_analysis_mean(rs, f"win_mean_err_{key}", layer):.3f} / '
+                             f'{_analysis_mean(rs, f"win_std_err_{key}", layer):.3f}')
+            cells.append(f'{_analysis_mean(rs, "pop_mean_err_truth", layer):.3f} / '
+                         f'{_analysis_mean(rs, "pop_std_err_truth", layer):.3f}')
+            for key in ('current', 'cbn'):
+                cells.append(f'{_analysis_mean(rs, f"pop_mean_err_{key}", layer):.3f} / '
+                             f'{_analysis_mean(rs, f"pop_std_err_{key}", layer):.3f}')
+            rows.append((f'{b} (k={window_for(b)}) {layer}', cells))
+    if rows:
+        header = ['batch (window) layer'] + [n for _, n in ESTIMATES] + [
+            'true window vs population', 'current vs population', 'CBN vs population']
+        lines.append(md_table(header, rows))
+    return '\n'.join(lines)
+
+
+def _dmu2_share(g):
+    """d_mu^2 over the (mu, nu) form's net under-estimate, from run-averaged metrics.
+
+    The (mu, nu) bias is the var-form bias minus d_mu^2, so the net under-estimate is
+    d_mu^2 - (var-form bias); a share above 1 means the var-form over-estimates on net.
+    """
+    dmu2, under = g('entry_dmu2'), g('entry_dmu2') - g('entry_var_bias_varform')
+    return dmu2 / under if under > 0 else float('nan')
+
+
+def _fixed_cell(g):
+    """Share of the (mu,nu) form's negative entries that the var form does not have.
+
+    The var form's entries are the (mu,nu) form's plus d_mu^2 >= 0, so its negatives are
+    a subset: 1 - neg_varform / neg_(mu,nu), from the run-averaged fractions.
+    """
+    neg = g('neg_frac_comp')
+    return f'{100 * (1 - g("neg_frac_varform") / neg):.0f}' if neg > 0 else '-'
+
+
+def entry_table(results, group, label, batches):
+    rows = []
+    for b in batches:
+        rs = [r for r in _select(results, group=group, label=label, batch=b) if 'analysis' in r]
+        if not rs or 'entry_dmu2' not in next(iter(rs[0]['analysis'].values())):
+            continue
+        for layer in sorted({n for r in rs for n in r['analysis']}):
+            g = lambda k: _analysis_mean(rs, k, layer)  # noqa: E731
+            rows.append((f'{b} (k={window_for(b)}) {layer}', [
+                f'{g("entry_mean_err_naive"):.3f} / {g("entry_mean_err_comp"):.3f}',
+                f'{g("entry_var_bias_naive"):+.3f} / {g("entry_var_bias_comp"):+.3f} / '
+                f'{g("entry_var_bias_varform"):+.3f}',
+                f'{g("entry_var_abs_naive"):.3f} / {g("entry_var_abs_comp"):.3f} / '
+                f'{g("entry_var_abs_varform"):.3f}',
+                f'{g("entry_dmu2"):.3f}', f'{_dmu2_share(g):.2f}',
+                f'{100 * g("neg_frac_comp"):.1f} / {100 * g("neg_frac_varform"):.1f}',
+                _fixed_cell(g)]))
+    if not rows:
+        return ''
+    header = ['batch (window) layer', 'mean err: stored / compensated',
+              'var bias: stored / (mu,nu) / var-form', 'var abs err: stored / (mu,nu) / var-form',
+              'd_mu^2', 'd_mu^2 share of (mu,nu) under-estimate',
+              '% negative: (mu,nu) / var-form', '% of negatives fixed by var-form']
+    return md_table(header, rows)
+
+
+def sweep_tables(results, args):
+    rows_acc, rows_err = [], []
+    sweep = [r for r in results if r['cfg']['group'] == 'sweep']
+    if not sweep:
+        return '', ''
+    header_acc = ['norm', 'k'] + [f'lr {lr:g}' for lr in args.sweep_lrs]
+    rows_acc.append(('BN', ['1'] + [_fmt([r['acc'] for r in _select(sweep, label='BN', lr=lr)])
+                                    for lr in args.sweep_lrs]))
+    for label in SWEEP_NORMS:
+        for k in args.sweep_windows:
+            if not _select(sweep, label=label, window=k):
+                continue
+            cells = [str(k)]
+            for lr in args.sweep_lrs:
+                rs = _select(sweep, label=label, lr=lr, window=k)
+                cells.append(' / '.join(_fmt([r[f]]) for r in rs for f in ('acc', 'acc_window'))
+                             + (f' (loss {rs[0]["final_loss"]:.2f})' if rs else ''))
+            rows_acc.append((label, cells))
+    header_err = ['backward', 'k', 'lr', 'mean err: current / naive / CBN / var-form',
+                  'std err: current / naive / CBN / var-form', '% negative (mu,nu) / var-form',
+                  'd_mu^2 share of (mu,nu) under-estimate', 'cos(grad W, W)', '|W| growth',
+                  'gradient cos with large-batch BN: paper / pooled / BN at this batch / '
+                  'compensated']
+    for label in SWEEP_NORMS:
+        for lr in args.sweep_lrs:
+            for k in args.sweep_windows:
+                rs = [r for r in _select(sweep, label=label, lr=lr, window=k) if 'analysis' in r]
+                if not rs:
+                    continue
+                g = lambda key: _analysis_mean(rs, key)  # noqa: E731
+                cos = np.mean([np.mean(list(r['radial_cos'].values())) for r in rs])
+                growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
+                                  for r in rs])
+                rows_err.append((label, [
+                    str(k), f'{lr:g}',
+                    ' / '.join(f'{g(f"win_mean_err_{e}"):.3f}' for e, _ in ESTIMATES),
+                    ' / '.join(f'{g(f"win_std_err_{e}"):.3f}' for e, _ in ESTIMATES),
+                    f'{100 * g("neg_frac_comp"):.1f} / {100 * g("neg_frac_varform"):.1f}',
+                    f'{_dmu2_share(g):.2f}', f'{cos:+.3f}', f'{growth:.2f}',
+                    _fidelity_cell(rs)]))
+    bn_rows = []
+    for lr in args.sweep_lrs:
+        rs = [r for r in _select(sweep, label='BN', lr=lr) if 'radial_cos' in r]
+        if rs:
+            cos = np.mean([np.mean(list(r['radial_cos'].values())) for r in rs])
+            growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
+                              for r in rs])
+            bn_rows.append(('BN', ['1', f'{lr:g}', '', '', '', '', f'{cos:+.3f}',
+                                   f'{growth:.2f}', '']))
+    return md_table(header_acc, rows_acc), md_table(header_err, rows_err + bn_rows)
+
+
+FIDELITY = ('current', 'pooled', 'small', 'compensated')
+
+
+def _fidelity_cell(rs):
+    rs = [r for r in rs if 'grad_fidelity' in r]
+    if not rs:
+        return ''
+    return ' / '.join(f'{np.mean([r["grad_fidelity"].get(f"cos_{m}", np.nan) for r in rs]):.2f}'
+                      for m in FIDELITY)
+
+
+def fidelity_table(results, group, labels, batches):
+    """Per CBN variant and batch: gradient cosines with the large-batch BN gradient."""
+    rows = []
+    for label in labels:
+        if NORMS[label]['kind'] != 'cbn':
+            continue
+        cells = [_fidelity_cell(_select(results, group=group, label=label, batch=b))
+                 for b in batches]
+        if any(cells):
+            rows.append((f'trained with {label}', cells))
+    return md_table(['run'] + [f'batch {b} (k={window_for(b)})' for b in batches], rows)
+
+
+def radial_table(results, group, labels, batches):
+    rows = []
+    for label in labels:
+        cells = []
+        for b in batches:
+            rs = [r for r in _select(results, group=group, label=label, batch=b)
+                  if 'radial_cos' in r]
+            if not rs:
+                cells.append('')
+                continue
+            cos = np.mean([np.mean(list(r['radial_cos'].values())) for r in rs])
+            growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
+                              for r in rs])
+            cells.append(f'{cos:+.3f} ({growth:.2f})')
+        rows.append((label, cells))
+    return md_table(['norm'] + [f'batch {b}' for b in batches], rows)
+
+
+def running_error_rows(results, group, labels, batches):
+    """Per norm (and running-statistics rule): running stats vs the test-time inputs."""
+    rows = []
+    for label in labels:
+        rules = ('batch', 'window') if NORMS[label]['kind'] == 'cbn' else ('batch',)
+        if NORMS[label]['kind'] == 'gn':
+            continue
+        for rule in rules:
+            cells = []
+            for b in batches:
+                rs = [r['running_error'][rule] for r in _select(results, group=group,
+                                                                 label=label, batch=b)
+                      if rule in r.get('running_error', {})]
+                cells.append(f'{np.mean([e["mean"] for e in rs]):.3f} / '
+                             f'{np.mean([e["std"] for e in rs]):.3f}' if rs else '')
+            rows.append((label if len(rules) == 1 else f'{label}, from {rule}', cells))
+    return rows
+
+
+def loss_rows(results, group, labels, batches):
+    rows = []
+    for label in labels:
+        rows.append((label, [_fmt([r['final_loss'] for r in _select(
+            results, group=group, label=label, batch=b)], 2) for b in batches]))
+    return rows
+
+
+def failures(results):
+    lines = []
+    seen = set()
+    for r in results:
+        if r['status'] != 'ok':
+            c = r['cfg']
+            key = (c['group'], c['arch'], c['label'], c['batch'], c['lr'], c['status'] if
+                   'status' in c else r['status'][:40])
+            if key in seen:
+                continue
+            seen.add(key)
+            lines.append(f'- {c["group"]}/{c["arch"]} {c["label"]} batch {c["batch"]} '
+                         f'lr {c["lr"]:g} seed {c["seed"]}: {r["status"]}')
+    return '\n'.join(lines)
+
+
+def _acc(results, group, label, batch, field='acc', **kw):
+    vals = [r[field] for r in _select(results, group=group, label=label, batch=batch, **kw)]
+    vals = [v for v in vals if v == v]
+    return (float(np.mean(vals)), float(np.min(vals))) if vals else (float('nan'),) * 2
+
+
+def headline(results, args) -> list[str]:
+    """The numbers the text of docs/small_batch.md refers to, computed from this run."""
+    out = []
+    small = min(args.batches)
+    b2 = 2 if 2 in args.batches else small
+    top = max(args.batches)
+    paper = 'CBN (paper backward)'
+    if args.raw_batches:
+        out.append('raw 8x8, BN: ' + ', '.join(
+            f'batch {b} {_acc(results, "raw", "BN", b)[0]:.3f}' for b in args.raw_batches))
+    for b in sorted({top, b2, small}, reverse=True):
+        out.append(f'4x4, batch {b}: ' + ', '.join(
+            f'{label} {_acc(results, "main", label, b)[0]:.3f}'
+            + (f' (window stats {_acc(results, "main", label, b, "acc_window")[0]:.3f})'
+               if NORMS[label]['kind'] == 'cbn' else '')
+            for label in args.norms))
+    if any(r['cfg']['group'] == 'resnet' for r in results):
+        rb = min(args.resnet_batches)
+        out.append(f'ResNet, every norm swapped, batch {rb}: ' + ', '.join(
+            f'{label} {_acc(results, "resnet", label, rb)[0]:.3f}'
+            + (f' (window stats {_acc(results, "resnet", label, rb, "acc_window")[0]:.3f}; '
+               f'worst seed {_acc(results, "resnet", label, rb)[1]:.3f} / '
+               f'{_acc(results, "resnet", label, rb, "acc_window")[1]:.3f})'
+               if NORMS[label]['kind'] == 'cbn' else '')
+            for label in args.resnet_norms))
+    for b in sorted({b2, small}, reverse=True):
+        rs = [r for r in _select(results, group='main', label=paper, batch=b) if 'analysis' in r]
+        if not rs:
+            continue
+        g = lambda k: _analysis_mean(rs, k)  # noqa: E731
+        out.append(
+            f'statistics error at batch {b} (k={window_for(b)}), mean over layers, '
+            f'mean / std error vs the true window: current batch '
+            f'{g("win_mean_err_current"):.3f} / {g("win_std_err_current"):.3f}, naive '
+            f'{g("win_mean_err_naive"):.3f} / {g("win_std_err_naive"):.3f}, CBN '
+            f'{g("win_mean_err_cbn"):.3f} / {g("win_std_err_cbn"):.3f}, var-form '
+            f'{g("win_mean_err_varform"):.3f} / {g("win_std_err_varform"):.3f}; past entries '
+            f'with negative variance {100 * g("neg_frac_comp"):.1f} % ((mu,nu) form) vs '
+            f'{100 * g("neg_frac_varform"):.1f} % (var form); d_mu^2 share of the (mu,nu) '
+            f'under-estimate {_dmu2_share(g):.2f}')
+    fid = []  # the compensating runs (naive CBN keeps no derivatives to emulate with)
+    for b in args.batches:
+        rs = [r for r in _select(results, group='main', batch=b) if 'grad_fidelity' in r
+              and r['cfg']['norm'].get('rho') == 1.0]
+        if rs:
+            fid.append(f'batch {b} (k={window_for(b)}) ' + '/'.join(
+                f'{np.mean([r["grad_fidelity"].get(f"cos_{m}", np.nan) for r in rs]):.2f}'
+                for m in FIDELITY))
+    if fid:
+        out.append('gradient cosine with the large-batch BN gradient, paper / pooled / BN at '
+                   'this batch / compensated (all CBN runs): ' + ', '.join(fid))
+    sweep = [r for r in results if r['cfg']['group'] == 'sweep']
+    if sweep:
+        for label in SWEEP_NORMS:
+            cells = []
+            for lr in args.sweep_lrs:
+                accs = []
+                for k in args.sweep_windows:
+                    if _select(sweep, label=label, window=k):
+                        acc = _acc(sweep, 'sweep', label, args.sweep_batch, 'acc_window', lr=lr,
+                                   window=k)[0]
+                        accs.append(f'k={k} {acc:.2f}')
+                cells.append(f'lr {lr:g}: ' + ' '.join(accs))
+            out.append(f'sweep, {label}, window stats: ' + '; '.join(cells))
+        out.append('sweep, BN: ' + ', '.join(
+            f'lr {lr:g} {_acc(sweep, "sweep", "BN", args.sweep_batch, lr=lr)[0]:.2f}'
+            for lr in args.sweep_lrs))
+    return out
+
+
+def render(results, args, wall, meta) -> str:
+    b_hdr = ['norm'] + [f'batch {b}' for b in args.batches]
+    parts = [
+        f'Generated by `{meta["command"]}` on {meta["when"]} ({meta["machine"]}); '
+        f'wall time {wall / 60:.1f} min with {args.workers} worker processes '
+        f'(load average at start {meta["load_start"]}, at end {meta["load_end"]}).',
+        '',
+        f'Setup: {args.samples} training samples seen per run at every batch size; SGD '
+        f'momentum 0.9, weight decay 5e-4, cosine decay; lr = {args.base_lr:g} x batch / 32; '
+        f'CBN window k = 32 / batch (batch 1: k = 32), rho 1, burn-in 0, '
+        f'variance rule clamp; {args.seeds} seeds (mean ± std); test set 719 images.',
+        '',
+        '### Headline numbers',
+        '',
+        '\n'.join(f'{i + 1}. {line}' for i, line in enumerate(headline(results, args))),
+        '',
+        '### Raw 8x8 digits (section 6\'s data): BN at small batch',
+        '',
+        md_table(['norm'] + [f'batch {b}' for b in args.raw_batches],
+                 accuracy_rows(results, 'raw', ['BN'], args.raw_batches)),
+        '',
+        '### Test accuracy, digits at 4x4 (SmallCNN, every norm swapped)',
+        '',
+        md_table(b_hdr, accuracy_rows(results, 'main', args.norms, args.batches, True)),
+        '',
+        'Final training loss (mean of the last 10 % of steps, training-mode forward):',
+        '',
+        md_table(b_hdr, loss_rows(results, 'main', args.norms, args.batches)),
+        '',
+        'Inference statistics: how far the final running statistics are from the '
+        'statistics each layer actually receives at test time (512 training images through '
+        'the eval-mode network), `mean error / std error` as in the analysis below, mean '
+        'over the layers:',
+        '',
+        md_table(b_hdr, running_error_rows(results, 'main', args.norms, args.batches)),
+        '',
+    ]
+    if any(r['cfg']['group'] == 'resnet' for r in results):
+        r_hdr = ['norm'] + [f'batch {b}' for b in args.resnet_batches]
+        parts += [
+            f'### Every BN of a ResNet replaced (SmallResNet, 9 norm layers, stem included; '
+            f'{args.resnet_seeds} seeds)',
+            '',
+            md_table(r_hdr, accuracy_rows(results, 'resnet', args.resnet_norms,
+                                          args.resnet_batches, True)),
+            '',
+            'Final training loss:',
+            '',
+            md_table(r_hdr, loss_rows(results, 'resnet', args.resnet_norms,
+                                      args.resnet_batches)),
+            '',
+        ]
+    parts += [
+        '### Statistics error per layer (SmallCNN, CBN with the paper backward)',
+        '',
+        'Each cell is `mean error / std error`: the mean error in units of the reference '
+        'std (RMS over channels) and |log(sigma_est / sigma_ref)| (RMS over channels), '
+        f'averaged over {args.measure} points per run (evenly spread over training once the '
+        'window is full) and over seeds. Reference in the first four columns: the true '
+        'window statistics (the window\'s raw batches pushed through the current network).',
+        '',
+        error_tables(results, 'main', 'CBN (paper backward)', args.batches),
+        '',
+        '### Past entries: compensation and the d_mu^2 term (same runs)',
+        '',
+        'Per past (step, channel) entry against its true value under the current network. '
+        '"var bias" and "var abs err" are sum(est - true) and sum|est - true| over '
+        'sum(true); "(mu,nu)" is the paper\'s compensation as the layer does it '
+        '(var_old + <dvar/dW, dW> - d_mu^2, before the clamp), "var-form" is a first-order '
+        'step on var itself (the same plus d_mu^2). "d_mu^2 share" is '
+        'd_mu^2 / (d_mu^2 - var-form bias), the part of the (mu,nu) form\'s net '
+        'under-estimate that the d_mu^2 term makes (the rest, the var-form bias, is '
+        'dW^T C dW plus everything upstream of the conv that the truncation ignores).',
+        '',
+        entry_table(results, 'main', 'CBN (paper backward)', args.batches),
+        '',
+    ]
+    acc_sweep, err_sweep = sweep_tables(results, args)
+    if acc_sweep:
+        parts += [
+            f'### Window and learning rate (batch {args.sweep_batch}, seed 0, '
+            f'{args.samples} samples)',
+            '',
+            'Test accuracy, `running stats from batch / from window` (final training loss):',
+            '',
+            acc_sweep,
+            '',
+            'Statistics error (mean over the 3 layers and the measurement points; columns '
+            'as above) and the gradient\'s radial component: mean over convs and channels of '
+            'cos(dL/dW_j, W_j), and the growth of the mean per-channel ||W_j|| from the first '
+            'to the last measurement:',
+            '',
+            err_sweep,
+            '',
+        ]
+    parts += [
+        '### Which backward is closest to the large-batch gradient? (SmallCNN)',
+        '',
+        'At the same analysis points, the conv-weight gradient of this batch\'s loss under '
+        'four backwards, each compared (cosine, mean over the convs) with the ideal: the '
+        'gradient through BN over the union of this batch and the window\'s old batches '
+        '(all under the current weights; large-batch BN, what CBN approximates). Cells: '
+        '`paper (current) / pooled / BN at this batch alone / compensated`, where '
+        '"compensated" also differentiates the past entries through their compensation '
+        'w.r.t. the current conv weight (not a layer option; emulated here). The emulated '
+        'gradient of the run\'s own backward equals the one its training step used '
+        '(checked at every point).',
+        '',
+        fidelity_table(results, 'main', args.norms, args.batches),
+        '',
+        '### Gradient radial component in the main grid: cos(dL/dW_j, W_j) (|W| growth)',
+        '',
+        radial_table(results, 'main', args.norms, args.batches),
+        '',
+    ]
+    fail = failures(results)
+    if fail:
+        parts += ['### Runs that did not finish', '', fail, '']
+    parts += ['![accuracy vs batch](small_batch.png)', '',
+              '![statistics error vs window and lr](small_batch_errors.png)']
+    return '\n'.join(parts)
+
+
+def write_md(path: Path, block: str):
+    text = path.read_text() if path.is_file() else ''
+    new = f'{DOC_BEGIN}\n{block}\n{DOC_END}'
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + new + tail
+    else:
+        text = (text or '# Small-batch study\n\n') + new + '\n'
+    path.write_text(text)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--out-dir', type=Path, default=REPO / 'docs')
+    ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--tiny', action='store_true',
+                    help='1 seed, 2 batch sizes, a few steps: checks the pipeline in seconds')
+    ap.add_argument('--seeds', type=int, default=3)
+    ap.add_argument('--samples', type=int, default=4096)
+    ap.add_argument('--base-lr', type=float, default=0.1, help='lr at batch 32')
+    ap.add_argument('--batches', type=int, nargs='+', default=[32, 8, 4, 2, 1])
+    ap.add_argument('--norms', nargs='+', default=list(NORMS), choices=list(NORMS))
+    ap.add_argument('--raw-batches', type=int, nargs='+', default=[32, 2, 1])
+    ap.add_argument('--resnet-batches', type=int, nargs='+', default=[32, 2])
+    ap.add_argument('--resnet-norms', nargs='+', choices=list(NORMS), default=[
+        'BN', 'GN', 'CBN (paper backward)', 'CBN (pooled backward)',
+        'CBN (compensated backward, emulated)'])
+    ap.add_argument('--resnet-seeds', type=int, default=2)
+    ap.add_argument('--sweep-batch', type=int, default=2)
+    ap.add_argument('--sweep-windows', type=int, nargs='+', default=[2, 4, 8, 16])
+    ap.add_argument('--sweep-lrs', type=float, nargs='+', default=[0.00625, 0.02, 0.05])
+    ap.add_argument('--sweep-emulated-windows', type=int, nargs='+', default=[4, 16])
+    ap.add_argument('--from-json', type=Path, default=None,
+                    help='re-render the md and plots from an earlier run\'s json (no training)')
+    ap.add_argument('--measure', type=int, default=6, help='analysis points per CBN run')
+    ap.add_argument('--measure-bn', type=int, default=4,
+                    help='gradient-direction points per non-CBN run')
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.seeds, args.samples, args.batches = 1, 48, [8, 2]
+        args.raw_batches, args.resnet_batches, args.resnet_seeds = [8], [2], 1
+        args.resnet_norms = ['BN', 'CBN (paper backward)']
+        args.sweep_windows, args.sweep_lrs = [2, 4], [0.00625, 0.05]
+        args.sweep_emulated_windows = [4]
+        args.measure, args.measure_bn = 3, 2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    load = lambda: ' '.join(f'{v:.1f}' for v in os.getloadavg())  # noqa: E731
+    meta = dict(command='python tools/small_batch_study.py ' + ' '.join(
+        sys.argv[1:] if argv is None else argv),
+        when=time.strftime('%Y-%m-%d %H:%M'), load_start=load(),
+        machine=f'{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}')
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        meta, wall, results = saved['meta'], saved['wall_s'], saved['runs']
+        for k, v in saved['args'].items():
+            if k not in ('out_dir', 'from_json'):
+                setattr(args, k, v)
+    else:
+        jobs = build_grid(args)
+        print(f'{len(jobs)} runs ({len({_key(j) for j in jobs})} distinct), '
+              f'{args.workers} workers', flush=True)
+        results, wall = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True))
+        meta['load_end'] = load()
+        (args.out_dir / 'small_batch.json').write_text(json.dumps(
+            dict(meta=meta, args={k: (str(v) if isinstance(v, Path) else v)
+                                  for k, v in vars(args).items()},
+                 wall_s=wall, runs=results), indent=1, default=float) + '\n')
+    block = render(results, args, wall, meta)
+    plot_accuracy(results, args, args.out_dir / 'small_batch.png')
+    plot_errors(results, args, args.out_dir / 'small_batch_errors.png')
+    write_md(args.out_dir / 'small_batch.md', block)
+    print(block)
+    print(f'wall time {wall:.0f}s', flush=True)
+    return results
+
+
+if __name__ == '__main__':
+    main()
