@@ -21,14 +21,12 @@ def train_steps(model, steps, image=96, seed=0):
     for _ in range(steps):
         batch = demo_mm_inputs(2, (3, image, image), num_items=[2, 3], num_classes=3)
         data = model.data_preprocessor(batch, True)
-        loss_dict = model(**data, mode='loss')
-        loss = sum(v if torch.is_tensor(v) else sum(v) for k, v in loss_dict.items()
-                   if 'loss' in k)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
         opt.zero_grad()
         loss.backward()
         opt.step()
         cbn_plugin.step(model)
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

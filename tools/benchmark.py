@@ -297,9 +297,7 @@ def detector_part(args, device):
         data = model.data_preprocessor(batch, True)
 
         def step(model=model, opt=opt, data=data):
-            losses = model(**data, mode='loss')
-            loss = sum(v if torch.is_tensor(v) else sum(v) for k, v in losses.items()
-                       if 'loss' in k)
+            loss, _ = model.parse_losses(model(**data, mode='loss'))
             opt.zero_grad()
             loss.backward()
             opt.step()
