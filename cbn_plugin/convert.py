@@ -28,6 +28,15 @@ def _copy_norm_state(src: nn.modules.batchnorm._BatchNorm, dst) -> None:
                 getattr(dst, name).copy_(getattr(src, name))
 
 
+def _norm_args(module: nn.modules.batchnorm._BatchNorm) -> dict:
+    """``module``'s BN constructor arguments, on its device and dtype."""
+    ref = module.weight if module.weight is not None else module.running_mean
+    return dict(num_features=module.num_features, eps=module.eps, momentum=module.momentum,
+                affine=module.affine, track_running_stats=module.track_running_stats,
+                device=None if ref is None else ref.device,
+                dtype=None if ref is None else ref.dtype)
+
+
 def _replace(module: nn.Module, make) -> nn.Module:
     new = make(module)
     if new is not None:
@@ -45,11 +54,7 @@ def convert_to_bn(model: nn.Module) -> nn.Module:
     def make(module):
         if not isinstance(module, CrossIterationBatchNorm2d):
             return None
-        ref = module.weight if module.weight is not None else module.running_mean
-        bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats,
-                            device=None if ref is None else ref.device,
-                            dtype=None if ref is None else ref.dtype)
+        bn = nn.BatchNorm2d(**_norm_args(module))
         _copy_norm_state(module, bn)
         module.attach(None)  # drop the hook on the conv
         return bn
@@ -63,11 +68,7 @@ def convert_bn_to_cbn(model: nn.Module, **cbn_kwargs) -> nn.Module:
     def make(module):
         if type(module) is not nn.BatchNorm2d:
             return None
-        ref = module.weight if module.weight is not None else module.running_mean
-        cbn = CrossIterationBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, device=None if ref is None else ref.device,
-            dtype=None if ref is None else ref.dtype, **cbn_kwargs)
+        cbn = CrossIterationBatchNorm2d(**_norm_args(module), **cbn_kwargs)
         _copy_norm_state(module, cbn)
         return cbn
     return _replace(model, make)
@@ -81,18 +82,13 @@ def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
     def make(module):
         if type(module) is CrossIterationBatchNorm2d:
             sync = SyncCrossIterationBatchNorm2d(
-                module.num_features, module.eps, module.momentum, module.affine,
-                module.track_running_stats, window_size=module.window_size, rho=module.rho,
+                **_norm_args(module), window_size=module.window_size, rho=module.rho,
                 variance_rule=module.variance_rule, running_stats=module.running_stats,
                 stats_backward=module.stats_backward, per_call_windows=module.per_call_windows,
                 process_group=process_group)
-            sync.load_state_dict(module.state_dict())
-            sync.to(module.running_mean.device if module.running_mean is not None else 'cpu')
-            sync.train(module.training)
+            sync.load_state_dict(module.state_dict())  # the window buffers too
+            _copy_norm_state(module, sync)  # training mode, frozen parameters
             sync.burn_in_steps, sync.ramp_steps = module.burn_in_steps, module.ramp_steps
-            if module.weight is not None:
-                sync.weight.requires_grad_(module.weight.requires_grad)
-                sync.bias.requires_grad_(module.bias.requires_grad)
             module.attach(None)
             return sync
         if type(module) is nn.BatchNorm2d:
