@@ -85,3 +85,13 @@ class OracleCBN:
 
     def step(self):
         self.history.append(self.current)
+
+
+def sgd_in_lockstep(params, ref_params, lr, rtol, atol):
+    """Check two models' gradients agree, then take the same plain SGD step on both."""
+    with torch.no_grad():
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol)
+            p -= lr * p.grad
+            q -= lr * q.grad
+            p.grad = q.grad = None
