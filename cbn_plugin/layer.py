@@ -460,8 +460,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             sums = CF.shifted_sums(x, shift, conv_io[0] if conv is not None else None, conv)
             dist.all_reduce(sums, group=group)
             current = CF.stats_from_sums(sums, shift, conv.groups if conv is not None else 1)
-        if CF.is_finite(current):
-            self._shift = current.mean
+        # Per channel and without a host sync (forward checks the whole record).
+        self._shift = torch.where(torch.isfinite(current.mean), current.mean, shift)
         return current
 
     def _batch_norm(self, x: Tensor) -> Tensor:
