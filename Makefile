@@ -18,7 +18,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-# All four norms (BN, GN, naive CBN, CBN); rewrites docs/demo.md's table and docs/demo_compare.png.
+# Every demo config (BN, GN, naive CBN, CBN, CBN with sampled derivatives s=2 and s=4); rewrites docs/demo.md's table and docs/demo_compare.png.
 .PHONY: demo-compare
 demo-compare: $(STAMP)
 	$(PY) tools/demo.py --compare

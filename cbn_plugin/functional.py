@@ -111,10 +111,14 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     convolution with ``C`` output channels plus one with a single channel on
     the batch-summed input; no autograd graph.
 
-    ``stride > 1`` estimates ``dvar/dW`` from every ``stride``-th output row
-    and column (``stride^2`` times cheaper; the statistics and the mean patch
+    ``stride > 1`` estimates ``dvar/dW`` from one output position in
+    ``stride^2`` (that many times cheaper; the statistics and the mean patch
     stay exact) and then corrects it along ``W`` so that
-    ``<grad_var, W> = 2 var`` still holds exactly.
+    ``<grad_var, W> = 2 var`` still holds exactly. The positions are every
+    ``stride``-th row and column of each map, or, when the batch holds more
+    samples than a map has positions (RoI features: hundreds of 7x7 maps,
+    where strided rows would keep 16 of 49 positions, not 12), every
+    ``stride^2``-th sample.
     """
     dtype = mean.dtype
     inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
@@ -122,7 +126,9 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     n, c, h, w = out.shape
     grad_mean = _patch_sum(inp, padding, conv, (h, w)) / (n * h * w)
     conv_stride = conv.stride
-    if stride > 1:
+    if stride > 1 and n > h * w:
+        out, inp = out[::stride * stride], inp[::stride * stride]
+    elif stride > 1:
         # Output positions (i s, j s) are those of the same conv with s times the stride.
         out = out[:, :, ::stride, ::stride]
         conv_stride = tuple(s * stride for s in conv.stride)

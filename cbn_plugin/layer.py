@@ -48,9 +48,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             constants. ``'pooled'``: BN's backward as if the pooled statistics
             were this batch's (full weight).
         dvar_stride: 1 computes ``dvar/dW`` exactly (one weight-gradient
-            convolution per step); ``s > 1`` estimates it from every s-th
-            output row and column, ``s^2`` times cheaper. The statistics
-            themselves stay exact.
+            convolution per step); ``s > 1`` estimates it from one output
+            position in ``s^2`` (every s-th row and column; every
+            ``s^2``-th sample for batches of many small maps, such as RoI
+            features), ``s^2`` times cheaper. The statistics themselves stay
+            exact.
         per_call_windows: when the layer runs several times between two
             optimizer steps, ``False`` pools all calls of a step into that
             step's slot (gradient-accumulation micro-batches, darknet's CmBN);

@@ -90,7 +90,7 @@ def test_split_is_by_source_digit_and_covers_all():
         assert abs(n_val - 0.2 * np.sum(targets == cls)) <= 1
 
 
-@pytest.mark.parametrize('norm', ['bn', 'gn', 'naive-cbn', 'cbn'])
+@pytest.mark.parametrize('norm', ['bn', 'gn', 'naive-cbn', 'cbn', 'cbn-s2', 'cbn-s4'])
 def test_demo_configs_build_with_the_norm_in_fpn_and_box_head(norm):
     import cbn_plugin  # noqa: F401
     from mmdet.registry import MODELS
@@ -105,19 +105,22 @@ def test_demo_configs_build_with_the_norm_in_fpn_and_box_head(norm):
     assert cfg.model.backbone.init_cfg is None
     model = MODELS.build(cfg.model)
     expected = {'bn': nn.BatchNorm2d, 'gn': nn.GroupNorm,
-                'naive-cbn': cbn_plugin.CBN, 'cbn': cbn_plugin.CBN}[norm]
+                'naive-cbn': cbn_plugin.CBN, 'cbn': cbn_plugin.CBN,
+                'cbn-s2': cbn_plugin.CBN, 'cbn-s4': cbn_plugin.CBN}[norm]
     for part in (model.neck, model.roi_head.bbox_head):
         norms = [m for m in part.modules() if isinstance(m, (_BatchNorm, nn.GroupNorm))]
         assert norms and all(type(m) is expected for m in norms), part
     assert len([m for m in model.neck.modules() if isinstance(m, expected)]) == 8
     assert len([m for m in model.roi_head.bbox_head.modules() if isinstance(m, expected)]) == 4
-    # The backbone's norm is GN in all four configs; the RPN head has none.
+    # The backbone's norm is GN in every config; the RPN head has none.
     assert all(isinstance(m, nn.GroupNorm) for m in model.backbone.modules()
                if isinstance(m, (_BatchNorm, nn.GroupNorm)))
     assert not any(isinstance(m, (_BatchNorm, nn.GroupNorm)) for m in model.rpn_head.modules())
     if 'cbn' in norm:
         assert cfg.custom_hooks[0].type == 'CBNHook'
-        assert model.neck.fpn_convs[0].norm.rho == (1.0 if norm == 'cbn' else 0.0)
+        assert model.neck.fpn_convs[0].norm.rho == (0.0 if norm == 'naive-cbn' else 1.0)
+        strides = {m.dvar_stride for m in model.modules() if isinstance(m, cbn_plugin.CBN)}
+        assert strides == {dict(s2=2, s4=4).get(norm[4:], 1)}
 
 
 def test_demo_trains_two_iterations_and_evaluates(tmp_path):

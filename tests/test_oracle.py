@@ -136,17 +136,22 @@ def test_compensation_matches_autograd_derivatives_grouped_conv():
 
 
 @pytest.mark.parametrize('stride', [1, 2, 3])
-def test_dvar_dw_exact_and_sampled_against_autograd(stride):
+@pytest.mark.parametrize('batch, size', [(2, (13, 11)), (23, (5, 4))])
+def test_dvar_dw_exact_and_sampled_against_autograd(stride, batch, size):
     """dvar/dW: exact for stride 1; for stride s, the derivative of the variance over
-    every s-th output row and column, corrected along W so <g, W> = 2 var holds."""
+    every s-th output row and column (every s^2-th sample when the batch has more
+    samples than a map has positions), corrected along W so <g, W> = 2 var holds."""
     from cbn_plugin import functional as CF
     torch.manual_seed(4)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True).double()
-    x = torch.randn(2, 3, 13, 11, dtype=torch.float64) + 2
+    x = torch.randn(batch, 3, *size, dtype=torch.float64) + 2
     w = conv.weight.detach().clone().requires_grad_(True)
     out = nn.functional.conv2d(x, w, conv.bias, conv.stride, conv.padding)
     mean = out.mean(dim=(0, 2, 3), keepdim=True)
-    sampled = out[:, :, ::stride, ::stride]
+    if batch > out.shape[2] * out.shape[3]:  # 23 maps of 3x2 positions
+        sampled = out[::stride * stride]
+    else:
+        sampled = out[:, :, ::stride, ::stride]
     var_sampled = ((sampled - mean) ** 2).mean(dim=(0, 2, 3))
     expect = torch.autograd.grad(var_sampled.sum(), w)[0].flatten(1)
     var = out.detach().var(dim=(0, 2, 3), unbiased=False)
@@ -159,11 +164,15 @@ def test_dvar_dw_exact_and_sampled_against_autograd(stride):
     torch.testing.assert_close((grad_var * flat_w).sum(1), 2 * var, rtol=1e-10, atol=1e-12)
 
 
-def test_sampled_mode_stays_close_to_exact():
-    """dvar_stride=2 keeps the means exact and the compensated variances near exact.
+@pytest.mark.parametrize('batch, size', [(4, 64), (256, 7)])
+def test_sampled_mode_stays_close_to_exact(batch, size):
+    """dvar_stride=2 keeps the means exact and the compensated variances near exact,
+    sampling rows and columns of large maps (4 x 64x64) or the samples of a batch
+    of small ones (256 RoI-like 7x7 maps).
 
     The estimate's error shrinks like 1/sqrt(positions): measured here, its
-    share of the compensation is 0.47 at 16x16, 0.18 at 32x32, 0.09 at 64x64.
+    share of the compensation is 0.47 at 16x16, 0.18 at 32x32, 0.09 at 64x64
+    (4 maps), and 0.10 for 256 maps of 7x7.
     """
     torch.manual_seed(0)
     exact = TwoLayer(window_size=4).double()
@@ -173,7 +182,7 @@ def test_sampled_mode_stays_close_to_exact():
         cbn_plugin.bind(model, logger=None)
     gen = torch.Generator().manual_seed(0)
     for step in range(4):
-        x = torch.randn(4, 3, 64, 64, generator=gen, dtype=torch.float64) * 2 + 1
+        x = torch.randn(batch, 3, size, size, generator=gen, dtype=torch.float64) * 2 + 1
         exact(x), sampled(x)
         for model in (exact, sampled):
             cbn_plugin.step(model)
@@ -181,7 +190,7 @@ def test_sampled_mode_stays_close_to_exact():
                 noise = torch.Generator().manual_seed(step)
                 for p in model.parameters():
                     p.add_(0.01 * torch.randn(p.shape, generator=noise, dtype=p.dtype))
-    x = torch.randn(4, 3, 64, 64, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, 3, size, size, generator=gen, dtype=torch.float64)
     exact(x), sampled(x)
     # The first layer sees identical inputs in both models (the second does not:
     # its input went through the first layer's pooled statistics).

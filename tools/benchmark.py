@@ -123,8 +123,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, repeats: int, device) -> dict:
-    """Median seconds per call of each function, calls interleaved repeat by repeat."""
+def interleaved(fns: dict, repeats: int, device, fastest: dict | None = None) -> dict:
+    """Median seconds per call of each function, calls interleaved repeat by repeat.
+
+    ``fastest`` (optional) receives each function's fastest call: other jobs
+    on a shared machine only ever slow a call down, so the minimum is the
+    figure least touched by them.
+    """
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -133,19 +138,27 @@ def interleaved(fns: dict, repeats: int, device) -> dict:
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+    if fastest is not None:
+        fastest.update({name: min(t) for name, t in times.items()})
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def norm_variants(window=4):
-    return {
+def sampled_label(stride):
+    return f'CBN sampled s={stride}'
+
+
+def norm_variants(window=4, strides=(2, 4)):
+    variants = {
         'BN': lambda c: nn.BatchNorm2d(c),
         'GN': lambda c: nn.GroupNorm(32, c),
         'CBN burn-in': lambda c: _burning(CBN(c, window_size=window)),
         'CBN exact': lambda c: CBN(c, window_size=window),
-        'CBN sampled': lambda c: CBN(c, window_size=window, dvar_stride=2),
-        'naive CBN': lambda c: CBN(c, window_size=window, rho=0.0),
-        'authors CBN': lambda c: AuthorsCBN(c, window_size=window),
     }
+    for s in strides:
+        variants[sampled_label(s)] = lambda c, s=s: CBN(c, window_size=window, dvar_stride=s)
+    variants['naive CBN'] = lambda c: CBN(c, window_size=window, rho=0.0)
+    variants['authors CBN'] = lambda c: AuthorsCBN(c, window_size=window)
+    return variants
 
 
 def _burning(layer):
@@ -180,7 +193,7 @@ def layer_part(args, device):
         x = torch.randn(batch, cin, size, size, device=device)
         grad = torch.randn(batch, cout, size, size, device=device)
         fns, models = {}, {}
-        for norm, make in norm_variants(args.window).items():
+        for norm, make in norm_variants(args.window, args.dvar_strides).items():
             torch.manual_seed(0)
             model = nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
                                   make(cout)).to(device)
@@ -268,62 +281,121 @@ def detector_cfg(norm_cfg, args):
     return cfg
 
 
-def detector_part(args, device):
+def detector_variants(args) -> dict:
+    variants = {'none': None, 'BN': dict(type='BN'), 'GN': dict(type='GN', num_groups=32),
+                'CBN burn-in': dict(type='CBN', window_size=args.window),
+                'CBN exact': dict(type='CBN', window_size=args.window)}
+    for s in args.dvar_strides:
+        variants[sampled_label(s)] = dict(type='CBN', window_size=args.window, dvar_stride=s)
+    # The floor of any compensated CBN: the window without derivatives.
+    variants['naive CBN'] = dict(type='CBN', window_size=args.window, rho=0.0)
+    variants['authors CBN'] = dict(type='AuthorsCBN', window_size=args.window)
+    return variants
+
+
+def detector_step(name, args, device):
+    """A built detector for variant ``name`` and its training-step function."""
     from mmdet.registry import MODELS
     from mmdet.testing import demo_mm_inputs
     from mmdet.utils import register_all_modules
     register_all_modules()
     if 'AuthorsCBN' not in MODELS.module_dict:
         MODELS.register_module('AuthorsCBN', module=AuthorsCBN)
-    variants = {'none': None, 'BN': dict(type='BN'), 'GN': dict(type='GN', num_groups=32),
-                'CBN burn-in': dict(type='CBN', window_size=args.window),
-                'CBN exact': dict(type='CBN', window_size=args.window),
-                'CBN sampled': dict(type='CBN', window_size=args.window, dvar_stride=2),
-                'authors CBN': dict(type='AuthorsCBN', window_size=args.window)}
     torch.manual_seed(0)
     batch = demo_mm_inputs(2, (3, args.image, args.image), num_items=[8, 8], num_classes=80,
                            device=str(device))
-    fns, models, peaks = {}, {}, {}
-    for name, norm_cfg in variants.items():
-        torch.manual_seed(0)
-        model = MODELS.build(detector_cfg(norm_cfg, args)).to(device)
-        model.train()
-        cbn_plugin.bind(model, logger=None)
-        attach_authors(model)
-        if name == 'CBN burn-in':
-            for _, layer in cbn_plugin.cbn_layers(model):
-                _burning(layer)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        data = model.data_preprocessor(batch, True)
+    torch.manual_seed(0)
+    model = MODELS.build(detector_cfg(detector_variants(args)[name], args)).to(device)
+    model.train()
+    cbn_plugin.bind(model, logger=None)
+    attach_authors(model)
+    if name == 'CBN burn-in':
+        for _, layer in cbn_plugin.cbn_layers(model):
+            _burning(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    data = model.data_preprocessor(batch, True)
 
-        def step(model=model, opt=opt, data=data):
-            loss, _ = model.parse_losses(model(**data, mode='loss'))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            cbn_plugin.step(model)
+    def step():
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cbn_plugin.step(model)
+    return model, step
+
+
+def detector_part(args, device):
+    fns, models = {}, {}
+    for name in detector_variants(args):
+        models[name], fns[name] = detector_step(name, args, device)
         for _ in range(args.window):
-            step()
-        fns[name], models[name] = step, model
-        print(f'  built {name}', flush=True)
-    times = interleaved(fns, args.detector_repeats, device)
-    rows = []
-    for name, seconds in times.items():
-        peak = None
-        if device.type == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
             fns[name]()
-            peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        rows.append(dict(norm=name, s=seconds, ratio_to_bn=seconds / times['BN'],
-                         window_numbers=window_numel(models[name]), peak_mib=peak))
-    print('  ' + ', '.join(f'{n} {times[n] / times["BN"]:.3f}x' for n in times), flush=True)
+        print(f'  built {name}', flush=True)
+    fastest = {}
+    times = interleaved(fns, args.detector_repeats, device, fastest)
+    peaks = {name: peak_memory(name, fns[name], args, device) for name in times}
+    rows = [dict(norm=name, s=seconds, ratio_to_bn=seconds / times['BN'],
+                 ratio_to_bn_fastest=fastest[name] / fastest['BN'],
+                 window_numbers=window_numel(models[name]), peak_mib=peaks[name])
+            for name, seconds in times.items()]
+    print('  ' + ', '.join(f'{n} {times[n] / times["BN"]:.3f}x '
+                           f'({fastest[n] / fastest["BN"]:.3f}x fastest)' for n in times),
+          flush=True)
     profile = profile_step(fns['CBN exact'], device) if args.profile else None
-    authors_overhead = times['authors CBN'] / times['BN'] - 1
-    ours_overhead = times['CBN exact'] / times['BN'] - 1
-    summary = dict(overhead_ours=ours_overhead, overhead_authors=authors_overhead,
-                   overhead_share=ours_overhead / authors_overhead if authors_overhead > 0 else None,
-                   authors_window_formula=authors_numbers(models['CBN exact'], args.window))
+    summary = dict(authors_window_formula=authors_numbers(models['CBN exact'], args.window))
+    for suffix, t in (('', times), ('_fastest', fastest)):
+        authors_overhead = t['authors CBN'] / t['BN'] - 1
+        ours_overhead = t['CBN exact'] / t['BN'] - 1
+        summary.update({
+            'overhead_ours' + suffix: ours_overhead, 'overhead_authors' + suffix: authors_overhead,
+            'overhead_share' + suffix: (ours_overhead / authors_overhead
+                                        if authors_overhead > 0 else None)})
     return rows, summary, profile
+
+
+def peak_memory(name, step, args, device):
+    """Peak memory of training variant ``name``, MiB.
+
+    CUDA: the allocator's peak over one step. CPU has no allocator statistics:
+    a fresh process builds the detector alone and trains it ``window + 1``
+    steps; the figure is its peak resident set (``VmHWM``) minus its resident
+    set once built, i.e. what training adds (activations, gradients,
+    optimizer state, window) over the model itself.
+    """
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if not args.peak_memory:
+        return None
+    import subprocess
+    child = [sys.executable, __file__, '--peak-rss-of', name, '--window', str(args.window),
+             '--image', str(args.image), '--rois-per-image', str(args.rois_per_image),
+             '--threads', str(args.threads), '--dvar-strides', *map(str, args.dvar_strides)]
+    out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])['training_peak_mib']
+
+
+def _proc_status_mib(field):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f'no {field} in /proc/self/status')
+
+
+def peak_rss_child(args):
+    """The child of ``peak_memory``: prints one JSON line."""
+    _, step = detector_step(args.peak_rss_of, args, torch.device('cpu'))
+    try:  # "5" resets the high-water mark to the current resident set (Linux >= 4.0)
+        Path('/proc/self/clear_refs').write_text('5')
+    except OSError:
+        pass
+    built = _proc_status_mib('VmRSS')
+    for _ in range(args.window + 1):
+        step()
+    peak = _proc_status_mib('VmHWM')
+    print(json.dumps(dict(variant=args.peak_rss_of, built_mib=built, peak_mib=peak,
+                          training_peak_mib=peak - built)))
 
 
 def authors_numbers(model, window):
@@ -409,17 +481,24 @@ def write_report(results, path: Path):
                   for r in results['normalisation']]
     if 'detector' in results:
         d = results['detector_summary']
+        peak_header = ('peak MiB (CUDA allocator, one step)' if results['machine']['device'] != 'cpu'
+                       else 'peak MiB (CPU: resident memory training adds to the built model)')
         lines += ['', '## 2. Detector: one training step of Faster R-CNN R50-FPN 4conv1fc', '',
                   results['detector_setting'], '',
-                  '| norm in FPN + box head | s/step | vs BN | window numbers | peak MiB |',
-                  '|---|---|---|---|---|']
+                  '| norm in FPN + box head | s/step (median) | vs BN (median) | '
+                  f'vs BN (fastest steps) | window numbers | {peak_header} |',
+                  '|---|---|---|---|---|---|']
         lines += [f'| {r["norm"]} | {r["s"]:.2f} | {r["ratio_to_bn"]:.3f} | '
-                  f'{r["window_numbers"]:,} | {r["peak_mib"] or "n/a (CPU)"} |'
+                  f'{r["ratio_to_bn_fastest"]:.3f} | {r["window_numbers"]:,} | '
+                  + (f'{r["peak_mib"]:,.0f} |' if r['peak_mib'] is not None else 'not measured |')
                   for r in results['detector']]
-        share = d['overhead_share']
-        lines += ['', f'- Overhead over BN: ours {d["overhead_ours"]:+.1%}, the authors\' '
-                  f'{d["overhead_authors"]:+.1%}; ours is '
-                  + (f'{share:.0%} of theirs.' if share is not None else 'not comparable.'),
+        lines.append('')
+        for suffix, label in (('', 'medians'), ('_fastest', 'fastest steps')):
+            share = d['overhead_share' + suffix]
+            lines.append(f'- Overhead over BN ({label}): ours {d["overhead_ours" + suffix]:+.1%}, '
+                         f'the authors\' {d["overhead_authors" + suffix]:+.1%}; ours is '
+                         + (f'{share:.0%} of theirs.' if share is not None else 'not comparable.'))
+        lines += [
                   f'- Whole-detector window memory: ours '
                   f'{next(r for r in results["detector"] if r["norm"] == "CBN exact")["window_numbers"]:,}'
                   f' numbers; the authors\' formula 3(k-1)|W| + 2(k-1)C gives '
@@ -451,12 +530,19 @@ def main(argv=None):
     parser.add_argument('--image', type=int, default=320, help='detector input size (square)')
     parser.add_argument('--rois-per-image', type=int, default=512,
                         help='sampled RoIs per image in the detector (mmdet default 512)')
+    parser.add_argument('--dvar-strides', type=int, nargs='+', default=[2, 4],
+                        help='dvar_stride of the sampled CBN variants')
     parser.add_argument('--no-profile', dest='profile', action='store_false')
+    parser.add_argument('--no-peak-memory', dest='peak_memory', action='store_false',
+                        help='CPU: skip the per-variant child processes that measure peak RSS')
+    parser.add_argument('--peak-rss-of', help=argparse.SUPPRESS)  # internal: peak_memory's child
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads (1: ratios robust to other load on the machine)')
     parser.add_argument('--out', default=str(ROOT / 'docs' / 'benchmarks.md'))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.peak_rss_of:
+        return peak_rss_child(args)
     device = torch.device(args.device)
     results = dict(command='python tools/benchmark.py ' + ' '.join(argv or sys.argv[1:]),
                    date=time.strftime('%Y-%m-%d %H:%M'), machine=machine(device))

@@ -14,7 +14,7 @@
    prints a table with mAP and mAP50.
 
 ``--compare`` (``make demo-compare``) trains the BN, GN, naive-CBN and CBN
-configs in turn, then rewrites the generated section of ``docs/demo.md`` and
+configs and CBN with sampled derivatives (``dvar_stride`` 2 and 4) in turn, then rewrites the generated section of ``docs/demo.md`` and
 ``docs/demo_compare.png`` (training loss and val mAP per norm).
 
 Small runs for tests: ``--max-iters 2 --num-train 4 --num-val 2 --data-root DIR
@@ -40,8 +40,9 @@ import make_digits_det  # noqa: E402
 
 CONFIG_DIR = REPO / 'configs' / 'demo'
 CONFIG_STEM = 'faster-rcnn_r18-w32_fpn_4conv1fc-{}_digits.py'
-NORMS = ('bn', 'gn', 'naive-cbn', 'cbn')
-LABELS = {'bn': 'BN', 'gn': 'GN', 'naive-cbn': 'naive CBN', 'cbn': 'CBN'}
+NORMS = ('bn', 'gn', 'naive-cbn', 'cbn', 'cbn-s2', 'cbn-s4')
+LABELS = {'bn': 'BN', 'gn': 'GN', 'naive-cbn': 'naive CBN', 'cbn': 'CBN',
+          'cbn-s2': 'CBN sampled s=2', 'cbn-s4': 'CBN sampled s=4'}
 DOC_BEGIN = '<!-- demo-compare:begin (written by tools/demo.py --compare; do not edit) -->'
 DOC_END = '<!-- demo-compare:end -->'
 
@@ -270,7 +271,7 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--norm', choices=NORMS, default='cbn', help='config to train')
     parser.add_argument('--compare', action='store_true',
-                        help='train all four norms; write docs/demo.md and docs/demo_compare.png')
+                        help='train every norm of --norms; write docs/demo.md and docs/demo_compare.png')
     parser.add_argument('--norms', nargs='+', choices=NORMS, default=list(NORMS),
                         help='the norms --compare trains')
     parser.add_argument('--max-iters', type=int, default=None,
