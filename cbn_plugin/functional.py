@@ -93,13 +93,28 @@ def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
     return torch.stack(sums, dim=1).reshape(conv.groups, -1)
 
 
-def _centre_patches(grad: Tensor, residual: Tensor, patch_mean: Tensor) -> Tensor:
-    """``grad - residual (x) patch_mean`` per group: ``C x P'``."""
+def _centre_patches_(grad: Tensor, residual: Tensor, patch_mean: Tensor,
+                     alpha: float = 1.0) -> Tensor:
+    """``alpha (grad - residual (x) patch_mean)`` per group, in place: ``C x P'``.
+
+    In place because ``|W|``-sized temporaries are what makes the derivative
+    bookkeeping slow on CPU: each fresh one is new pages to fault in, several
+    times the cost of the arithmetic at FPN shapes.
+    """
     groups = patch_mean.shape[0]
     c = grad.shape[0]
-    centred = grad.reshape(groups, c // groups, -1) - residual.view(groups, -1, 1) \
-        * patch_mean.unsqueeze(1)
-    return centred.reshape(c, -1)
+    grad.view(groups, c // groups, -1).baddbmm_(
+        residual.view(groups, -1, 1), patch_mean.unsqueeze(1), beta=alpha, alpha=-alpha)
+    return grad
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``<a_c, b_c>`` per row: ``... x C x P'`` and ``C x P'`` give ``... x C``.
+
+    Product then sum: on CPU about 5x faster than ``einsum`` or ``bmm``,
+    which treat each row as its own tiny matrix product.
+    """
+    return (a * b).sum(-1)
 
 
 def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: Tensor,
@@ -140,11 +155,11 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
     # large input patches it would break <grad_var, W> = 2 var. Subtracting it
     # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead.
-    grad_var = _centre_patches(grad_var, centred.sum(dim=(0, 2, 3)), grad_mean)
+    grad_var = _centre_patches_(grad_var.view(c, -1), centred.sum(dim=(0, 2, 3)), grad_mean)
     if stride > 1:
         weight = conv.weight.detach().to(dtype).flatten(1)
-        gap = 2.0 * var - (grad_var * weight).sum(1)
-        grad_var = grad_var + (gap / (weight * weight).sum(1).clamp_min(1e-30)).unsqueeze(1) * weight
+        gap = 2.0 * var - _row_dot(grad_var, weight)
+        grad_var.addcmul_((gap / _row_dot(weight, weight).clamp_min(1e-30)).unsqueeze(1), weight)
     return grad_mean, grad_var
 
 
@@ -190,7 +205,7 @@ def stats_from_sums(sums: Tensor, shift: Tensor, groups: int = 1) -> SlotStats:
     patch_sum = rest[:groups * p].view(groups, p)
     grad_mean = patch_sum / count
     weighted = rest[groups * p:].view(c, p)
-    grad_var = _centre_patches(weighted, s1, patch_sum) * (2.0 / count)
+    grad_var = _centre_patches_(weighted.clone(), s1, patch_sum, alpha=2.0 / float(count))
     return SlotStats(int(count), mean, var, grad_mean, grad_var)
 
 
@@ -248,7 +263,7 @@ def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
                              w.view(groups, -1, w.shape[1])).flatten(1)
     if bias is not None:
         proj_mean = proj_mean + bias.detach().to(mean_old.dtype)
-    proj_var = torch.einsum('jcp,cp->jc', grad_var, w)
+    proj_var = _row_dot(grad_var, w)
     d_mean = proj_mean - mean_old
     mean = mean_old + rho * d_mean
     var = var_old + rho * (proj_var - 2.0 * var_old) - (rho * rho) * d_mean * d_mean
