@@ -161,6 +161,17 @@ def test_demo_compare_writes_table_and_plot(tmp_path):
     assert 'hand-written text' in text and text.rstrip().endswith('tail')
     assert '\nold\n' not in text and '| BN | 2 |' in text and '| CBN | 2 |' in text
     assert (docs / 'demo_compare.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    results = json.loads((tmp_path / 'work' / 'compare_results.json').read_text())
-    assert [r['norm'] for r in results] == ['bn', 'cbn']
-    assert all(len(r['losses']) == 2 for r in results)
+    saved = tmp_path / 'work' / 'compare_results.json'
+    run = json.loads(saved.read_text())
+    assert [r['norm'] for r in run['results']] == ['bn', 'cbn']
+    assert all(len(r['losses']) == 2 for r in run['results'])
+    assert run['command'].startswith('python tools/demo.py --compare --norms bn cbn')
+    # Re-rendering the saved run (no training) writes the same section.
+    (docs / 'demo_compare.png').unlink()
+    (docs / 'demo.md').write_text(text.replace('| BN | 2 |', '| edited |'))
+    cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--from-json', str(saved),
+           '--docs-dir', str(docs)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert (docs / 'demo.md').read_text() == text
+    assert (docs / 'demo_compare.png').is_file()

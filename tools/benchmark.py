@@ -190,7 +190,9 @@ def layer_part(args, device):
     for name, batch, cin, cout, kernel, size in LAYER_SHAPES:
         batch = batch or args.rois
         label = name.replace('RoIs', f'{batch} RoIs')
-        x = torch.randn(batch, cin, size, size, device=device)
+        # The input needs its gradient, as inside a network: otherwise the conv's
+        # backward is its weight gradient alone and CBN's one extra looks twice as dear.
+        x = torch.randn(batch, cin, size, size, device=device, requires_grad=True)
         grad = torch.randn(batch, cout, size, size, device=device)
         fns, models = {}, {}
         for norm, make in norm_variants(args.window, args.dvar_strides).items():
@@ -204,6 +206,7 @@ def layer_part(args, device):
 
             def call(model=model):
                 model(x).backward(grad)
+                x.grad = None
                 cbn_plugin.step(model)
             for _ in range(args.window + 1):  # fill the windows
                 call()
@@ -360,7 +363,10 @@ def peak_memory(name, step, args, device):
     a fresh process builds the detector alone and trains it ``window + 1``
     steps; the figure is its peak resident set (``VmHWM``) minus its resident
     set once built, i.e. what training adds (activations, gradients,
-    optimizer state, window) over the model itself.
+    optimizer state, window) over the model itself. The child fixes glibc's
+    mmap threshold at 64 KiB, so a freed tensor leaves the resident set at
+    once: with the default, adaptive threshold the allocator's caching moved
+    the figure by more than the window itself.
     """
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -372,7 +378,8 @@ def peak_memory(name, step, args, device):
     child = [sys.executable, __file__, '--peak-rss-of', name, '--window', str(args.window),
              '--image', str(args.image), '--rois-per-image', str(args.rois_per_image),
              '--threads', str(args.threads), '--dvar-strides', *map(str, args.dvar_strides)]
-    out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
+    out = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])['training_peak_mib']
 
 
