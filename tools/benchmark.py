@@ -147,23 +147,40 @@ def sampled_label(stride):
     return f'CBN sampled s={stride}'
 
 
-def norm_variants(window=4, strides=(2, 4)):
-    variants = {
-        'BN': lambda c: nn.BatchNorm2d(c),
-        'GN': lambda c: nn.GroupNorm(32, c),
-        'CBN burn-in': lambda c: _burning(CBN(c, window_size=window)),
-        'CBN exact': lambda c: CBN(c, window_size=window),
-    }
+def norm_configs(window=4, strides=(2, 4)) -> dict:
+    """Every variant compared, by name: its ``norm_cfg`` (``None``: no norm).
+
+    The detector takes them as they are; the layer part builds them with
+    ``build_norm`` and has no ``'none'`` row.
+    """
+    cfgs = {'none': None, 'BN': dict(type='BN'), 'GN': dict(type='GN', num_groups=32),
+            'CBN burn-in': dict(type='CBN', window_size=window),
+            'CBN exact': dict(type='CBN', window_size=window)}
     for s in strides:
-        variants[sampled_label(s)] = lambda c, s=s: CBN(c, window_size=window, dvar_stride=s)
-    variants['naive CBN'] = lambda c: CBN(c, window_size=window, rho=0.0)
-    variants['authors CBN'] = lambda c: AuthorsCBN(c, window_size=window)
-    return variants
+        cfgs[sampled_label(s)] = dict(type='CBN', window_size=window, dvar_stride=s)
+    # The floor of any compensated CBN: the window without derivatives.
+    cfgs['naive CBN'] = dict(type='CBN', window_size=window, rho=0.0)
+    cfgs['authors CBN'] = dict(type='AuthorsCBN', window_size=window)
+    return cfgs
 
 
-def _burning(layer):
-    layer.burn_in_steps = 10 ** 9   # plain BN for the whole benchmark
-    return layer
+def build_norm(cfg: dict, channels: int) -> nn.Module:
+    """The layer of a ``norm_configs`` entry, without mmcv's registry."""
+    kwargs = dict(cfg)
+    kind = kwargs.pop('type')
+    if kind == 'GN':
+        return nn.GroupNorm(kwargs['num_groups'], channels)
+    return {'BN': nn.BatchNorm2d, 'CBN': CBN, 'AuthorsCBN': AuthorsCBN}[kind](channels, **kwargs)
+
+
+def prepare(model, name):
+    """Bind CBN and AuthorsCBN layers to their convs; the burn-in variant stays BN."""
+    cbn_plugin.bind(model, logger=None)
+    attach_authors(model)
+    if name == 'CBN burn-in':
+        for _, layer in cbn_plugin.cbn_layers(model):
+            layer.burn_in_steps = 10 ** 9   # plain BN for the whole benchmark
+    return model
 
 
 def window_numel(model):
@@ -195,14 +212,13 @@ def layer_part(args, device):
         x = torch.randn(batch, cin, size, size, device=device, requires_grad=True)
         grad = torch.randn(batch, cout, size, size, device=device)
         fns, models = {}, {}
-        for norm, make in norm_variants(args.window, args.dvar_strides).items():
+        for norm, cfg in norm_configs(args.window, args.dvar_strides).items():
+            if cfg is None:
+                continue
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-                                  make(cout)).to(device)
-            if isinstance(model[1], CBN):
-                cbn_plugin.bind(model, logger=None)
-            if isinstance(model[1], AuthorsCBN):
-                model[1].conv = model[0]
+            model = prepare(nn.Sequential(
+                nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+                build_norm(cfg, cout)).to(device), norm)
 
             def call(model=model):
                 model(x).backward(grad)
@@ -284,18 +300,6 @@ def detector_cfg(norm_cfg, args):
     return cfg
 
 
-def detector_variants(args) -> dict:
-    variants = {'none': None, 'BN': dict(type='BN'), 'GN': dict(type='GN', num_groups=32),
-                'CBN burn-in': dict(type='CBN', window_size=args.window),
-                'CBN exact': dict(type='CBN', window_size=args.window)}
-    for s in args.dvar_strides:
-        variants[sampled_label(s)] = dict(type='CBN', window_size=args.window, dvar_stride=s)
-    # The floor of any compensated CBN: the window without derivatives.
-    variants['naive CBN'] = dict(type='CBN', window_size=args.window, rho=0.0)
-    variants['authors CBN'] = dict(type='AuthorsCBN', window_size=args.window)
-    return variants
-
-
 def detector_step(name, args, device):
     """A built detector for variant ``name`` and its training-step function."""
     from mmdet.registry import MODELS
@@ -308,13 +312,9 @@ def detector_step(name, args, device):
     batch = demo_mm_inputs(2, (3, args.image, args.image), num_items=[8, 8], num_classes=80,
                            device=str(device))
     torch.manual_seed(0)
-    model = MODELS.build(detector_cfg(detector_variants(args)[name], args)).to(device)
+    norm_cfg = norm_configs(args.window, args.dvar_strides)[name]
+    model = prepare(MODELS.build(detector_cfg(norm_cfg, args)).to(device), name)
     model.train()
-    cbn_plugin.bind(model, logger=None)
-    attach_authors(model)
-    if name == 'CBN burn-in':
-        for _, layer in cbn_plugin.cbn_layers(model):
-            _burning(layer)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     data = model.data_preprocessor(batch, True)
 
@@ -329,7 +329,7 @@ def detector_step(name, args, device):
 
 def detector_part(args, device):
     fns, models = {}, {}
-    for name in detector_variants(args):
+    for name in norm_configs(args.window, args.dvar_strides):
         models[name], fns[name] = detector_step(name, args, device)
         for _ in range(args.window):
             fns[name]()

@@ -14,7 +14,8 @@
    prints a table with mAP and mAP50.
 
 ``--compare`` (``make demo-compare``) trains the BN, GN, naive-CBN and CBN
-configs and CBN with sampled derivatives (``dvar_stride`` 2 and 4) in turn, then rewrites the generated section of ``docs/demo.md`` and
+configs and CBN with sampled derivatives (``dvar_stride`` 2 and 4) in turn,
+then rewrites the generated section of ``docs/demo.md`` and
 ``docs/demo_compare.png`` (training loss and val mAP per norm).
 
 Small runs for tests: ``--max-iters 2 --num-train 4 --num-val 2 --data-root DIR
