@@ -56,3 +56,18 @@ def test_sampled_variants_follow_the_strides_asked_for():
     assert made['CBN sampled s=5'].dvar_stride == 5
     assert made['CBN exact'].dvar_stride == 1 and made['naive CBN'].rho == 0
 
+
+def test_cpu_peak_memory_sees_the_window():
+    """The per-variant child process measures what training keeps resident: exact
+    CBN's peak exceeds BN's by at least its window (float32 numbers)."""
+    import argparse
+    args = argparse.Namespace(window=2, image=64, rois_per_image=16, threads=1,
+                              dvar_strides=[2], peak_memory=True)
+    cpu = torch.device('cpu')
+    peaks = {name: benchmark.peak_memory(name, None, args, cpu) for name in ('BN', 'CBN exact')}
+    model, step = benchmark.detector_step('CBN exact', args, cpu)
+    for _ in range(args.window + 1):
+        step()
+    window_mib = benchmark.window_numel(model) * 4 / 2 ** 20
+    assert window_mib > 10
+    assert peaks['CBN exact'] - peaks['BN'] >= window_mib, (peaks, window_mib)
