@@ -84,8 +84,8 @@ def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
             sync = SyncCrossIterationBatchNorm2d(
                 **_norm_args(module), window_size=module.window_size, rho=module.rho,
                 variance_rule=module.variance_rule, running_stats=module.running_stats,
-                stats_backward=module.stats_backward, per_call_windows=module.per_call_windows,
-                process_group=process_group)
+                stats_backward=module.stats_backward, compensation=module.compensation,
+                per_call_windows=module.per_call_windows, process_group=process_group)
             sync.load_state_dict(module.state_dict())  # the window buffers too
             _copy_norm_state(module, sync)  # training mode, frozen parameters
             sync.burn_in_steps, sync.ramp_steps = module.burn_in_steps, module.ramp_steps

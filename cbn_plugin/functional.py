@@ -23,7 +23,16 @@ So a past slot needs no copy of its old weights: with the current weights
 ``<dvar/dW, W_t - W_old> = <dvar/dW, W_t> - 2 var_old``. The first-order Taylor
 step on ``(mu, nu)`` that the paper describes is then, exactly,
 ``mu_c = mu_old + rho d_mu`` and
-``var_c = var_old + rho <dvar/dW, dW> - rho^2 d_mu^2``.
+``var_c = var_old + rho <dvar/dW, dW> - rho^2 d_mu^2``. The ``'var'``
+compensation takes the first-order step on the variance itself,
+``var_c = var_old + rho <dvar/dW, dW>``: the (mu, nu) form under-estimates
+every past variance by ``d_mu^2 + dW^T C dW``, the var form by ``dW^T C dW``
+only.
+
+Both are explicit functions of the current conv weight (and bias), so the
+past entries can carry gradient to it (``compensated_entries``): the exact
+gradient of the function the layer evaluates, where the paper treats them as
+constants.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 VARIANCE_RULES = ('clamp', 'exclude')
+COMPENSATIONS = ('mu_nu', 'var')
 
 
 class SlotStats(NamedTuple):
@@ -247,14 +257,19 @@ def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:
 
 def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
                grad_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-               rho: float) -> tuple[Tensor, Tensor]:
+               rho: float, compensation: str = 'mu_nu') -> tuple[Tensor, Tensor]:
     """Move old statistics (``J x C``) to the current conv weights.
 
     ``grad_mean``: ``J x groups x P'``; ``grad_var``: ``J x C x P'``;
     ``weight``: the current conv weight, ``bias`` its bias or ``None``.
-    Returns the compensated ``(mean, var)``; ``var`` may be negative (the
-    first-order step under-estimates ``nu``), the variance rule decides.
+    ``compensation``: ``'mu_nu'`` (the paper's first-order step on the mean
+    and the second moment) or ``'var'`` (on the mean and the variance).
+    Returns the compensated ``(mean, var)``, detached; ``var`` may be
+    negative (a first-order step under-estimates it), the variance rule
+    decides.
     """
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f'compensation {compensation!r} is not one of {COMPENSATIONS}')
     if rho == 0 or grad_mean is None:
         return mean_old, var_old
     w = weight.detach().to(mean_old.dtype).flatten(1)
@@ -266,8 +281,69 @@ def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
     proj_var = _row_dot(grad_var, w)
     d_mean = proj_mean - mean_old
     mean = mean_old + rho * d_mean
-    var = var_old + rho * (proj_var - 2.0 * var_old) - (rho * rho) * d_mean * d_mean
+    var = var_old + rho * (proj_var - 2.0 * var_old)
+    if compensation == 'mu_nu':
+        var = var - (rho * rho) * d_mean * d_mean
     return mean, var
+
+
+class _CompensatedEntries(torch.autograd.Function):
+    """Compensated entries (``J x C``) as functions of the current conv weight and bias.
+
+    The forward returns the values ``compensate`` computed (once per step);
+    the backward is their exact derivative. With ``d_mu = <p_bar, W> + b -
+    mu_old``: ``dmean/dW_c = rho p_bar``, ``dvar/dW_c = rho dvar/dW_c - 2
+    rho^2 d_mu p_bar`` (the second term in the (mu, nu) form only), and the
+    bias sees the ``p_bar`` coefficients. From the stored derivatives alone:
+    one ``C x J`` by ``J x P'`` product per group for the mean patches and
+    ``J`` in-place passes over ``C x P'`` for ``dvar/dW``; no convolution,
+    no ``|W| x J`` temporary.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, mean, var, d_mean, grad_mean, grad_var, rho, compensation):
+        ctx.save_for_backward(d_mean, grad_mean, grad_var)
+        ctx.rho, ctx.compensation = rho, compensation
+        ctx.weight_meta = (weight.shape, weight.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return mean.clone(), var.clone()
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var):
+        d_mean, grad_mean, grad_var = ctx.saved_tensors
+        rho = ctx.rho
+        g_mean = g_mean.to(d_mean.dtype)
+        g_var = g_var.to(d_mean.dtype)
+        coef_patch = rho * g_mean           # J x C: coefficient of p_bar
+        if ctx.compensation == 'mu_nu':
+            coef_patch = coef_patch - (2.0 * rho * rho) * d_mean * g_var
+        coef_grad_var = rho * g_var         # J x C: coefficient of dvar/dW
+        j, groups, p = grad_mean.shape
+        c = d_mean.shape[1]
+        # sum_j coef_patch[j, c] p_bar[j, g(c)]: per group (C/g x J) @ (J x P').
+        grad_w = torch.bmm(coef_patch.view(j, groups, c // groups).permute(1, 2, 0),
+                           grad_mean.transpose(0, 1)).reshape(c, p)
+        for jj in range(j):
+            grad_w.addcmul_(grad_var[jj], coef_grad_var[jj].unsqueeze(1))
+        shape, dtype = ctx.weight_meta
+        grad_b = None if ctx.bias_dtype is None else coef_patch.sum(0).to(ctx.bias_dtype)
+        return (grad_w.view(shape).to(dtype), grad_b, None, None, None, None, None, None, None)
+
+
+def compensated_entries(mean: Tensor, var: Tensor, mean_old: Tensor, grad_mean: Tensor,
+                        grad_var: Tensor, weight: Tensor, bias: Tensor | None, rho: float,
+                        compensation: str = 'mu_nu') -> tuple[Tensor, Tensor]:
+    """``compensate``'s ``(mean, var)`` as differentiable functions of ``weight`` and ``bias``.
+
+    ``mean``/``var``: what ``compensate`` returned for these entries (``J x
+    C``), ``mean_old`` the stored means, ``grad_mean``/``grad_var`` the stored
+    derivatives. With ``rho=1`` and ``mean == mean_old`` this is an entry
+    taken with the current weights (an earlier call of the same step): its
+    exact derivative in the conv weight, the input patches held fixed.
+    """
+    d_mean = ((mean - mean_old) / rho).detach() if rho != 0 else torch.zeros_like(mean)
+    return _CompensatedEntries.apply(weight, bias, mean.detach(), var.detach(), d_mean,
+                                     grad_mean, grad_var, float(rho), compensation)
 
 
 def apply_variance_rule(mean: Tensor, var: Tensor, rule: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -295,10 +371,15 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     is ``mean(var_e) + mean((mu_e - mu_bar)^2)``: the same number as
     ``mean(nu_e) - mu_bar^2`` without its cancellation. Returns
     ``(mean, var, count)``; ``pooled_batch_norm`` takes the gradient through
-    the current entry analytically, with weight ``1 / count``.
+    the current entry analytically, with weight ``1 / count``; past entries
+    that carry gradient (``compensated_entries``) get theirs through autograd.
     """
     count = valid.sum(0).to(mean_cur.dtype) + 1
     zero = mean_cur.new_zeros(())
+    # Dropped entries may be non-finite: zero them before any arithmetic, so
+    # that no NaN reaches the gradient of the others through torch.where.
+    mean_past = torch.where(valid, mean_past, zero)
+    var_past = torch.where(valid, var_past, zero)
     mean = (mean_cur + torch.where(valid, mean_past, zero).sum(0)) / count
     spread_past = torch.where(valid, var_past + (mean_past - mean) ** 2, zero).sum(0)
     var = (var_cur + (mean_cur - mean) ** 2 + spread_past) / count
@@ -353,18 +434,30 @@ class _PooledBatchNorm(torch.autograd.Function):
         grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
         grad_x.addcmul_(grad, (gamma * invstd).view(shape))
         needs = ctx.needs_input_grad
+        grad_mean = grad_var = None
+        if needs[3] or needs[4]:
+            # Pooled statistics that carry gradient (past entries as functions of
+            # the current conv weight): this device's own gradient, like any
+            # parameter gradient under DDP; the all-reduced one above is for x.
+            if ctx.group is None:
+                grad_mean, grad_var = d_mean, d_var
+            else:
+                grad_mean = -gamma * invstd * sum_g
+                grad_var = -0.5 * gamma * invstd * invstd * sum_g_xhat
         return (grad_x, sum_g_xhat if needs[1] else None, sum_g if needs[2] else None,
-                None, None, None, None, None, None, None)
+                grad_mean, grad_var, None, None, None, None, None)
 
 
 def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, mean_call: Tensor,
                       stat_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
                       eps: float, count: int | None = None, group=None) -> Tensor:
-    """Normalise ``x`` with pooled statistics; gradients flow through this call's only.
+    """Normalise ``x`` with pooled statistics, with the gradient through this call's.
 
     ``mean``/``var``: the pooled statistics; ``mean_call``: this call's batch
     mean; ``stat_weight``: per channel, the weight of this call's statistics in
-    the pool. All three are constants (detached). ``count``: positions behind
+    the pool. The gradient through this call's statistics is analytic; the
+    pooled ``mean``/``var`` pass gradient on only where they carry it for
+    other reasons (``compensated_entries``), never back into this call's. ``count``: positions behind
     this call's statistics (all devices' with ``group``, whose backward then
     sums the statistics' gradient across the group). Computed in the
     statistics' dtype, returned in ``x``'s.

@@ -8,6 +8,8 @@ run restores them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,7 +29,27 @@ WINDOW_BUFFERS = (
     'window_grad_var',   # S x (k-1) x C x P'       (dvar/dW)
 )
 RUNNING_STATS_SOURCES = ('batch', 'window')
-STATS_BACKWARD = ('current', 'pooled')
+STATS_BACKWARD = ('current', 'pooled', 'compensated')
+# Presets for the three choices where this plugin and the paper differ; an
+# argument given explicitly overrides its preset. 'default' is what the
+# small-batch study measured best (docs/small_batch.md); 'paper' is the
+# algorithm of the paper and the authors' code (with their variance rule,
+# variance_rule='exclude', it equals the authors' layer).
+MODES = {
+    'default': dict(stats_backward='compensated', running_stats='window', compensation='var'),
+    'paper': dict(stats_backward='current', running_stats='batch', compensation='mu_nu'),
+}
+
+
+class PastEntries(NamedTuple):
+    """The past entries one step pools at one call position, newest first (``J x C``).
+
+    ``mean``/``var``: compensated to the current weights, variance rule
+    applied; ``valid``: the entries pooled (the rule may drop some).
+    """
+    mean: Tensor
+    var: Tensor
+    valid: Tensor
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -37,16 +59,26 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         window_size: steps pooled, the current one included (k). 1 is BN.
         rho: weight of the Taylor compensation, 1.0 for CBN, 0.0 for naive
             averaging over steps. Must lie in [0, 1].
+        mode: ``'default'`` or ``'paper'``: the preset for
+            ``stats_backward``, ``running_stats`` and ``compensation`` (see
+            ``MODES``); each of the three given explicitly overrides it.
         variance_rule: ``'clamp'`` (``max(nu, mu^2)`` per entry) or
             ``'exclude'`` (drop entries with ``nu < mu^2``, the authors' code).
         running_stats: what the running statistics used at inference track:
-            ``'batch'`` (the current batch, as BN) or ``'window'`` (the pooled
-            window statistics).
+            ``'batch'`` (the current batch, as BN; the paper) or ``'window'``
+            (the pooled window statistics; default).
         stats_backward: how the gradient treats the pooled statistics.
+            ``'compensated'`` (default): the exact gradient of the forward;
+            the compensated past entries are functions of the bound conv's
+            current weight and bias and pass gradient to them.
             ``'current'`` (the paper, the authors' code): only this batch's
             statistics carry gradient, at weight 1/k; past entries are
             constants. ``'pooled'``: BN's backward as if the pooled statistics
             were this batch's (full weight).
+        compensation: ``'var'`` (default): the first-order step on the mean
+            and the variance; ``'mu_nu'`` (the paper): on the mean and the
+            second moment, which also subtracts ``rho^2 d_mu^2`` from each
+            past variance.
         dvar_stride: 1 computes ``dvar/dW`` exactly (one weight-gradient
             convolution per step); ``s > 1`` estimates it from one output
             position in ``s^2`` (every s-th row and column; every
@@ -62,14 +94,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     Compensation needs the conv that produces the input: ``cbn_plugin.bind``
     (or the CBN hook) pairs them; ``cbn_plugin.step`` (or the hook) marks the
     end of each optimizer step.
+
+    A single value per channel (batch 1 with 1x1 maps) cannot be normalised
+    by its own statistics: with pooled statistics it trains like any batch;
+    on a step whose window is still empty the layer normalises with its
+    running statistics (as in eval mode), leaves them unchanged and only
+    records the step; where it acts as plain BN (burn-in, ``window_size=1``)
+    it raises.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
-                 rho: float = 1.0, variance_rule: str = 'clamp', running_stats: str = 'batch',
-                 stats_backward: str = 'current',
-                 dvar_stride: int = 1, per_call_windows: bool = False, device=None,
-                 dtype=None) -> None:
+                 rho: float = 1.0, variance_rule: str = 'clamp', mode: str = 'default',
+                 running_stats: str | None = None, stats_backward: str | None = None,
+                 compensation: str | None = None, dvar_stride: int = 1,
+                 per_call_windows: bool = False, device=None, dtype=None) -> None:
+        if mode not in MODES:
+            raise ValueError(f'CBN mode must be one of {tuple(MODES)}, got {mode!r}')
+        preset = MODES[mode]
+        running_stats = preset['running_stats'] if running_stats is None else running_stats
+        stats_backward = preset['stats_backward'] if stats_backward is None else stats_backward
+        compensation = preset['compensation'] if compensation is None else compensation
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f'CBN window_size must be an integer >= 1 (1 is plain BN), '
                              f'got {window_size!r}')
@@ -85,6 +130,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if stats_backward not in STATS_BACKWARD:
             raise ValueError(f'CBN stats_backward must be one of {STATS_BACKWARD}, '
                              f'got {stats_backward!r}')
+        if compensation not in CF.COMPENSATIONS:
+            raise ValueError(f'CBN compensation must be one of {CF.COMPENSATIONS}, '
+                             f'got {compensation!r}')
         if isinstance(dvar_stride, bool) or not isinstance(dvar_stride, int) or dvar_stride < 1:
             raise ValueError(f'CBN dvar_stride must be an integer >= 1 (1 is exact), '
                              f'got {dvar_stride!r}')
@@ -99,6 +147,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.running_stats = running_stats
         self.dvar_stride = dvar_stride
         self.stats_backward = stats_backward
+        self.compensation = compensation
         self.per_call_windows = per_call_windows
         # Schedule, set by CBNHook from the config; the step counter it is
         # compared with is a (persistent) buffer, so resume needs nothing else.
@@ -140,20 +189,31 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _reset_step_state(self) -> None:
         self._conv_io = None
         self._call_index = 0
-        self._past = {}      # position -> compensated past entries for this step
-        self._pending = {}   # position -> positions recorded this step (count)
+        self._past = {}      # position -> PastEntries for this step
+        self._ring = {}      # position -> (ring slots used, compensated ring mean, var)
+        self._pending = {}   # position -> this step's record so far (SlotStats)
 
     def step(self) -> None:
-        """Mark the end of an optimizer step: this step's record joins the window."""
+        """Mark the end of an optimizer step: this step's record joins the window.
+
+        Records are written here, not in the forward: until the backward has
+        run, the graph of a compensated backward reads the oldest slot, the one
+        this step's record replaces.
+        """
         if self.num_steps is None:
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
         self.num_steps += 1
         if self.window_size > 1:
-            for position in self._pending:
+            for position, record in self._pending.items():
+                self._write_record(position, record)
                 self.window_next[position] = (self.window_next[position] + 1) % (self.window_size - 1)
                 self.window_filled[position] = torch.clamp(
                     self.window_filled[position] + 1, max=self.window_size - 1)
         self._reset_step_state()
+
+    def past_entries(self, position: int = 0) -> PastEntries | None:
+        """The past entries this step pools at call ``position``; ``None`` before its first call."""
+        return self._past.get(position)
 
     @property
     def steps_done(self) -> int:
@@ -200,35 +260,84 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if position not in self._past:
             self._past[position] = self._compensated_past(position, window - 1)
         mean_past, var_past, valid = self._past[position]
-        pending = self._read_pending(position)
+        pending = self._pending.get(position)
+        exact = self.stats_backward == 'compensated' and self.compensates
         if pending is None and mean_past.shape[0] == 0 and group is None:
-            out = self._batch_norm(x)  # nothing to pool yet: exactly BN
+            if count == 1 and window > 1:
+                out = self._seed_window(x)  # one value per channel, nothing to pool yet
+            else:
+                out = self._batch_norm(x)  # nothing to pool yet: exactly BN
         else:
+            if exact and mean_past.shape[0] > 0:
+                mean_past, var_past = self._past_with_gradient(position)
             mean_step, var_step, share = mean_cur, var_cur, 1.0
             if pending is not None:
-                # Earlier calls of this step: same weights, so merged exactly;
-                # the gradient flows through this call's share only.
-                merged = CF.merge_stats(pending, CF.SlotStats(count, mean_cur, var_cur, None, None))
+                # Earlier calls of this step: same weights, so merged exactly.
+                # This call's share is differentiated analytically; the earlier
+                # calls' statistics, with the compensated backward, through
+                # their derivatives in the conv weight.
+                earlier = pending
+                if exact:
+                    mean_earlier, var_earlier = self._earlier_with_gradient(pending)
+                    earlier = pending._replace(mean=mean_earlier, var=var_earlier)
+                merged = CF.merge_stats(earlier._replace(grad_mean=None, grad_var=None),
+                                        CF.SlotStats(count, mean_cur, var_cur, None, None))
                 mean_step, var_step, share = merged.mean, merged.var, count / merged.count
             mean, var, pooled = CF.pool_window(mean_step, var_step, mean_past, var_past, valid)
-            self._update_running_stats(mean_step, var_step, count, mean, var, pooled)
-            if self.stats_backward == 'current':
+            self._update_running_stats(mean_step.detach(), var_step.detach(), count,
+                                       mean.detach(), var.detach(), pooled)
+            if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's
+                mean_call, stat_weight = mean.detach(), torch.ones_like(mean)
+            else:
                 mean_call, stat_weight = mean_cur, share / pooled
-            else:  # BN's backward, as if the pooled statistics were this batch's
-                mean_call, stat_weight = mean, torch.ones_like(mean)
             out = CF.pooled_batch_norm(x, mean, var, mean_call, stat_weight, self.weight,
                                        self.bias, self.eps, count, group)
-        # Only a forward that succeeded changes the window.
+        # Only a forward that succeeded changes the window (at the next step()).
         self._call_index += 1
         if record is not None:
-            self._write_record(position, record, pending)
+            self._pending[position] = record if pending is None else CF.merge_stats(pending, record)
         else:
             self.diagnostics['skipped_records'] += 1
         self.diagnostics['window'] = 1 + mean_past.shape[0]
         return out
 
+    def _past_with_gradient(self, position: int) -> tuple[Tensor, Tensor]:
+        """This step's past entries as functions of the bound conv's weight and bias."""
+        slots, ring_mean, ring_var = self._ring[position]
+        conv = self.bound_conv
+        mean, var = CF.compensated_entries(
+            ring_mean, ring_var, self.window_mean[position], self.window_grad_mean[position],
+            self.window_grad_var[position], conv.weight, conv.bias, self.rho, self.compensation)
+        mean, var = mean[slots], var[slots]
+        var, _, _ = CF.apply_variance_rule(mean, var, self.variance_rule)
+        return mean, var
+
+    def _earlier_with_gradient(self, pending: CF.SlotStats) -> tuple[Tensor, Tensor]:
+        """The statistics of this step's earlier calls, differentiable in the conv weight."""
+        conv = self.bound_conv
+        mean, var = CF.compensated_entries(
+            pending.mean[None], pending.var[None], pending.mean[None], pending.grad_mean[None],
+            pending.grad_var[None], conv.weight, conv.bias, 1.0, self.compensation)
+        return mean[0], var[0]
+
+    def _seed_window(self, x: Tensor) -> Tensor:
+        """One value per channel and an empty window: running statistics, window seeded."""
+        if not self.track_running_stats:
+            raise ValueError(
+                f'{self._describe()} got one value per channel (input {tuple(x.shape)}) and '
+                'has no past steps to pool yet nor running statistics to fall back on: use '
+                'track_running_stats=True, or a batch with more than one value per channel')
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            False, 0.0, self.eps)
+
     def _batch_norm(self, x: Tensor) -> Tensor:
         """Plain BN, except that non-finite batch statistics never reach the running ones."""
+        if self.training and x.numel() == x.shape[1]:
+            raise ValueError(
+                f'{self._describe()} got one value per channel (input {tuple(x.shape)}) while '
+                f'acting as plain BN (burn-in, window_size=1, a frozen conv or a no_grad '
+                f'forward), and BN cannot normalise a single value: use a window '
+                f'(window_size > 1, no burn-in) or more than one value per channel')
         if not (self.training and self.track_running_stats):
             return super().forward(x)
         factor = self._momentum_factor()
@@ -296,7 +405,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ages = min(max_ages, int(self.window_filled[position]))
         if ages == 0:
             empty = torch.zeros(0, c, device=self._state_device())
-            return empty, empty, empty.bool()
+            return PastEntries(empty, empty, empty.bool())
         # Compensate every slot in place (views, no copy of the |W|-sized
         # derivatives), then pick the used ones, newest first: J x C is small.
         idx = self._slots(position, ages)
@@ -310,7 +419,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             weight, bias = conv.weight, conv.bias
         with torch.no_grad():
             mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, weight, bias,
-                                      self.rho)
+                                      self.rho, self.compensation)
+            self._ring[position] = (idx, mean, var)
             mean, var, mean_old, var_old = (t[idx] for t in (mean, var, mean_old, var_old))
             var, valid, negative = CF.apply_variance_rule(mean, var, self.variance_rule)
         self.diagnostics.update(
@@ -318,7 +428,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             dropped_fraction=(~valid).float().mean(),
             mean_shift=((mean - mean_old).abs() / (var_old + self.eps).sqrt()).mean(),
             var_shift=((var - var_old).abs() / (var_old + self.eps)).mean())
-        return mean, var, valid
+        return PastEntries(mean, var, valid)
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:
         k1, c = self.window_size - 1, self.num_features
@@ -337,31 +447,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             current = getattr(self, name)
             setattr(self, name, fresh if current is None else torch.cat([current, fresh]))
 
-    def _read_pending(self, position: int) -> CF.SlotStats | None:
-        if position not in self._pending:
-            return None
-        slot = int(self.window_next[position])
-        grads = (None, None)
-        if self.compensates:
-            grads = (self.window_grad_mean[position, slot], self.window_grad_var[position, slot])
-        # Copies: the slot is overwritten after this call's graph has used them.
-        return CF.SlotStats(self._pending[position], self.window_mean[position, slot].clone(),
-                            self.window_var[position, slot].clone(), *grads)
-
-    def _write_record(self, position: int, record: CF.SlotStats,
-                      pending: CF.SlotStats | None) -> None:
-        """Write this call into the slot of the oldest step (already read for this step)."""
+    def _write_record(self, position: int, record: CF.SlotStats) -> None:
+        """Write a step's record into the slot of its oldest step (see ``step``)."""
         if self.window_mean is None or position >= self.window_mean.shape[0]:
             self._allocate(position + 1, record)
-        if pending is not None:
-            record = CF.merge_stats(pending, record)
         slot = int(self.window_next[position])
         self.window_mean[position, slot] = record.mean
         self.window_var[position, slot] = record.var
         if record.grad_mean is not None:
             self.window_grad_mean[position, slot] = record.grad_mean
             self.window_grad_var[position, slot] = record.grad_var
-        self._pending[position] = record.count
 
     def _update_running_stats(self, mean_cur: Tensor, var_cur: Tensor, count: int,
                               mean: Tensor, var: Tensor, pooled: Tensor) -> None:
@@ -406,10 +501,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f', window_size={self.window_size}, rho={self.rho}, '
-                f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}'
-                + (f', dvar_stride={self.dvar_stride}' if self.dvar_stride > 1 else '')
-                + (", stats_backward='pooled'" if self.stats_backward == 'pooled' else '')
-                + (', per_call_windows=True' if self.per_call_windows else ''))
+                f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}, '
+                f'stats_backward={self.stats_backward!r}, compensation={self.compensation!r}, '
+                f'dvar_stride={self.dvar_stride}, per_call_windows={self.per_call_windows}')
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):

@@ -25,7 +25,7 @@ def test_authors_reference_matches_cbn_with_the_exclude_rule(window):
     ``CBN(variance_rule='exclude')``, whose (mu, var) window the authors keep as
     (mu, nu, dmu/dW, dnu/dW, W)."""
     torch.manual_seed(0)
-    ours = _pair(cbn_plugin.CBN(6, window_size=window, variance_rule='exclude')).double()
+    ours = _pair(cbn_plugin.CBN(6, window_size=window, variance_rule='exclude', mode='paper')).double()
     ref = _pair(benchmark.AuthorsCBN(6, window_size=window)).double()
     ref.load_state_dict(ours.state_dict(), strict=False)
     cbn_plugin.bind(ours, logger=None)

@@ -18,7 +18,9 @@ from cbn_plugin import CBN, CBNHook
     (dict(running_stats='ema'), r"running_stats must be one of \('batch', 'window'\), got 'ema'"),
     (dict(per_call_windows='yes'), r"per_call_windows must be True or False, got 'yes'"),
     (dict(dvar_stride=0), r'dvar_stride must be an integer >= 1 \(1 is exact\), got 0'),
-    (dict(stats_backward='window'), r"stats_backward must be one of \('current', 'pooled'\), got 'window'"),
+    (dict(stats_backward='window'), r"stats_backward must be one of \('current', 'pooled', 'compensated'\), got 'window'"),
+    (dict(compensation='nu'), r"compensation must be one of \('mu_nu', 'var'\), got 'nu'"),
+    (dict(mode='authors'), r"mode must be one of \('default', 'paper'\), got 'authors'"),
     (dict(eps=0), r'eps must be > 0, got 0'),
 ])
 def test_invalid_arguments(kwargs, match):

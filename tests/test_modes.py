@@ -150,7 +150,8 @@ def test_large_offset_does_not_cancel():
     variance itself; the centred form matches the float64 oracle closely.
     """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), CBN(3, window_size=3, rho=1.0))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1, bias=False),
+                          CBN(3, window_size=3, rho=1.0, compensation='mu_nu'))
     cbn_plugin.bind(model, logger=None)
     conv = model[0]
     with torch.no_grad():
@@ -164,7 +165,7 @@ def test_large_offset_does_not_cancel():
         with torch.no_grad():
             conv.weight.add_(1e-6 * torch.randn_like(conv.weight))
     model(xs[2])
-    _, var_c, valid = model[1]._past[0]
+    _, var_c, valid = model[1].past_entries()
     w = conv.weight.detach().double()
     expect = []
     for x_old, w_old in reversed(history):
@@ -172,3 +173,47 @@ def test_large_offset_does_not_cancel():
         expect.append(nu - mu * mu)
     assert bool(valid.all())
     torch.testing.assert_close(var_c.double(), torch.stack(expect), rtol=2e-3, atol=1e-6)
+
+
+def test_single_value_per_channel_seeds_the_window_then_pools():
+    """Batch 1 with a 1x1 map: running statistics on the empty-window step, then the window."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), CBN(4, window_size=3))
+    cbn_plugin.bind(model, logger=None)
+    layer = model[1]
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    running = layer.running_mean.clone(), layer.running_var.clone()
+    xs = [torch.randn(1, 3, 1, 1) for _ in range(4)]
+    out = model(xs[0])
+    expect = (model[0](xs[0]) - running[0].view(1, -1, 1, 1)) / torch.sqrt(
+        running[1].view(1, -1, 1, 1) + layer.eps)
+    torch.testing.assert_close(out, expect * layer.weight.view(1, -1, 1, 1)
+                               + layer.bias.view(1, -1, 1, 1))
+    out.sum().backward()
+    torch.testing.assert_close((layer.running_mean, layer.running_var), running)
+    cbn_plugin.step(model)
+    assert int(layer.window_filled[0]) == 1
+    for x in xs[1:]:
+        out = model(x)
+        past = layer.past_entries()
+        assert past.mean.shape[0] >= 1
+        # Two or more single values pooled: a real per-channel mean and variance.
+        pooled_mean = (model[0](x).detach().view(-1) + past.mean.sum(0)) / (1 + past.mean.shape[0])
+        y = model[0](x).detach().view(-1)
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out.view(-1), layer.bias)  # not collapsed to beta
+        assert (torch.sign(out.view(-1) - layer.bias) == torch.sign(
+            (y - pooled_mean) * layer.weight)).all()
+        out.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        cbn_plugin.step(model)
+    assert not torch.allclose(layer.running_var, running[1])  # trained from the window
+
+
+def test_single_value_per_channel_as_plain_bn_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), CBN(4, window_size=1))
+    cbn_plugin.bind(model, logger=None)
+    with pytest.raises(ValueError, match=r'one value per channel \(input \(1, 4, 1, 1\)\)'):
+        model(torch.randn(1, 3, 1, 1))

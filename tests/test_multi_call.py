@@ -13,7 +13,8 @@ from oracle import OracleCBN, sgd_in_lockstep
 def shared_head(per_call_windows, window_size=3):
     torch.manual_seed(0)
     head = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False),
-                         CBN(6, window_size=window_size, per_call_windows=per_call_windows))
+                         CBN(6, window_size=window_size, per_call_windows=per_call_windows,
+                             mode='paper'))
     cbn_plugin.bind(head, logger=None)
     return head.double()
 

@@ -15,6 +15,7 @@ class TwoLayer(nn.Module):
 
     def __init__(self, conv_bias=False, **cbn):
         super().__init__()
+        cbn.setdefault('mode', 'paper')  # the oracle is the paper's algorithm
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=conv_bias)
         self.bn1 = CBN(6, **cbn)
         self.conv2 = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=False)
@@ -94,7 +95,7 @@ def test_mean_compensation_is_exact():
     mean of the old batches pushed through the new weights."""
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True).double()
-    bn = CBN(8, window_size=4).double()
+    bn = CBN(8, window_size=4, mode='paper').double()
     model = nn.Sequential(conv, bn)
     cbn_plugin.bind(model, logger=None)
     batches = [torch.randn(2, 3, 7, 5, dtype=torch.float64) + 3 for _ in range(4)]
@@ -106,7 +107,7 @@ def test_mean_compensation_is_exact():
                 p.grad = None
         cbn_plugin.step(model)
     model(batches[3])
-    mean_c, _, valid = bn._past[0]
+    mean_c, _, valid = bn.past_entries()
     assert bool(valid.all()) and mean_c.shape[0] == 3
     # Newest first: the old batches through today's conv.
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_compensation_matches_autograd_derivatives_grouped_conv():
     """Grouped, dilated, strided conv: the cheap derivatives give the oracle's (mu, nu)."""
     torch.manual_seed(2)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True).double()
-    bn = CBN(6, window_size=2).double()
+    bn = CBN(6, window_size=2, mode='paper').double()
     model = nn.Sequential(conv, bn)
     cbn_plugin.bind(model, logger=None)
     x_old = torch.randn(3, 4, 9, 8, dtype=torch.float64)
@@ -129,7 +130,7 @@ def test_compensation_matches_autograd_derivatives_grouped_conv():
         conv.weight.add_(0.2 * torch.randn_like(conv.weight))
         conv.bias.add_(0.2 * torch.randn_like(conv.bias))
     model(torch.randn(3, 4, 9, 8, dtype=torch.float64))
-    mean_c, var_c, _ = bn._past[0]
+    mean_c, var_c, _ = bn.past_entries()
     mu, nu = compensated_moments(x_old, old_w, old_b, conv.weight, conv.bias, conv, 1.0)
     torch.testing.assert_close(mean_c[0], mu, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(var_c[0], torch.clamp_min(nu - mu * mu, 0), rtol=1e-10, atol=1e-12)
@@ -194,8 +195,8 @@ def test_sampled_mode_stays_close_to_exact(batch, size):
     exact(x), sampled(x)
     # The first layer sees identical inputs in both models (the second does not:
     # its input went through the first layer's pooled statistics).
-    mean_s, var_s, _ = sampled.bn1._past[0]
-    mean_e, var_e, _ = exact.bn1._past[0]
+    mean_s, var_s, _ = sampled.bn1.past_entries()
+    mean_e, var_e, _ = exact.bn1.past_entries()
     torch.testing.assert_close(mean_s, mean_e, rtol=1e-12, atol=1e-12)
     assert not torch.equal(var_s, var_e)
     # It recovers most of the compensation: far closer than the uncompensated entries.
@@ -222,7 +223,7 @@ def test_pooled_stats_backward_is_bn_backward_with_the_pooled_statistics():
     handle.remove()
     grad = torch.randn_like(captured['y'])
     dx, = torch.autograd.grad(captured['y'], captured['x'], grad)
-    mean_past, var_past, valid = bn._past[0]
+    mean_past, var_past, valid = bn.past_entries()
     from cbn_plugin import functional as CF
     mean_cur, var_cur = CF.batch_stats(captured['x'].detach())
     mean, var, _ = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)

@@ -46,7 +46,11 @@ def batches():
 
 
 def train(model, rank=None, kwargs=None):
-    """Per step: output, input gradient, parameter gradients (summed over processes)."""
+    """Per step: output, input gradient, parameter gradients (summed over processes).
+
+    With the compensated backward, each process's gradient through the past
+    entries is its own loss's: summed (DDP averages) they are the full batch's.
+    """
     log = []
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     for x, target in batches():
@@ -77,9 +81,13 @@ def worker(rank, store, kwargs, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('kwargs', [dict(window_size=3), dict(window_size=1),
+@pytest.mark.parametrize('kwargs', [dict(window_size=3), dict(window_size=3, mode='paper'),
+                                    dict(window_size=3, compensation='mu_nu',
+                                         variance_rule='exclude'),
+                                    dict(window_size=1),
                                     dict(window_size=3, rho=0.0, variance_rule='exclude')],
-                         ids=['cbn', 'window1-syncbn', 'naive-exclude'])
+                         ids=['cbn', 'cbn-paper', 'cbn-mu_nu-exclude', 'window1-syncbn',
+                              'naive-exclude'])
 def test_two_processes_equal_one_with_the_double_batch(tmp_path, kwargs):
     mp.start_processes(worker, args=(str(tmp_path / 'store'), kwargs, str(tmp_path / 'log')),
                        nprocs=2, start_method='spawn')

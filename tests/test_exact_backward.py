@@ -1,0 +1,261 @@
+"""The compensated backward against a float64 brute force that differentiates the forward.
+
+The oracle here keeps every past conv input and weight. Each past step's entry
+is rebuilt as a differentiable function of the *current* conv weight and bias:
+its statistics and their derivatives at the old weights by autograd, then the
+first-order step (on (mu, nu) or on the variance), the variance rule, pooling
+with this batch's statistics, normalisation; autograd then gives the gradient
+of that whole function. Nothing is shared with the plugin's implementation.
+Earlier calls of the same step (gradient accumulation) are entries taken with
+the current weights: recomputed through the current conv, their inputs fixed.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cbn_plugin
+from cbn_plugin import CBN
+from cbn_plugin import functional as CF
+from oracle import sgd_in_lockstep
+
+
+def moments(x):
+    return x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))
+
+
+class ExactOracle:
+    """One CBN layer, brute force: the paper's window, differentiated end to end."""
+
+    def __init__(self, conv, gamma, beta, window_size, rho, rule, compensation, eps=1e-5,
+                 momentum=0.1):
+        self.conv, self.gamma, self.beta = conv, gamma, beta
+        self.k, self.rho, self.rule, self.form = window_size, rho, rule, compensation
+        self.eps, self.momentum = eps, momentum
+        self.history = []  # per completed step: (inputs of its calls, weight, bias)
+        self.calls = []    # this step's conv inputs so far
+        self.running_mean = torch.zeros(gamma.shape, dtype=torch.float64)
+        self.running_var = torch.ones(gamma.shape, dtype=torch.float64)
+
+    def conv_with(self, inp, weight, bias):
+        c = self.conv
+        return F.conv2d(inp, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def past_entry(self, inputs, old_w, old_b):
+        """(mu, var) of an old step as a first-order function of the current weights."""
+        w0 = old_w.detach().clone().requires_grad_(True)
+        b0 = None if old_b is None else old_b.detach().clone().requires_grad_(True)
+        x = torch.cat([self.conv_with(i, w0, b0) for i in inputs])
+        mu, nu = moments(x)
+        var = nu - mu * mu
+        params = [w0] + ([b0] if b0 is not None else [])
+        # Channel j depends on row j only: the gradient of the sum is per channel.
+        d_mu = torch.autograd.grad(mu.sum(), params, retain_graph=True)
+        d_nu = torch.autograd.grad(nu.sum(), params, retain_graph=True)
+        d_var = torch.autograd.grad(var.sum(), params)
+        dw = (self.conv.weight - old_w.detach()).flatten(1)
+        db = None if old_b is None else self.conv.bias - old_b.detach()
+
+        def step(grads):
+            shift = (grads[0].flatten(1) * dw).sum(1)
+            return shift if db is None else shift + grads[1] * db
+
+        mu_c = mu.detach() + self.rho * step(d_mu)
+        if self.form == 'mu_nu':
+            var_c = nu.detach() + self.rho * step(d_nu) - mu_c * mu_c
+        else:
+            var_c = var.detach() + self.rho * step(d_var)
+        return mu_c, var_c
+
+    def __call__(self, inp):
+        conv = self.conv
+        x = conv(inp)
+        # Earlier calls of this step: the current weights, inputs fixed.
+        earlier = [self.conv_with(i, conv.weight, conv.bias) for i in self.calls]
+        if not self.calls:  # the weights this step's statistics were taken with
+            self.weights = (conv.weight.detach().clone(),
+                            None if conv.bias is None else conv.bias.detach().clone())
+        self.calls.append(inp.detach().clone())
+        mu, nu = moments(torch.cat(earlier + [x]))
+        mus, vars_, keep = [mu], [nu - mu * mu], [torch.ones_like(mu, dtype=torch.bool)]
+        for inputs, old_w, old_b in (self.history[-(self.k - 1):][::-1] if self.k > 1 else []):
+            mu_c, var_c = self.past_entry(inputs, old_w, old_b)
+            negative = var_c < 0
+            if self.rule == 'clamp':
+                var_c = torch.clamp(var_c, min=0)
+                keep.append(torch.ones_like(negative))
+            else:
+                keep.append(~negative)
+            mus.append(mu_c)
+            vars_.append(var_c)
+        keep = torch.stack(keep).to(mu.dtype)
+        n = keep.sum(0)
+        mus, vars_ = torch.stack(mus), torch.stack(vars_)
+        mu_bar = (mus * keep).sum(0) / n
+        var_bar = ((vars_ + (mus - mu_bar) ** 2) * keep).sum(0) / n
+        m = x.numel() // x.shape[1]
+        with torch.no_grad():  # running statistics from the window
+            total = n * m
+            self.running_mean.lerp_(mu_bar, self.momentum)
+            self.running_var.lerp_(var_bar * total / (total - 1), self.momentum)
+        shape = (1, -1, 1, 1)
+        return ((x - mu_bar.view(shape)) / torch.sqrt(var_bar.view(shape) + self.eps)
+                * self.gamma.view(shape) + self.beta.view(shape))
+
+    def step(self):
+        self.history.append((self.calls, *self.weights))
+        self.calls = []
+
+
+class TwoLayer(nn.Module):
+    """conv -> CBN -> relu -> conv -> CBN; optionally a conv bias and a grouped conv."""
+
+    def __init__(self, conv_bias=False, groups=1, **cbn):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 6, 3, padding=1, bias=conv_bias)
+        self.bn1 = CBN(6, **cbn)
+        self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=groups, bias=conv_bias)
+        self.bn2 = CBN(4, **cbn)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1, steps=10,
+        lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = TwoLayer(conv_bias, groups, window_size=window_size, rho=rho, variance_rule=rule,
+                     compensation=compensation, stats_backward=backward).double()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.weight.add_(0.3 * torch.randn(bn.weight.shape, generator=gen, dtype=torch.float64))
+            bn.bias.add_(0.3 * torch.randn(bn.bias.shape, generator=gen, dtype=torch.float64))
+    cbn_plugin.bind(model, logger=None)
+    ref = copy.deepcopy(model)
+    o1 = oracle_cls(ref.conv1, ref.bn1.weight, ref.bn1.bias, window_size, rho, rule, compensation)
+    o2 = oracle_cls(ref.conv2, ref.bn2.weight, ref.bn2.bias, window_size, rho, rule, compensation)
+    params, ref_params = list(model.parameters()), list(ref.parameters())
+    for _ in range(steps):
+        for _ in range(calls):
+            # A large shared offset, so that the window really differs from the batch.
+            x = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64) * 2 + 1
+            target = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64)
+            x_ref = x.clone().requires_grad_(True)
+            x.requires_grad_(True)
+            out, out_ref = model(x), o2(torch.relu(o1(x_ref)))
+            torch.testing.assert_close(out, out_ref, rtol=1e-9, atol=1e-9)
+            (out * target).sum().backward()
+            (out_ref * target).sum().backward()
+            torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-8, atol=1e-9)
+        if calls == 1:
+            for bn, orc in ((model.bn1, o1), (model.bn2, o2)):
+                torch.testing.assert_close(bn.running_mean, orc.running_mean, rtol=1e-9,
+                                           atol=1e-12)
+                torch.testing.assert_close(bn.running_var, orc.running_var, rtol=1e-9,
+                                           atol=1e-12)
+        # Every parameter: both convs' weights (and biases), both norms' affine.
+        sgd_in_lockstep(params, ref_params, lr, rtol=1e-7, atol=1e-9)
+        cbn_plugin.step(model)
+        o1.step()
+        o2.step()
+    return model
+
+
+@pytest.mark.parametrize('compensation', ['mu_nu', 'var'])
+@pytest.mark.parametrize('rule', ['clamp', 'exclude'])
+@pytest.mark.parametrize('rho', [0.5, 1.0])
+@pytest.mark.parametrize('window_size', [2, 4])
+def test_exact_backward_matches_brute_force(window_size, rho, rule, compensation):
+    run(window_size, rho, rule, compensation)
+
+
+@pytest.mark.parametrize('compensation', ['mu_nu', 'var'])
+def test_exact_backward_conv_bias_and_groups(compensation):
+    run(4, 1.0, 'clamp', compensation, conv_bias=True, groups=2)
+    run(3, 0.5, 'exclude', compensation, conv_bias=True, groups=2, seed=1)
+
+
+@pytest.mark.parametrize('compensation', ['mu_nu', 'var'])
+def test_exact_backward_gradient_accumulation(compensation):
+    """Three calls per step: the earlier calls' statistics carry their weight gradient too."""
+    run(3, 1.0, 'clamp', compensation, conv_bias=True, calls=3, steps=6)
+
+
+def test_exact_backward_sees_negative_entries():
+    """The runs above exercise the variance rule: some compensated entries are negative."""
+    model = run(4, 1.0, 'clamp', 'mu_nu', lr=0.6, steps=8)
+    assert float(model.bn2.diagnostics['negative_fraction']) + float(
+        model.bn1.diagnostics['negative_fraction']) > 0
+
+
+class DetachedPastOracle(ExactOracle):
+    """The oracle with the past entries held constant: the paper's backward."""
+
+    def past_entry(self, inputs, old_w, old_b):
+        return tuple(t.detach() for t in super().past_entry(inputs, old_w, old_b))
+
+
+def test_oracle_fails_without_the_past_entry_term():
+    """Mutation check: dropping the past entries' gradient (the paper's 'current') is caught."""
+    with pytest.raises(AssertionError):
+        run(4, 1.0, 'clamp', 'var', backward='current')
+    with pytest.raises(AssertionError):
+        run(4, 1.0, 'clamp', 'var', oracle_cls=DetachedPastOracle)
+    # ... and the paper's backward is exactly the detached oracle's gradient.
+    run(4, 1.0, 'clamp', 'var', backward='current', oracle_cls=DetachedPastOracle)
+
+
+def test_gradcheck_compensated_entries():
+    gen = torch.Generator().manual_seed(3)
+    j, groups, cg, p = 3, 2, 3, 5
+    c = groups * cg
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    grad_mean, grad_var = rnd(j, groups, p), rnd(j, c, p)
+    mean_old, var_old = rnd(j, c), rnd(j, c).abs()
+    weight = rnd(c, p).view(c, p, 1, 1).requires_grad_(True)
+    bias = rnd(c).requires_grad_(True)
+    for form in ('mu_nu', 'var'):
+        def f(w, b):
+            mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, w, b, 0.7, form)
+            return CF.compensated_entries(mean, var, mean_old, grad_mean, grad_var, w, b, 0.7,
+                                          form)
+
+        assert torch.autograd.gradcheck(f, (weight, bias))
+
+
+
+def test_gradcheck_layer_compensated_backward():
+    """gradcheck through a whole CBN step with a full window (input, conv and affine)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=True).double()
+    bn = CBN(3, window_size=3).double()
+    model = nn.Sequential(conv, bn)
+    cbn_plugin.bind(model, logger=None)
+    for _ in range(3):
+        model(torch.randn(2, 2, 4, 4, dtype=torch.float64)).sum().backward()
+        with torch.no_grad():
+            conv.weight.add_(0.05 * torch.randn_like(conv.weight))
+        cbn_plugin.step(model)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    weight = conv.weight
+
+    def f(inp, w):
+        # The window is read, not written, by a forward: calls are repeatable in a step.
+        saved = conv.weight
+        del conv.weight
+        conv.weight = w
+        try:
+            bn._reset_step_state()
+            return (model(inp) * target).sum()
+        finally:
+            del conv.weight
+            conv.weight = saved
+
+    assert torch.autograd.gradcheck(f, (x, weight.detach().clone().requires_grad_(True)))
