@@ -5,7 +5,7 @@ STAMP := .venv/.stack-installed
 
 .PHONY: demo test install clean-venv
 
-$(STAMP): tools/install_env.sh setup.cfg pyproject.toml
+$(STAMP): tools/install_env.sh constraints.txt setup.cfg pyproject.toml
 	bash tools/install_env.sh
 	touch $(STAMP)
 

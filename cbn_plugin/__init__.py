@@ -5,12 +5,20 @@ Importing the package registers ``'CBN'`` and ``'SyncCBN'`` in MMEngine's
 the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
 """
-from . import checkpoint  # noqa: F401  (registers WeightsOnlyCheckpointHook)
-from .binding import bind, cbn_layers, step
-from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn
-from .hook import CBNHook
-from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
-from .registry import register
+__version__ = '0.1.0'
+
+# Before anything imports mmengine: a clear error for an mmcv/mmengine/mmdet/mmseg
+# (or torch) outside the supported ranges (cbn_plugin/versions.py).
+from .versions import check_versions
+
+check_versions()
+
+from . import checkpoint  # noqa: E402,F401  (registers WeightsOnlyCheckpointHook)
+from .binding import bind, cbn_layers, step  # noqa: E402
+from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
+from .hook import CBNHook  # noqa: E402
+from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
+from .registry import register  # noqa: E402
 
 CBN = CrossIterationBatchNorm2d
 SyncCBN = SyncCrossIterationBatchNorm2d
@@ -19,4 +27,3 @@ register()
 __all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'SyncCBN',
            'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
            'convert_sync_cbn', 'convert_to_bn', 'step']
-__version__ = '0.1.0'

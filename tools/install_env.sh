@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
 # Create .venv in the repository and install the pinned OpenMMLab stack into it.
+# Every version comes from constraints.txt (the one place the stack is pinned;
+# setup.cfg only states the ranges the code needs).
 # Idempotent: satisfied pins are not reinstalled and mmcv is built only when
 # `import mmcv.ops` fails, so a second run builds nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
+PIP=("$PY" -m pip install --disable-pip-version-check -q -c constraints.txt)
 
 [ -x "$PY" ] || python3 -m venv "$VENV"
 
-# torch==2.13.0 is the CPU wheel on disk; a looser spec pulls a multi-GB CUDA
-# build. torch needs setuptools>=77.0.3; mmcv's setup.py needs pkg_resources,
-# gone in setuptools 81.
-"${PIP[@]}" torch==2.13.0 "setuptools>=77.0.3,<81" wheel numpy ninja mmengine==0.10.7
+# The torch pin (constraints.txt) is the CPU wheel on disk; a looser spec pulls a
+# multi-GB CUDA build. torch needs setuptools>=77.0.3; mmcv's setup.py needs
+# pkg_resources, gone in setuptools 81.
+"${PIP[@]}" torch setuptools wheel numpy ninja mmengine
 if ! "$PY" -c 'import mmcv.ops' 2>/dev/null; then
   echo "install_env: building mmcv 2.1.0 with CPU ops (about 12 minutes on 2 cores, once;" \
        "pip's wheel cache makes a rebuild fast)" >&2
   # No build isolation: an isolated build would pull a CUDA torch into it.
   MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} \
-    "${PIP[@]}" --no-build-isolation mmcv==2.1.0
+    "${PIP[@]}" --no-build-isolation mmcv
 fi
-"${PIP[@]}" mmdet==3.3.0 pycocotools pytest scikit-learn
+# The two codebases the plugin is tested with. mmseg imports ftfy and regex
+# without declaring them.
+"${PIP[@]}" mmdet pycocotools mmsegmentation ftfy regex pytest scikit-learn
 "${PIP[@]}" --no-build-isolation --no-deps -e .
-"$PY" -c 'import torch, mmcv.ops, mmdet, cbn_plugin; print("install_env: torch", torch.__version__,
-"mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "cbn_plugin", cbn_plugin.__version__)'
+"$PY" -c 'import torch, mmcv.ops, mmdet, mmseg, cbn_plugin; print("install_env: torch",
+torch.__version__, "mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmseg",
+mmseg.__version__, "cbn_plugin", cbn_plugin.__version__)'
