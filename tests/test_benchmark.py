@@ -52,9 +52,12 @@ def test_authors_reference_matches_cbn_with_the_exclude_rule(window):
 def test_sampled_variants_follow_the_strides_asked_for():
     cfgs = benchmark.norm_configs(window=3, strides=(2, 5))
     made = {name: benchmark.build_norm(cfg, 64) for name, cfg in cfgs.items() if cfg is not None}
-    assert made['CBN sampled s=2'].dvar_stride == 2
-    assert made['CBN sampled s=5'].dvar_stride == 5
-    assert made['CBN exact'].dvar_stride == 1 and made['naive CBN'].rho == 0
+    assert made['CBN default sampled s=2'].dvar_stride == 2
+    assert made['CBN default sampled s=5'].dvar_stride == 5
+    assert made['CBN paper'].dvar_stride == 1 and made['naive CBN'].rho == 0
+    assert made['CBN paper'].stats_backward == 'current'
+    assert made['CBN default'].stats_backward == 'compensated'
+    assert made['CBN default, mu_nu'].compensation == 'mu_nu'
 
 
 def test_cpu_peak_memory_sees_the_window():
@@ -64,10 +67,10 @@ def test_cpu_peak_memory_sees_the_window():
     args = argparse.Namespace(window=2, image=64, rois_per_image=16, threads=1,
                               dvar_strides=[2], peak_memory=True)
     cpu = torch.device('cpu')
-    peaks = {name: benchmark.peak_memory(name, None, args, cpu) for name in ('BN', 'CBN exact')}
-    model, step = benchmark.detector_step('CBN exact', args, cpu)
+    peaks = {name: benchmark.peak_memory(name, None, args, cpu) for name in ('BN', 'CBN paper')}
+    model, step = benchmark.detector_step('CBN paper', args, cpu)
     for _ in range(args.window + 1):
         step()
     window_mib = benchmark.window_numel(model) * 4 / 2 ** 20
     assert window_mib > 10
-    assert peaks['CBN exact'] - peaks['BN'] >= window_mib, (peaks, window_mib)
+    assert peaks['CBN paper'] - peaks['BN'] >= window_mib, (peaks, window_mib)

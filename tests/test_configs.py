@@ -1,6 +1,7 @@
 """The paper-reproduction configs in ``configs/cbn/``: load, build, walk.
 
-Each of the 13 configs (6 norms x 2 detectors, plus SyncCBN for Faster R-CNN)
+Each of the 15 configs (6 norms x 2 detectors as in the paper, SyncCBN for Faster
+R-CNN, and CBN with the plugin's defaults for both detectors)
 is loaded with ``Config.fromfile`` and its model built (never initialised: no
 pretrained weights can be downloaded), then the built model is walked to
 check that the norm under study sits exactly where the authors put it (8 FPN
@@ -44,12 +45,16 @@ NORMS = {
     'syncbn': (nn.SyncBatchNorm, dict(type='SyncBN', requires_grad=True)),
     'gn': (nn.GroupNorm, dict(type='GN', num_groups=32, requires_grad=True)),
     'naive-cbn': (cbn_plugin.CrossIterationBatchNorm2d,
-                  dict(type='CBN', window_size=4, rho=0.0)),
-    'cbn': (cbn_plugin.CrossIterationBatchNorm2d, dict(type='CBN', window_size=4, rho=1.0)),
+                  dict(type='CBN', window_size=4, rho=0.0, mode='paper')),
+    'cbn': (cbn_plugin.CrossIterationBatchNorm2d,
+            dict(type='CBN', window_size=4, rho=1.0, mode='paper')),
     'synccbn': (cbn_plugin.SyncCrossIterationBatchNorm2d,
-                dict(type='SyncCBN', window_size=4, rho=1.0)),
+                dict(type='SyncCBN', window_size=4, rho=1.0, mode='paper')),
+    'cbn-default': (cbn_plugin.CrossIterationBatchNorm2d, dict(type='CBN', window_size=4)),
 }
-CBN_NORMS = ('naive-cbn', 'cbn', 'synccbn')
+CBN_NORMS = ('naive-cbn', 'cbn', 'synccbn', 'cbn-default')
+# What each CBN config's layers must do: the paper's algorithm or the plugin's defaults.
+CBN_MODES = {'naive-cbn': 'paper', 'cbn': 'paper', 'synccbn': 'paper', 'cbn-default': 'default'}
 # SyncCBN (no published result: the authors' code did not support it) for Faster R-CNN only.
 ONLY_FOR = {'synccbn': ('faster-rcnn',)}
 
@@ -114,10 +119,10 @@ def built(request):
                            modules=modules)
 
 
-def test_exactly_the_thirteen_configs():
+def test_exactly_the_fifteen_configs():
     found = {p.stem for p in CONFIG_DIR.glob('*.py') if not p.name.startswith('_base_')}
     assert found == set(CONFIGS)
-    assert len(CONFIGS) == 13
+    assert len(CONFIGS) == 15
     bases = {p.name for p in CONFIG_DIR.glob('_base_*.py')}
     assert bases == {'_base_faster-rcnn_r50_fpn_4conv1fc_1x_coco.py',
                      '_base_mask-rcnn_r50_fpn_4conv1fc_1x_coco.py'}
@@ -236,10 +241,13 @@ def test_cbn_layers_window_and_rho(built):
         assert cbns == []
         return
     assert len(cbns) == len(expected_convmodules(built.detector))
-    rho = NORMS[built.norm][1]['rho']
+    rho = NORMS[built.norm][1].get('rho', 1.0)
+    preset = cbn_plugin.layer.MODES[CBN_MODES[built.norm]]
     for m in cbns:
         assert m.window_size == 4
         assert m.rho == rho
+        assert (m.stats_backward, m.running_stats, m.compensation) == (
+            preset['stats_backward'], preset['running_stats'], preset['compensation'])
 
 
 def test_gn_groups(built):
@@ -316,7 +324,8 @@ def test_custom_imports_and_hooks(built):
         assert 'custom_hooks' not in cfg
 
 
-@pytest.mark.parametrize('detector,norm', [(d, n) for d, n in CASES if n in ('cbn', 'synccbn')])
+@pytest.mark.parametrize('detector,norm', [(d, n) for d, n in CASES
+                                           if n in ('cbn', 'synccbn', 'cbn-default')])
 def test_cbn_hook_config_builds(detector, norm):
     """The CBN and SyncCBN configs' hook entry builds from the hooks registry."""
     cfg = Config.fromfile(str(CONFIG_DIR / f'{config_name(detector, norm)}.py'))

@@ -259,3 +259,30 @@ def test_gradcheck_layer_compensated_backward():
             conv.weight = saved
 
     assert torch.autograd.gradcheck(f, (x, weight.detach().clone().requires_grad_(True)))
+
+
+def test_sampled_derivatives_give_a_close_compensated_gradient():
+    """dvar_stride > 1: the backward uses the estimated dvar/dW, close to the exact one."""
+    def conv_grad(stride, backward='compensated'):
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False),
+                              CBN(16, window_size=4, dvar_stride=stride,
+                                  stats_backward=backward)).double()
+        cbn_plugin.bind(model, logger=None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(5):
+            x = torch.randn(2, 8, 16, 16, generator=gen, dtype=torch.float64) + 1
+            target = torch.randn(2, 16, 16, 16, generator=gen, dtype=torch.float64)
+            opt.zero_grad()
+            (model(x) * target).sum().backward()
+            grad = model[0].weight.grad.clone()
+            opt.step()
+            cbn_plugin.step(model)
+        return grad
+
+    exact, sampled, paper = conv_grad(1), conv_grad(2), conv_grad(1, 'current')
+    # The past entries' term is a real part of the gradient ...
+    assert (exact - paper).norm() > 0.1 * exact.norm()
+    # ... and the estimate keeps it: much closer to the exact gradient than the paper's.
+    assert (sampled - exact).norm() < 0.25 * (paper - exact).norm()

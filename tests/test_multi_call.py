@@ -8,13 +8,14 @@ from torch import nn
 import cbn_plugin
 from cbn_plugin import CBN
 from oracle import OracleCBN, sgd_in_lockstep
+from test_exact_backward import ExactOracle
 
 
-def shared_head(per_call_windows, window_size=3):
+def shared_head(per_call_windows, window_size=3, mode='paper'):
     torch.manual_seed(0)
     head = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False),
                          CBN(6, window_size=window_size, per_call_windows=per_call_windows,
-                             mode='paper'))
+                             mode=mode))
     cbn_plugin.bind(head, logger=None)
     return head.double()
 
@@ -25,13 +26,22 @@ def levels(gen):
             torch.randn(2, 4, 4, 4, generator=gen, dtype=torch.float64) * 0.5 - 1)
 
 
-def test_per_call_windows_keep_levels_apart():
-    """Each call position behaves exactly like its own CBN over its own level."""
+@pytest.mark.parametrize('mode', ['paper', 'default'])
+def test_per_call_windows_keep_levels_apart(mode):
+    """Each call position behaves exactly like its own CBN over its own level.
+
+    In the default mode each level's past entries pass gradient to the shared
+    conv: the brute force differentiates every level's window.
+    """
     gen = torch.Generator().manual_seed(1)
-    head = shared_head(per_call_windows=True)
+    head = shared_head(per_call_windows=True, mode=mode)
     ref = copy.deepcopy(head)
     conv, bn = ref[0], ref[1]
-    oracles = [OracleCBN(conv, bn.weight, bn.bias, 3, 1.0, 'clamp') for _ in range(2)]
+    if mode == 'paper':
+        oracles = [OracleCBN(conv, bn.weight, bn.bias, 3, 1.0, 'clamp') for _ in range(2)]
+    else:
+        oracles = [ExactOracle(conv, bn.weight, bn.bias, 3, 1.0, 'clamp', 'var')
+                   for _ in range(2)]
     for _ in range(8):
         xs = levels(gen)
         outs = [head(x) for x in xs]
