@@ -37,6 +37,7 @@ def _train(arch, spec, steps, lr, batch=8, analyse_at=None, seed=0):
     torch.manual_seed(seed)
     xtr, ytr, _, _ = sbs.load_task('lowres')
     model = sbs.ARCHS[arch](spec)
+    model.build = lambda: sbs.ARCHS[arch](spec)
     cbn_plugin.bind(model, logger=None)
     probe = sbs.NormProbe(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -48,7 +49,6 @@ def _train(arch, spec, steps, lr, batch=8, analyse_at=None, seed=0):
     for s in range(steps):
         idx = torch.randint(0, len(xtr), (batch,), generator=gen)
         xb, yb = xtr[idx], ytr[idx]
-        probe.snapshot = s == analyse_at
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
@@ -119,7 +119,7 @@ def test_lr_zero_window_errors_vanish():
     spec = dict(kind='cbn', window=4, rho=1.0)
     _, _, analysis, _, _ = _train('oneconv', spec, 8, lr=0.0, analyse_at=7)
     m = analysis['features.1']
-    for key in ('naive', 'cbn', 'varform'):
+    for key in ('naive', 'cbn', 'munu', 'varform'):
         assert m[f'win_mean_err_{key}'] < 1e-5
         assert m[f'win_std_err_{key}'] < 1e-5
     assert m['entry_dmu2'] < 1e-10 and abs(m['entry_var_bias_naive']) < 1e-5
@@ -127,29 +127,61 @@ def test_lr_zero_window_errors_vanish():
     assert m['win_mean_err_current'] > 1e-2
 
 
-def test_gradient_fidelity_oracle_at_lr_zero():
+@pytest.mark.parametrize('backward', ['current', 'compensated'])
+def test_gradient_fidelity_oracle_at_lr_zero(backward):
     """One conv, weights frozen by lr=0: the pooled statistics ARE large-batch BN's.
 
-    Then differentiating the past entries through their compensation gives exactly the
-    large-batch gradient (cosine 1), while the paper's and the pooled backward do not.
+    Then the layer's exact backward ('compensated': the past entries differentiated
+    through their compensation) gives exactly the large-batch gradient (cosine 1), while
+    the paper's and the pooled backward do not. Every CBN gradient is the layer's own,
+    from a copy loaded from the state_dict; the copy under the run's own backward is the
+    training step's gradient.
     """
-    spec = dict(kind='cbn', window=8, rho=1.0)
+    spec = dict(kind='cbn', window=8, rho=1.0, backward=backward)
     model, probe, analysis, inputs, _ = _train('oneconv', spec, 9, lr=0.0, batch=2,
                                                analyse_at=8)
+    assert probe.layers[0][1].stats_backward == backward
     xtr, ytr, _, _ = sbs.load_task('lowres')
     assert analysis['features.1']['win_std_err_cbn'] < 1e-5  # the forward is exact here
     # _train stepped after its last batch: the window now holds steps 8, 7, ..., 2
     old = list(reversed(inputs[2:9]))
     xb, yb = xtr[100:102], ytr[100:102]
     # a fresh training step's forward and backward (the window is full), then the gradients
-    probe.snapshot = True
     model.zero_grad()
-    F.cross_entropy(model(xb), yb).backward()
-    result = sbs.gradient_fidelity(model, probe, old, xb, yb)
-    assert result['check'] < 1e-6  # the emulated paper backward is the layer's
-    assert result['check_compensated_forward'] < 1e-5
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    result = sbs.gradient_fidelity(model, probe, model.build, old, xb, yb,
+                                    float(loss.detach()))
+    assert result['check'] < 1e-6  # the copy's gradient is the training step's
+    assert result['check_forward'] < 1e-6
     assert result['cos_compensated'] > 1 - 1e-5
     assert result['cos_current'] < 0.99 and result['cos_pooled'] < 0.99
+    # the copies left the trained layer's step alone: it still steps as one step
+    layer = probe.layers[0][1]
+    steps = layer.steps_done
+    cbn_plugin.step(model)
+    assert layer.steps_done == steps + 1
+
+
+def test_rows_build_the_layer_users_get():
+    """The defaults' row is CBN(c, window_size=k); CBN() (k=4) is CBN(c); the paper row is
+    mode='paper'; every row's layer has the backward and compensation its label says."""
+    from cbn_plugin.layer import CrossIterationBatchNorm2d as CBN
+    assert sbs.cbn_kwargs(sbs.spec_for(sbs.DEFAULT, 2)) == {'window_size': 16}
+    assert sbs.cbn_kwargs(sbs.spec_for(sbs.PLAIN, 2)) == {}
+    assert sbs.spec_for(sbs.PLAIN, 32)['window'] == CBN(4).window_size
+    paper = sbs.make_norm(sbs.spec_for(sbs.PAPER, 1), 4)
+    ref = CBN(4, window_size=32, mode='paper')
+    for attr in ('stats_backward', 'compensation', 'running_stats', 'window_size', 'rho'):
+        assert getattr(paper, attr) == getattr(ref, attr)
+    for backward in sbs.BACKWARDS:
+        for form in sbs.FORMS:
+            layer = sbs.make_norm(sbs.spec_for(sbs.cbn_label(backward, form), 4), 4)
+            assert (layer.stats_backward, layer.compensation, layer.window_size) == \
+                (backward, form, 8)
+    # window 1 is BN: every CBN row shares one run at batch 32
+    assert {sbs._key(dict(norm=sbs.spec_for(label, 32))) for label in sbs.CBN_COMBOS} == \
+        {sbs._key(dict(norm=dict(kind='cbn', window=1)))}
 
 
 def test_replay_is_the_network_that_ran():
@@ -157,7 +189,6 @@ def test_replay_is_the_network_that_ran():
     spec = dict(kind='cbn', window=4, rho=1.0)
     model, probe, _, inputs, _ = _train('cnn', spec, 6, lr=0.1)
     xb = inputs[-1]
-    probe.snapshot = False
     out_train = model(xb)  # a training forward at the current weights (window in use)
     (replayed,) = probe.replay(model, [xb])
     assert any(used for *_, used in probe.used.values())
@@ -188,24 +219,50 @@ def test_tiny_study_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / 'tools' / 'small_batch_study.py'), '--tiny',
          '--workers', '1', '--out-dir', str(tmp_path)],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=400)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 90
+    assert elapsed < 300
     data = json.loads((tmp_path / 'small_batch.json').read_text())
     runs = data['runs']
     groups = {r['cfg']['group'] for r in runs}
-    assert groups == {'main', 'raw', 'resnet', 'sweep'}
+    assert groups == {'main', 'raw', 'resnet', 'second', 'sweep', 'lrsweep'}
     assert all(r['status'] == 'ok' for r in runs), [r['status'] for r in runs]
-    assert {r['cfg']['batch'] for r in runs if r['cfg']['group'] == 'main'} == {8, 2}
+    main = [r for r in runs if r['cfg']['group'] == 'main']
+    assert {r['cfg']['batch'] for r in main} == {8, 2}
+    # every row: BN, GN, naive CBN, each backward x each compensation, CBN()
+    assert {r['cfg']['label'] for r in main} == set(sbs.NORMS)
+    for r in main:
+        label, layer = r['cfg']['label'], r.get('layer')
+        assert (layer is not None) == sbs.is_cbn(label)
+        if label in sbs.CBN_COMBOS:  # the layer that trained has the row's options
+            assert f'CBN ({layer["stats_backward"]}, {layer["compensation"]})' == label
+            assert layer['window_size'] == 32 // r['cfg']['batch']
+        if label == sbs.DEFAULT:
+            assert layer['args'] == {'window_size': 32 // r['cfg']['batch']}
+        if label == sbs.PLAIN:
+            assert layer['args'] == {} and layer['window_size'] == 4
+        if sbs.is_cbn(label):
+            # both running-statistics rules evaluated on the same weights, and they differ
+            assert r['running_error']['batch'] != r['running_error']['window']
+            assert r['ema_check'] < 1e-6
     analysed = [r for r in runs if 'analysis' in r]
-    assert analysed and all(m['check_mean'] < 1e-5 for r in analysed
-                            for m in r['analysis'].values() if 'check_mean' in m)
+    checked = [m for r in analysed for m in r['analysis'].values() if 'check_mean' in m]
+    assert checked and all(m['check_mean'] < 1e-5 and m['check_var'] < 1e-5 for m in checked)
+    fid = [r['grad_fidelity'] for r in runs if 'grad_fidelity' in r]
+    assert {r['cfg']['label'] for r in runs if 'grad_fidelity' in r} >= set(sbs.CBN_COMBOS)
+    assert fid and all(f['check'] < 1e-5 and f['check_forward'] < 1e-5 for f in fid)
+    assert all('cos_compensated' in r['grad_fidelity'] for r in runs
+               if 'grad_fidelity' in r and r['cfg']['label'] in sbs.CBN_COMBOS)
     resnet = [r for r in runs if r['cfg']['group'] == 'resnet' and 'analysis' in r]
     assert resnet and 'bn1' in resnet[0]['analysis']  # the stem's norm is a CBN too
     md = (tmp_path / 'small_batch.md').read_text()
     assert sbs.DOC_BEGIN in md and sbs.DOC_END in md
-    assert '| CBN (paper backward), running stats from window |' in md
+    for label in sbs.CBN_COMBOS:
+        for stats in ('batch', 'window'):
+            assert f'| {sbs.display(label)}, running stats from {stats} |' in md
+    assert '| CBN (current, mu_nu) = paper, running stats from batch |' in md
+    assert '### The goal of the defaults' in md and '### Second setting' in md
     for png in ('small_batch.png', 'small_batch_errors.png'):
         assert (tmp_path / png).read_bytes()[:4] == b'\x89PNG'
     # re-rendering from the json reproduces the generated block

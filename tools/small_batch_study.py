@@ -4,14 +4,19 @@ Every norm layer of a small CNN (and of a small ResNet, stem included) is swappe
 norm under test; each run sees the same number of training samples, with the learning rate
 scaled linearly with the batch (Goyal et al.) so that the schedule per sample is the same.
 CBN's window is ``k = 32 / batch`` steps, so the window always spans 32 samples, the largest
-batch. Alongside the accuracy, the script measures *why*: at chosen steps it pushes the raw
-input batches of the window's old steps through the current whole network (every norm
-frozen to the statistics it used at this step, so the function is exactly the one that
-ran) and compares, per layer, the current batch alone, naive pooling, CBN's compensated
-pooling and a variance-form compensation against the true window statistics. It also
-compares the conv-weight gradient of each backward (the layer's 'current' and 'pooled', BN
-at the batch alone, and an emulated 'compensated' one that differentiates the past entries
-through their compensation) with large-batch BN's, and can train with the emulated one.
+batch. CBN runs use the layer's own options, each backward (``stats_backward`` 'current',
+'pooled', 'compensated') with each compensation ('mu_nu', 'var'); the running statistics of
+both sources ('batch', 'window') are kept side by side, so one trained network is evaluated
+both ways. A row whose options are the layer's defaults is built as ``CBN(c, window_size=k)``
+and nothing else, and the row ``CBN() (k=4)`` as ``CBN(c)``: the layer users get.
+
+Alongside the accuracy, the script measures *why*: at chosen steps it pushes the raw input
+batches of the window's old steps through the current whole network (every norm frozen to
+the statistics it used at this step, so the function is exactly the one that ran) and
+compares, per layer, the current batch alone, naive pooling and both compensations against
+the true window statistics. It also compares the conv-weight gradient of each of the layer's
+backwards (computed by the layer itself, on a copy of the network loaded from the
+state_dict with ``stats_backward`` set) and of BN at the batch alone with large-batch BN's.
 
     .venv/bin/python tools/small_batch_study.py            # full study -> docs/small_batch*
     .venv/bin/python tools/small_batch_study.py --tiny --out-dir /tmp/sb   # seconds
@@ -24,6 +29,7 @@ error vs window and learning rate) and the generated block of ``docs/small_batch
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -43,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import cbn_plugin  # noqa: E402
 from cbn_plugin import functional as CF  # noqa: E402
+from cbn_plugin.layer import MODES  # noqa: E402
 from cbn_plugin.layer import CrossIterationBatchNorm2d as CBN  # noqa: E402
 
 DOC_BEGIN = '<!-- small-batch:begin (written by tools/small_batch_study.py; do not edit) -->'
@@ -61,7 +68,10 @@ def load_task(task: str):
     scikit-learn's 1,797 real 8x8 handwritten digits, one fixed stratified split
     (1,078 train / 719 test). ``'raw'``: the 8x8 images. ``'lowres'``: the same images
     at a quarter of the pixels (2x2 average pooling to 4x4), the harder task of the study.
-    Both are standardised with the training set's pixel mean and std.
+    ``'shift5'`` (the second setting): each digit at a random offset (0-2 pixels down and
+    right, fixed per image) on a 10x10 canvas, then 2x2 average pooling to 5x5: the
+    pooling grid cuts every digit differently. All are standardised with the training
+    set's pixel mean and std.
     """
     if task in _DATA:
         return _DATA[task]
@@ -76,6 +86,12 @@ def load_task(task: str):
         canvas = images
     elif task == 'lowres':
         canvas = images.reshape(-1, 4, 2, 4, 2).mean((2, 4))
+    elif task == 'shift5':
+        offsets = np.random.default_rng(0).integers(0, 3, size=(len(images), 2))
+        big = np.zeros((len(images), 10, 10), np.float32)
+        for i, (dy, dx) in enumerate(offsets):
+            big[i, dy:dy + 8, dx:dx + 8] = images[i]
+        canvas = big.reshape(-1, 5, 2, 5, 2).mean((2, 4))
     else:
         raise ValueError(f'unknown task {task!r}')
     x = torch.from_numpy(np.ascontiguousarray(canvas)).unsqueeze(1)
@@ -87,6 +103,36 @@ def load_task(task: str):
 
 # ----------------------------------------------------------------------------- models
 
+def _layer_defaults() -> dict:
+    """The CBN constructor's defaults, with its ``mode`` preset resolved."""
+    params = inspect.signature(CBN.__init__).parameters
+    out = {k: params[k].default for k in ('window_size', 'rho', 'variance_rule')}
+    out.update(MODES[params['mode'].default])
+    return out
+
+
+LAYER_DEFAULTS = _layer_defaults()
+# spec key -> CBN argument
+SPEC_ARGS = (('rho', 'rho'), ('backward', 'stats_backward'), ('compensation', 'compensation'),
+             ('running_stats', 'running_stats'), ('variance_rule', 'variance_rule'))
+
+
+def cbn_kwargs(spec: dict) -> dict:
+    """The arguments a CBN row passes: only those that differ from the layer's defaults.
+
+    A row whose options are the defaults is built as ``CBN(c, window_size=k)`` (the layer
+    users get with ``norm_cfg=dict(type='CBN', window_size=k)``); ``plain`` rows as
+    ``CBN(c)`` (``dict(type='CBN')``).
+    """
+    if spec.get('plain'):
+        return {}
+    kwargs = {'window_size': spec['window']}
+    for key, arg in SPEC_ARGS:
+        if key in spec and spec[key] != LAYER_DEFAULTS[arg]:
+            kwargs[arg] = spec[key]
+    return kwargs
+
+
 def make_norm(spec: dict, channels: int) -> nn.Module:
     kind = spec['kind']
     if kind == 'bn':
@@ -94,11 +140,7 @@ def make_norm(spec: dict, channels: int) -> nn.Module:
     if kind == 'gn':
         return nn.GroupNorm(min(8, channels), channels)
     if kind == 'cbn':
-        return CBN(channels, window_size=spec['window'], rho=spec['rho'],
-                   stats_backward={'compensated': 'current'}.get(spec.get('backward'),
-                                                                 spec.get('backward', 'current')),
-                   running_stats=spec.get('running_stats', 'batch'),
-                   variance_rule=spec.get('variance_rule', 'clamp'))
+        return CBN(channels, **cbn_kwargs(spec))
     raise ValueError(f'unknown norm {kind!r}')
 
 
@@ -192,28 +234,37 @@ def _std_err(var, ref_var):
     return _rms(0.5 * torch.log((var.clamp_min(0) + EPS) / (ref_var + EPS)))
 
 
+def ring_indices(layer, ages: int, position: int = 0) -> torch.Tensor:
+    """Ring slots of the ``ages`` newest past steps, newest first (the layer's own order).
+
+    From the window's buffers (``window_next``: the slot the next step is written to), so
+    row ``j`` of ``layer.window_mean[position][idx]`` is the step ``j + 1`` steps back,
+    the same row as ``layer.past_entries(position)``'s.
+    """
+    k1 = layer.window_size - 1
+    newest = int(layer.window_next[position]) - 1
+    return torch.tensor([(newest - a) % k1 for a in range(ages)], dtype=torch.long)
+
+
 class NormProbe:
-    """Hooks on every CBN layer of a model.
+    """Hooks on every CBN layer of a model; it never changes what the layer computes.
 
     In training forwards it records this step's batch statistics and the statistics the
-    layer normalised with (``pool_window`` of the batch and ``layer._past[0]``, exactly the
-    layer's computation), and keeps two sets of running statistics with the layer's own
-    update rule: from the batch (``running_stats='batch'``) and from the window
+    layer normalised with (``pool_window`` of the batch and ``layer.past_entries()``,
+    exactly the layer's computation), and keeps two sets of running statistics with the
+    layer's own update rule: from the batch (``running_stats='batch'``) and from the window
     (``running_stats='window'``), so one training run can be evaluated both ways.
     In ``'probe'`` mode (eval, no grad) every CBN's output is replaced by BN with the
     statistics it used at the last training forward, so a forward is the function of the
-    network as it ran at that step, and each layer's input statistics are recorded.
+    network as it ran at that step, and each layer's input statistics are recorded. In
+    ``'grad'`` mode (eval) the output is replaced by BN over the batch it gets (the
+    reference gradients of ``gradients``: BN at this batch, large-batch BN).
     """
 
     def __init__(self, model: nn.Module):
         self.layers = cbn_plugin.cbn_layers(model)
         self.mode = 'train'
-        self.cur, self.used, self.recorded, self.slots = {}, {}, {}, {}
-        self.snapshot = False  # set before a training forward whose step is analysed
-        self.grad_mode = 'current'
-        # 'compensated': train with the past entries' gradient w.r.t. the conv weight
-        self.override = None
-        self.losses = {}
+        self.cur, self.used, self.recorded = {}, {}, {}
         self.ema = {}
         self.handles = []
         for name, layer in self.layers:
@@ -231,12 +282,6 @@ class NormProbe:
     def _pre(self, name, layer, args):
         if self.mode == 'train' and layer.training and torch.is_grad_enabled():
             self.cur[name] = CF.batch_stats(args[0].detach())
-            if self.snapshot or self.override:
-                # The forward writes this step's record over the oldest slot, which the
-                # window of this step still uses: keep the slots as they were.
-                self.slots[name] = {b: getattr(layer, b)[0].clone() for b in (
-                    'window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
-                    if getattr(layer, b) is not None}
         elif self.mode == 'probe':
             self.recorded[name] = CF.batch_stats(args[0])
 
@@ -246,14 +291,17 @@ class NormProbe:
             return F.batch_norm(args[0], mean, var, layer.weight, layer.bias, False, 0.0,
                                 layer.eps)
         if self.mode == 'grad':
-            return self._grad_forward(name, layer, args[0])
+            # BN over the batch this layer gets: this batch alone, or the union (ideal)
+            return F.batch_norm(args[0], None, None, layer.weight, layer.bias, True, 0.0,
+                                layer.eps)
         if not (layer.training and torch.is_grad_enabled()):
             return None
         mean_c, var_c = self.cur[name]
-        past = layer._past.get(0)
+        past = layer.past_entries(0)
         count = args[0].numel() // args[0].shape[1]
-        if past is not None and past[0].shape[0] > 0:
+        if past is not None and past.mean.shape[0] > 0:
             mean, var, pooled = CF.pool_window(mean_c, var_c, *past)
+            mean, var, pooled = mean.detach(), var.detach(), pooled.detach()
             total = pooled * count
             window = (mean, var * total / (total - 1).clamp_min(1))
             self.used[name] = (mean, var, True)
@@ -265,82 +313,26 @@ class NormProbe:
         for key, new in (('batch', batch), ('window', window or batch)):
             old = self.ema[name][key]
             self.ema[name][key] = tuple(torch.lerp(o, n.to(o.dtype), m) for o, n in zip(old, new))
-        if self.override == 'compensated' and window is not None:
-            return self._compensated_forward(name, layer, args[0])
         return None
 
-    def _grad_forward(self, name, layer, x):
-        """This step's normalisation with a chosen backward (``self.grad_mode``).
-
-        'current' / 'pooled': the layer's own pooled forward and its two backwards;
-        'small': BN over this batch alone (BN at this batch size); 'ideal': BN over the
-        whole input (the union of the window's batches: large-batch BN, the target).
-        """
-        mode = self.grad_mode
-        mean, var, used = self.used[name]
-        if mode == 'ideal' or mode == 'small' or not used:
-            return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
-        if mode == 'compensated':
-            return self._compensated_forward(name, layer, x)
-        if mode == 'current':
-            count = layer._past[0][2].sum(0).to(mean.dtype) + 1
-            mean_call, weight = self.cur[name][0], 1.0 / count
-        else:
-            mean_call, weight = mean, torch.ones_like(mean)
-        return CF.pooled_batch_norm(x, mean, var, mean_call, weight, layer.weight, layer.bias,
-                                    layer.eps)
-
-    def _compensated_forward(self, name, layer, x):
-        """The layer's forward, differentiable in x AND in the bound conv's weight.
-
-        The compensated past entries are explicit functions of the current weight
-        (``mu = <p_bar, W>``, ``var = var_old + <dvar/dW, W> - 2 var_old - d_mu^2``); the
-        paper detaches them. Here they keep their gradient, so the backward sees the
-        whole pooled statistic (past entries through the same one-conv truncation).
-        """
-        conv, slots = layer.bound_conv, self.slots[name]
-        mean_p, _, valid = layer._past[0]
-        idx = layer._slots(0, mean_p.shape[0])
-        w = conv.weight.flatten(1)
-        groups = slots['window_grad_mean'].shape[1]
-        proj = torch.einsum('jgp,gcp->jgc', slots['window_grad_mean'][idx],
-                            w.view(groups, -1, w.shape[1])).flatten(1)
-        if conv.bias is not None:
-            proj = proj + conv.bias
-        mean_o, var_o = slots['window_mean'][idx], slots['window_var'][idx]
-        d_mu = layer.rho * (proj - mean_o)
-        mean_k = mean_o + d_mu
-        var_k = var_o + layer.rho * (torch.einsum('jcp,cp->jc', slots['window_grad_var'][idx], w)
-                                     - 2 * var_o) - d_mu * d_mu
-        var_k = var_k.clamp_min(0) if layer.variance_rule == 'clamp' else var_k
-        var_c, mean_c = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        mean, var, _ = CF.pool_window(mean_c, var_c, mean_k, var_k, valid)
-        shape = (1, -1, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var + layer.eps).view(shape)
-        return y * layer.weight.view(shape) + layer.bias.view(shape)
-
     def gradients(self, model, old_batches, xb, yb):
-        """Conv-weight gradients of this batch's loss under each backward, and the ideal.
+        """Reference conv-weight gradients of this batch's loss: ``{'small', 'ideal'}``.
 
-        Returns ``{mode: [grad per conv]}`` for 'current', 'pooled', 'small', 'ideal'.
-        The ideal is the gradient of this batch's loss through BN over the union of this
-        batch and the window's old batches, all under the current weights.
+        'small': BN over this batch alone (BN at this batch size); 'ideal': the gradient of
+        this batch's loss through BN over the union of this batch and the window's old
+        batches, all under the current weights (large-batch BN, what CBN approximates).
+        The model runs in eval mode, so no layer state changes.
         """
         convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
         was_training = model.training
         model.eval()
         self.mode = 'grad'
         out = {}
-        modes = ['current', 'pooled', 'small', 'ideal']
-        if all(layer.compensates for _, layer in self.layers):
-            modes.append('compensated')
         try:
-            for mode in modes:
-                self.grad_mode = mode
+            for mode in ('small', 'ideal'):
                 x = torch.cat([xb] + list(old_batches)) if mode == 'ideal' else xb
                 loss = F.cross_entropy(model(x)[:len(xb)], yb)
                 out[mode] = torch.autograd.grad(loss, convs)
-                self.losses[mode] = float(loss.detach())
         finally:
             self.mode = 'train'
             model.train(was_training)
@@ -381,13 +373,20 @@ class NormProbe:
         """The statistics-error analysis of the current step, per CBN layer.
 
         ``old_batches``: the raw inputs of the previous steps, newest first (step t-1
-        first), so entry ``j`` matches ``layer._past[0]``'s row ``j``. ``population``: a
-        fixed set of training inputs. Call after the training forward and before the
-        optimizer step (the conv weights are the ones the compensation used).
+        first), so entry ``j`` matches ``layer.past_entries()``'s row ``j``. ``population``:
+        a fixed set of training inputs. Call after the training forward and before the
+        optimizer step (the conv weights are the ones the compensation used; the layer
+        writes this step's record into the window only at ``step()``).
         Returns ``{layer: metrics}`` (layers whose window is not in use are left out).
+        Both compensations are computed from the window's stored statistics and
+        derivatives, whichever the layer uses; ``check_mean``/``check_var`` compare the
+        layer's own one with its ``past_entries()``.
         """
-        ages = {name: layer._past[0][0].shape[0] for name, layer in self.layers
-                if 0 in layer._past and layer._past[0][0].shape[0] > 0}
+        ages = {}
+        for name, layer in self.layers:
+            past = layer.past_entries(0)
+            if past is not None and past.mean.shape[0] > 0:
+                ages[name] = past.mean.shape[0]
         if not ages:
             return {}
         j_max = max(ages.values())
@@ -399,10 +398,9 @@ class NormProbe:
                 continue
             j = ages[name]
             mean_c, var_c = self.cur[name]
-            mean_p, var_p, valid = layer._past[0]
-            idx = layer._slots(0, j)
-            slots = self.slots[name]
-            mean_o, var_o = slots['window_mean'][idx], slots['window_var'][idx]
+            mean_p, var_p, valid = layer.past_entries(0)
+            idx = ring_indices(layer, j)
+            mean_o, var_o = layer.window_mean[0][idx], layer.window_var[0][idx]
             mean_t = torch.stack([truth[a][name][0] for a in range(j)])
             var_t = torch.stack([truth[a][name][1] for a in range(j)])
             ones = torch.ones_like(valid)
@@ -413,13 +411,18 @@ class NormProbe:
             m = {'ages': j}
             if layer.compensates:
                 conv = layer.bound_conv
-                mean_k, var_k = CF.compensate(mean_o, var_o, slots['window_grad_mean'][idx],
-                                              slots['window_grad_var'][idx], conv.weight,
-                                              conv.bias, layer.rho)
-                d_mu2 = (mean_k - mean_o) ** 2 * layer.rho ** 2
-                var_v = var_k + d_mu2  # first-order step on var itself
+                grads = (layer.window_grad_mean[0][idx], layer.window_grad_var[0][idx])
+                with torch.no_grad():
+                    mean_k, var_k = CF.compensate(mean_o, var_o, *grads, conv.weight,
+                                                  conv.bias, layer.rho, 'mu_nu')
+                    _, var_v = CF.compensate(mean_o, var_o, *grads, conv.weight, conv.bias,
+                                             layer.rho, 'var')
+                d_mu2 = var_v - var_k  # rho^2 d_mu^2, the term the var form drops
+                est['munu'] = CF.pool_window(mean_c, var_c, mean_k, var_k.clamp_min(0),
+                                             ones)[:2]
                 est['varform'] = CF.pool_window(mean_c, var_c, mean_k, var_v.clamp_min(0),
                                                 ones)[:2]
+                own = var_v if layer.compensation == 'var' else var_k
                 scale = var_t.sum()
                 under = (var_t - var_k).sum()
                 m.update(
@@ -438,7 +441,7 @@ class NormProbe:
                     neg_fixed_by_varform=float(((var_k < 0) & (var_v >= 0)).sum()
                                                / (var_k < 0).sum().clamp_min(1)),
                     check_mean=float((mean_k - mean_p).abs().max()),
-                    check_var=float((var_k.clamp_min(0) - var_p).abs().max()),
+                    check_var=float((own.clamp_min(0) - var_p).abs().max()),
                 )
             for key, (mean, var) in est.items():
                 m[f'win_mean_err_{key}'] = _mean_err(mean, win[0], win[1])
@@ -497,30 +500,67 @@ def radial_stats(model) -> dict:
     return out
 
 
+FIDELITY = ('current', 'pooled', 'small', 'compensated')
+
+
 def _cos(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def gradient_fidelity(model, probe, old_batches, xb, yb) -> dict:
+def layer_gradients(model, build, xb, yb, backwards):
+    """Conv-weight gradients of this batch's loss under each of the layer's backwards.
+
+    Each is computed by the layer itself: a copy of the network built by ``build``, loaded
+    from ``model``'s state_dict (weights, running statistics and the whole window, as a
+    resumed run), bound, every CBN's ``stats_backward`` set, one training forward and
+    backward. Call between the training backward and ``cbn_plugin.step``: the copy's
+    step is then the same step. Returns ``({backward: [grad per conv]}, {backward: loss})``.
+    """
+    grads, losses = {}, {}
+    schedule = {n: (l.burn_in_steps, l.ramp_steps) for n, l in cbn_plugin.cbn_layers(model)}
+    for backward in backwards:
+        twin = build()
+        twin.load_state_dict(model.state_dict())
+        cbn_plugin.bind(twin, logger=None)
+        for n, layer in cbn_plugin.cbn_layers(twin):
+            layer.burn_in_steps, layer.ramp_steps = schedule[n]
+            layer.stats_backward = backward
+        twin.train()
+        convs = [m.weight for m in twin.modules() if isinstance(m, nn.Conv2d)]
+        loss = F.cross_entropy(twin(xb), yb)
+        grads[backward] = torch.autograd.grad(loss, convs)
+        losses[backward] = float(loss.detach())
+    return grads, losses
+
+
+def gradient_fidelity(model, probe, build, old_batches, xb, yb, loss) -> dict:
     """Cosine of each backward's conv-weight gradient with the ideal (large-batch BN) one.
 
-    Averaged over the convs. ``check``: the largest relative difference between the
-    emulated gradient of the layer's own ``stats_backward`` and the gradient the training
-    backward actually produced (0 up to rounding: the emulation is the layer's backward).
+    Averaged over the convs. Backwards: the layer's 'current' (the paper), 'pooled' and
+    'compensated' (``layer_gradients``; 'compensated' only where every CBN compensates),
+    and BN at this batch alone ('small'). ``check``: the largest relative difference
+    between the copy's gradient under the run's own ``stats_backward`` and the gradient the
+    training backward produced (0: the copy is the layer that trained);
+    ``check_forward``: the largest difference of the copies' losses from the training
+    loss (every backward has the same forward).
     """
-    grads = probe.gradients(model, old_batches, xb, yb)
+    layers = probe.layers
+    backwards = ['current', 'pooled']
+    if all(layer.compensates for _, layer in layers):
+        backwards.append('compensated')
+    grads, losses = layer_gradients(model, build, xb, yb, backwards)
+    grads.update(probe.gradients(model, old_batches, xb, yb))
     convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    own = probe.override or probe.layers[0][1].stats_backward
+    own = layers[0][1].stats_backward
+    if own not in grads:  # 'compensated' on a layer that does not compensate is 'current'
+        own = 'current'
     check = max(float((e - c.grad).norm() / c.grad.norm().clamp_min(1e-30))
                 for e, c in zip(grads[own], convs))
     out = {f'cos_{mode}': float(np.mean([_cos(g, i) for g, i in zip(grads[mode],
                                                                      grads['ideal'])]))
-           for mode in ('current', 'pooled', 'small', 'compensated') if mode in grads}
+           for mode in FIDELITY if mode in grads}
     out['check'] = check
-    if 'compensated' in grads:
-        # its forward must be the layer's: same loss as the layer's own forward
-        out['check_compensated_forward'] = abs(probe.losses['compensated']
-                                               - probe.losses['current'])
+    out['check_forward'] = max(abs(v - loss) for v in losses.values())
     return out
 
 
@@ -551,7 +591,8 @@ def train_run(cfg: dict) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(cfg['seed'])
     xtr, ytr, xte, yte = load_task(cfg['task'])
-    model = ARCHS[cfg['arch']](cfg['norm'])
+    build = lambda: ARCHS[cfg['arch']](cfg['norm'])  # noqa: E731
+    model = build()
     batch = cfg['batch']
     steps = max(1, cfg['samples'] // batch)
     probe = None
@@ -560,8 +601,6 @@ def train_run(cfg: dict) -> dict:
         for _, layer in cbn_plugin.cbn_layers(model):
             layer.burn_in_steps = cfg.get('burn_in_samples', 0) // batch
         probe = NormProbe(model)
-        if cfg['norm'].get('backward') == 'compensated':
-            probe.override = 'compensated'
     opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=0.9,
                           weight_decay=cfg.get('wd', 5e-4))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -584,8 +623,6 @@ def train_run(cfg: dict) -> dict:
     for s in range(steps):
         xb = xtr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
         yb = ytr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
-        if probe is not None:
-            probe.snapshot = s in points
         try:
             loss = F.cross_entropy(model(xb), yb)
         except (ValueError, RuntimeError) as exc:
@@ -602,7 +639,8 @@ def train_run(cfg: dict) -> dict:
                 old = list(reversed(history))
                 analyses.append(probe.analyse(model, old, population))
                 if any(used for *_, used in probe.used.values()):
-                    grad_checks.append(gradient_fidelity(model, probe, old, xb, yb))
+                    grad_checks.append(gradient_fidelity(model, probe, build, old, xb, yb,
+                                                         float(loss.detach())))
         opt.step()
         sched.step()
         cbn_plugin.step(model)
@@ -612,15 +650,15 @@ def train_run(cfg: dict) -> dict:
     acc = {'batch': float('nan'), 'window': float('nan')}
     running_err = {}
     if status == 'ok':
-        acc['batch'] = evaluate(model, xte, yte)
-        running_err['batch'] = running_stats_error(model, population)
-        if probe is not None:
-            restore = probe.swap_running('window')
-            acc['window'] = evaluate(model, xte, yte)
-            running_err['window'] = running_stats_error(model, population)
-            restore()
+        if probe is None:
+            acc['batch'] = acc['window'] = evaluate(model, xte, yte)
+            running_err['batch'] = running_stats_error(model, population)
         else:
-            acc['window'] = acc['batch']
+            for key in ('batch', 'window'):  # the same weights, each running-statistics rule
+                restore = probe.swap_running(key)
+                acc[key] = evaluate(model, xte, yte)
+                running_err[key] = running_stats_error(model, population)
+                restore()
     n_tail = max(1, len(losses) // 10)
     result = dict(cfg=cfg, acc=acc['batch'], acc_window=acc['window'],
                   final_loss=float(np.mean(losses[-n_tail:])) if losses else float('nan'),
@@ -628,7 +666,11 @@ def train_run(cfg: dict) -> dict:
                   running_error=running_err)
     if probe is not None:
         # the layer's own running statistics must be the probe's copy of its rule
-        key = cfg['norm'].get('running_stats', 'batch')
+        first = probe.layers[0][1]
+        key = first.running_stats
+        result['layer'] = dict(args=cbn_kwargs(cfg['norm']), stats_backward=first.stats_backward,
+                               compensation=first.compensation, running_stats=key,
+                               window_size=first.window_size, rho=first.rho)
         result['ema_check'] = max(
             float((layer.running_mean - probe.ema[n][key][0]).abs().max())
             for n, layer in probe.layers) if status == 'ok' else float('nan')
@@ -649,20 +691,43 @@ def train_run(cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------- grid
 
+BACKWARDS = ('current', 'pooled', 'compensated')
+FORMS = ('mu_nu', 'var')
+
+
+def cbn_label(backward: str, compensation: str) -> str:
+    return f'CBN ({backward}, {compensation})'
+
+
+PAPER = cbn_label('current', 'mu_nu')
+DEFAULT = cbn_label(LAYER_DEFAULTS['stats_backward'], LAYER_DEFAULTS['compensation'])
+PLAIN = 'CBN() (k=4)'
 NORMS = {  # row label -> norm spec (window filled in per batch)
     'BN': dict(kind='bn'),
     'GN': dict(kind='gn'),
-    'naive CBN': dict(kind='cbn', rho=0.0, backward='current'),
-    'CBN (paper backward)': dict(kind='cbn', rho=1.0, backward='current'),
-    'CBN (pooled backward)': dict(kind='cbn', rho=1.0, backward='pooled'),
-    # Not a layer option: the layer runs with 'current', and NormProbe replaces its output
-    # by the same forward made differentiable in the conv weight through the past entries.
-    'CBN (compensated backward, emulated)': dict(kind='cbn', rho=1.0, backward='compensated'),
+    'naive CBN': dict(kind='cbn', rho=0.0, backward='current', compensation='mu_nu'),
 }
+for _b in BACKWARDS:
+    for _c in FORMS:
+        NORMS[cbn_label(_b, _c)] = dict(kind='cbn', rho=1.0, backward=_b, compensation=_c)
+# the paper's layer exactly (mode='paper'): its own running statistics from the batch
+NORMS[PAPER]['running_stats'] = 'batch'
+# norm_cfg=dict(type='CBN'): every argument the layer's default, window 4 at every batch
+NORMS[PLAIN] = dict(kind='cbn', plain=True, window=LAYER_DEFAULTS['window_size'])
+CBN_COMBOS = [cbn_label(b, c) for b in BACKWARDS for c in FORMS]
 
 
-EMULATED = 'CBN (compensated backward, emulated)'
-SWEEP_NORMS = ('CBN (paper backward)', 'CBN (pooled backward)', EMULATED)
+def display(label: str) -> str:
+    """Row name: says which row is the layer's defaults and which is the paper."""
+    if label == DEFAULT:
+        return f'{label} = CBN(window_size=k)'
+    if label == PAPER:
+        return f'{label} = paper'
+    return label
+
+
+def is_cbn(label: str) -> bool:
+    return NORMS[label]['kind'] == 'cbn'
 
 
 def window_for(batch: int) -> int:
@@ -675,8 +740,11 @@ def lr_for(batch: int, base: float) -> float:
 
 def spec_for(label: str, batch: int, window: int | None = None) -> dict:
     spec = dict(NORMS[label])
-    if spec['kind'] == 'cbn':
-        spec['window'] = window or window_for(batch)
+    if spec['kind'] == 'cbn' and not spec.get('plain'):
+        k = window or window_for(batch)
+        if k == 1:  # window 1 is BN's computation whatever the other options: one run
+            return dict(kind='cbn', window=1)
+        spec['window'] = k
     return spec
 
 
@@ -684,42 +752,47 @@ def build_grid(args) -> list[dict]:
     jobs = []
     base = dict(samples=args.samples, wd=5e-4, measure=0)
 
-    def add(group, label, **kw):
-        cfg = dict(base, group=group, label=label, **kw)
-        jobs.append(cfg)
+    def add(group, label, batch, base_lr, seed, task='lowres', arch='cnn', window=None,
+            measure=None):
+        spec = spec_for(label, batch, window)
+        if measure is None:
+            measure = args.measure if spec['kind'] == 'cbn' and spec['window'] > 1 \
+                else args.measure_bn
+        jobs.append(dict(base, group=group, label=label, task=task, arch=arch, norm=spec,
+                         batch=batch, lr=lr_for(batch, base_lr), base_lr=base_lr, seed=seed,
+                         measure=measure))
 
     for seed in range(args.seeds):
         for b in args.batches:
             for label in args.norms:
-                measure = args.measure if NORMS[label]['kind'] == 'cbn' and b < LARGEST_BATCH \
-                    else args.measure_bn
-                add('main', label, task='lowres', arch='cnn', norm=spec_for(label, b), batch=b,
-                    lr=lr_for(b, args.base_lr), seed=seed, measure=measure)
+                add('main', label, b, args.base_lr, seed)
         for b in args.raw_batches:
-            add('raw', 'BN', task='raw', arch='cnn', norm=spec_for('BN', b), batch=b,
-                lr=lr_for(b, args.base_lr), seed=seed)
+            add('raw', 'BN', b, args.base_lr, seed, task='raw', measure=0)
     for seed in range(args.resnet_seeds):
         for b in args.resnet_batches:
             for label in args.resnet_norms:
-                add('resnet', label, task='lowres', arch='resnet', norm=spec_for(label, b),
-                    batch=b, lr=lr_for(b, args.base_lr), seed=seed,
-                    measure=args.measure if NORMS[label]['kind'] == 'cbn' and b < 32 else 0)
-    b = args.sweep_batch
-    for lr in args.sweep_lrs:
-        add('sweep', 'BN', task='lowres', arch='cnn', norm=spec_for('BN', b), batch=b, lr=lr,
-            seed=0, measure=args.measure_bn)
+                add('resnet', label, b, args.base_lr, seed, arch='resnet',
+                    measure=args.measure if is_cbn(label) and b < LARGEST_BATCH else 0)
+    for seed in range(args.second_seeds):
+        for b in args.second_batches:
+            for label in args.second_norms:
+                add('second', label, b, args.base_lr, seed, task=args.second_task,
+                    arch=args.second_arch, measure=0)
+    for base_lr in args.sweep_base_lrs:
+        for b in args.lr_batches:
+            for label in args.lr_norms:
+                if b == LARGEST_BATCH and is_cbn(label):
+                    continue  # k = 1: BN
+                add('lrsweep', label, b, base_lr, 0)
         for k in args.sweep_windows:
-            for label in SWEEP_NORMS:
-                if label == EMULATED and k not in args.sweep_emulated_windows:
-                    continue
-                add('sweep', label, task='lowres', arch='cnn', norm=spec_for(label, b, k),
-                    batch=b, lr=lr, seed=0, measure=args.measure)
+            for label in args.sweep_norms:
+                add('sweep', label, args.sweep_batch, base_lr, 0, window=k)
     return jobs
 
 
 def _key(cfg):
-    return json.dumps({k: v for k, v in cfg.items() if k not in ('group', 'label', 'measure')},
-                      sort_keys=True)
+    return json.dumps({k: v for k, v in cfg.items()
+                       if k not in ('group', 'label', 'measure', 'base_lr')}, sort_keys=True)
 
 
 def _cost(cfg):
@@ -737,15 +810,26 @@ def _worker(cfg):
                     time=0.0)
 
 
-def run_jobs(jobs, workers: int, log=print):
-    """Run the distinct jobs (largest first, ``workers`` processes); one result per job."""
+def run_jobs(jobs, workers: int, log=print, cache: Path | None = None):
+    """Run the distinct jobs (largest first, ``workers`` processes); one result per job.
+
+    ``cache``: a json-lines file; every finished run is appended to it, and runs found in
+    it are not run again (an interrupted study resumes where it stopped).
+    """
     unique = {}
     for cfg in jobs:
         key = _key(cfg)
         if key not in unique or cfg.get('measure', 0) > unique[key].get('measure', 0):
             unique[key] = cfg
-    todo = sorted(unique.values(), key=_cost, reverse=True)
     done = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text().splitlines():
+            res = json.loads(line)
+            key = _key(res['cfg'])
+            if key in unique and res['cfg'].get('measure', 0) >= unique[key].get('measure', 0):
+                done[key] = res
+        log(f'{len(done)} runs taken from {cache}')
+    todo = sorted((c for k, c in unique.items() if k not in done), key=_cost, reverse=True)
     start = time.perf_counter()
     if workers <= 1:
         results = map(_worker, todo)
@@ -755,8 +839,11 @@ def run_jobs(jobs, workers: int, log=print):
         results = pool.imap_unordered(_worker, todo)
     for i, res in enumerate(results):
         done[_key(res['cfg'])] = res
+        if cache is not None:
+            with cache.open('a') as f:
+                f.write(json.dumps(res, default=float) + '\n')
         c = res['cfg']
-        log(f'[{i + 1}/{len(todo)} {time.perf_counter() - start:6.0f}s] {c["group"]:6s} '
+        log(f'[{i + 1}/{len(todo)} {time.perf_counter() - start:6.0f}s] {c["group"]:7s} '
             f'{c["arch"]:6s} {c["label"]:22s} b={c["batch"]:<2d} lr={c["lr"]:.4g} '
             f'k={c["norm"].get("window", "-")} seed={c["seed"]}: acc {res["acc"]:.3f}'
             f'/{res["acc_window"]:.3f} loss {res["final_loss"]:.3f} {res["time"]:.0f}s '
@@ -794,20 +881,22 @@ def _select(results, **kw):
     return out
 
 
+STATS = (('window', 'acc_window'), ('batch', 'acc'))
+
+
 def accuracy_rows(results, group, labels, batches, window_stats=False):
     """``[(row label, [cell per batch])]`` with accuracy mean ± std over seeds."""
     rows = []
-    variants = [('batch', 'acc')] + ([('window', 'acc_window')] if window_stats else [])
     for label in labels:
-        for stats, field in variants:
-            if stats == 'window' and NORMS[label]['kind'] != 'cbn':
+        for stats, field in (STATS if window_stats else STATS[1:]):
+            if not is_cbn(label) and stats == 'window':
                 continue
             cells = []
             for b in batches:
                 rs = _select(results, group=group, label=label, batch=b)
                 cells.append(_fmt([r[field] for r in rs]) if rs else '')
-            name = label if NORMS[label]['kind'] != 'cbn' else \
-                f'{label}, running stats from {stats}'
+            name = display(label) if not is_cbn(label) or not window_stats else \
+                f'{display(label)}, running stats from {stats}'
             rows.append((name, cells))
     return rows
 
@@ -827,23 +916,124 @@ def _analysis_mean(rs, key, layer=None):
     return float(np.nanmean(vals)) if vals else float('nan')
 
 
+def _acc(results, group, label, batch, field='acc', **kw):
+    vals = [r[field] for r in _select(results, group=group, label=label, batch=batch, **kw)]
+    vals = [v for v in vals if v == v]
+    return (float(np.mean(vals)), float(np.min(vals))) if vals else (float('nan'),) * 2
+
+
+def _pts(d):
+    return f'{100 * d:+.1f}' if d == d else '-'
+
+
+def goal_rows(results, args, group, labels, batches, sweep=True):
+    """The goal of the defaults, per CBN row and running-statistics source.
+
+    Points (accuracy x 100) against the bar: batch 2 and 1 minus BN at batch 32 (goal:
+    >= -0.5) and minus GN at the same batch (goal: > 0), the worst gap to BN at the same
+    batch over every batch < 32 (goal: >= 0), and in the learning-rate sweep (seed 0) the
+    worst gap at batch 2 and 1 to BN at batch 32 and to GN, over the learning rates where
+    BN at batch 32 trains (test accuracy >= ``args.trains``).
+    """
+    rows = []
+    bn32 = _acc(results, group, 'BN', LARGEST_BATCH)[0]
+    small = [b for b in (2, 1) if b in batches]
+    lrs = []
+    if sweep:
+        for base in args.sweep_base_lrs:
+            ref = _acc(results, 'lrsweep', 'BN', LARGEST_BATCH, base_lr=base)[0]
+            if ref == ref and ref >= args.trains:
+                lrs.append((base, ref))
+    for label in labels:
+        if not is_cbn(label):
+            continue
+        for stats, field in STATS:
+            cells, ok = [], True
+            for b in small:
+                d = _acc(results, group, label, b, field)[0] - bn32
+                ok &= d >= -0.005
+                cells.append(_pts(d))
+            for b in small:
+                d = _acc(results, group, label, b, field)[0] - _acc(results, group, 'GN', b)[0]
+                ok &= d > 0
+                cells.append(_pts(d))
+            same = [_acc(results, group, label, b, field)[0] - _acc(results, group, 'BN', b)[0]
+                    for b in batches if b < LARGEST_BATCH]
+            worst = min(same) if same else float('nan')
+            ok &= worst >= 0
+            cells.append(_pts(worst))
+            if sweep:
+                gaps, gn_gaps = [], []
+                for base, ref in lrs:
+                    for b in small:
+                        acc = _acc(results, 'lrsweep', label, b, field, base_lr=base)[0]
+                        gaps.append(acc - ref)
+                        gn_gaps.append(acc - _acc(results, 'lrsweep', 'GN', b, base_lr=base)[0])
+                w, wg = (min(gaps), min(gn_gaps)) if gaps else (float('nan'),) * 2
+                ok &= w >= -0.005 and wg > 0
+                cells += [_pts(w), _pts(wg)]
+            cells.append('**yes**' if ok else 'no')
+            rows.append((f'{display(label)}, from {stats}', cells))
+    header = ['CBN row, running stats'] + [f'b{b} - BN b32' for b in small] + [
+        f'b{b} - GN b{b}' for b in small] + ['worst vs BN same batch']
+    if sweep:
+        header += ['lr sweep: worst b2/b1 - BN b32', 'lr sweep: worst b2/b1 - GN']
+    header.append('goal met')
+    return header, rows, lrs
+
+
+def lr_table(results, args):
+    """Accuracy in the learning-rate sweep (seed 0): BN at 32, 2, 1, GN and CBN at 2, 1."""
+    sweep = [r for r in results if r['cfg']['group'] == 'lrsweep']
+    if not sweep:
+        return ''
+    rows = []
+    for label in args.lr_norms:
+        for b in args.lr_batches:
+            if b == LARGEST_BATCH and is_cbn(label):
+                continue
+            cells = []
+            for base in args.sweep_base_lrs:
+                rs = _select(sweep, label=label, batch=b, base_lr=base)
+                if not rs:
+                    cells.append('')
+                elif is_cbn(label):
+                    cells.append(f'{_fmt([rs[0]["acc_window"]])} / {_fmt([rs[0]["acc"]])}')
+                else:
+                    cells.append(_fmt([rs[0]['acc']]))
+            k = f', k={spec_for(label, b)["window"]}' if is_cbn(label) else ''
+            rows.append((f'{display(label)}, batch {b}{k}', cells))
+    header = ['norm, batch'] + [f'base lr {base:g} (lr at batch 2: {lr_for(2, base):g})'
+                                for base in args.sweep_base_lrs]
+    return md_table(header, rows)
+
+
+_PALETTE = ('C0', 'C2', 'C7', 'C3', 'C1', 'C8', 'C9', 'C5', 'C4', 'C6')
+
+
+def _color(label):
+    return _PALETTE[list(NORMS).index(label) % len(_PALETTE)]
+
+
 def plot_accuracy(results, args, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     panels = [('main', 'SmallCNN (3 norm layers), digits at 4x4', args.batches, args.norms)]
     if any(r['cfg']['group'] == 'resnet' for r in results):
-        panels.append(('resnet', 'SmallResNet (9 norm layers, all swapped)',
+        panels.append(('resnet', 'SmallResNet (9 norm layers, all swapped), 4x4',
                        args.resnet_batches, args.resnet_norms))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
-    colors = {'BN': 'C0', 'GN': 'C2', 'naive CBN': 'C7', 'CBN (paper backward)': 'C3',
-              EMULATED: 'C4',
-              'CBN (pooled backward)': 'C1'}
+    if any(r['cfg']['group'] == 'second' for r in results):
+        panels.append(('second', f'second setting: {args.second_arch}, {args.second_task}',
+                       args.second_batches, args.second_norms))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.0), squeeze=False)
     for ax, (group, title, batches, labels) in zip(axes[0], panels):
         for label in labels:
-            for stats, field, style in (('batch', 'acc', '-'), ('window', 'acc_window', '--')):
-                if stats == 'window' and NORMS[label]['kind'] != 'cbn':
-                    continue
+            # CBN: window running statistics (solid); the paper also as published (batch)
+            variants = [('acc', '-')] if not is_cbn(label) else [('acc_window', '-')]
+            if label == PAPER:
+                variants.append(('acc', ':'))
+            for field, style in variants:
                 xs, ms, ss = [], [], []
                 for b in batches:
                     vals = [r[field] for r in _select(results, group=group, label=label, batch=b)]
@@ -853,9 +1043,10 @@ def plot_accuracy(results, args, path):
                         ms.append(np.mean(vals))
                         ss.append(np.std(vals))
                 if xs:
-                    name = label if stats == 'batch' else None
-                    ax.errorbar(xs, ms, yerr=ss, fmt=style + 'o', color=colors[label],
-                                label=name, capsize=3, ms=4, alpha=0.9 if stats == 'batch' else 0.6)
+                    name = display(label) + (' (running stats from batch)'
+                                             if is_cbn(label) and field == 'acc' else '')
+                    ax.errorbar(xs, ms, yerr=ss, fmt=style + 'o', color=_color(label),
+                                label=name, capsize=3, ms=4, alpha=0.85)
         ax.set_xscale('log', base=2)
         ax.set_xticks(batches)
         ax.set_xticklabels([str(b) for b in batches])
@@ -863,8 +1054,10 @@ def plot_accuracy(results, args, path):
         ax.set_ylabel('test accuracy')
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, title='dashed: CBN with running stats from the window',
-                  title_fontsize=7, loc='lower right')
+        lo = min([ln.get_ydata().min() for ln in ax.get_lines() if len(ln.get_ydata())] + [0.8])
+        ax.set_ylim(max(0.0, min(0.8, lo - 0.02)), None)
+        ax.legend(fontsize=7, title='CBN rows: running stats from the window',
+                  title_fontsize=7, loc='lower left')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -876,28 +1069,28 @@ def plot_errors(results, args, path):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     sweep = [r for r in results if r['cfg']['group'] == 'sweep' and 'analysis' in r
-             and r['cfg']['label'] == 'CBN (paper backward)']
+             and r['cfg']['label'] == PAPER]
     if not sweep:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     est = [('current', 'current batch alone (BN)', 'C0'), ('naive', 'naive pooling', 'C7'),
-           ('cbn', 'CBN, (mu, nu) compensation', 'C3'),
-           ('varform', 'var-form compensation', 'C1')]
-    styles = ('-', '--', ':', '-.')
-    for lr, style in zip(args.sweep_lrs, styles):
-        rs_lr = [r for r in sweep if r['cfg']['lr'] == lr]
+           ('munu', 'CBN, (mu, nu) compensation', 'C3'),
+           ('varform', 'CBN, var compensation', 'C1')]
+    styles = ('-', '--', ':', '-.', (0, (1, 4)))
+    for base, style in zip(args.sweep_base_lrs, styles):
+        rs_lr = [r for r in sweep if r['cfg']['base_lr'] == base]
         ks = sorted({r['cfg']['norm']['window'] for r in rs_lr})
         for ax, quantity in zip(axes[:2], ('mean', 'std')):
             for key, _, color in est:
                 if quantity == 'mean' and key == 'varform':
-                    continue  # the same mean as CBN's
+                    continue  # the same mean as the (mu, nu) form's
                 ys = [_analysis_mean(_select(rs_lr, window=k), f'win_{quantity}_err_{key}')
                       for k in ks]
-                ax.plot(ks, ys, style + 'o', color=color, ms=4)
+                ax.plot(ks, ys, 'o', linestyle=style, color=color, ms=4)
         for key, color, marker in (('neg_frac_comp', 'C3', 'o'),
                                    ('neg_frac_varform', 'C1', 's')):
             ys = [100 * _analysis_mean(_select(rs_lr, window=k), key) for k in ks]
-            axes[2].plot(ks, ys, style + marker, color=color, ms=4)
+            axes[2].plot(ks, ys, marker, linestyle=style, color=color, ms=4)
     titles = ('mean error vs the true window mean\n(RMS over channels, units of window std)',
               'std error vs the true window std\n(RMS over channels of |log sigma ratio|)',
               '% of past entries with negative variance\n(before the clamp)')
@@ -905,13 +1098,15 @@ def plot_errors(results, args, path):
         ax.set_xscale('log', base=2)
         ax.set_xticks(args.sweep_windows)
         ax.set_xticklabels([str(k) for k in args.sweep_windows])
-        ax.set_xlabel(f'window k (batch {args.sweep_batch}, paper backward, mean over layers)')
+        ax.set_xlabel(f'window k (batch {args.sweep_batch}, runs trained with the paper\'s '
+                      'layer, mean over layers)', fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale('log')
     axes[1].set_yscale('log')
-    lr_handles = [Line2D([], [], color='k', linestyle=st, label=f'lr {lr:g}')
-                  for lr, st in zip(args.sweep_lrs, styles)]
+    lr_handles = [Line2D([], [], color='k', linestyle=st,
+                         label=f'lr {lr_for(args.sweep_batch, base):g}')
+                  for base, st in zip(args.sweep_base_lrs, styles)]
     axes[0].legend(handles=[Line2D([], [], color=c, marker='o', label=n) for k, n, c in est
                             if k != 'varform'] + lr_handles, fontsize=7)
     axes[1].legend(handles=[Line2D([], [], color=c, marker='o', label=n) for _, n, c in est],
@@ -925,8 +1120,8 @@ def plot_errors(results, args, path):
 
 
 ESTIMATES = (('current', 'current batch alone (BN)'), ('naive', 'naive pooling (rho=0)'),
-             ('cbn', 'CBN compensated (what the layer used)'),
-             ('varform', 'first-order step on var instead'))
+             ('munu', 'CBN, (mu, nu) compensation (the paper\'s; what these runs used)'),
+             ('varform', 'CBN, var compensation'))
 
 
 def error_tables(results, group, label, batches):
@@ -1006,54 +1201,55 @@ def sweep_tables(results, args):
     sweep = [r for r in results if r['cfg']['group'] == 'sweep']
     if not sweep:
         return '', ''
-    header_acc = ['norm', 'k'] + [f'lr {lr:g}' for lr in args.sweep_lrs]
-    rows_acc.append(('BN', ['1'] + [_fmt([r['acc'] for r in _select(sweep, label='BN', lr=lr)])
-                                    for lr in args.sweep_lrs]))
-    for label in SWEEP_NORMS:
+    b = args.sweep_batch
+    header_acc = ['norm', 'k'] + [f'lr {lr_for(b, base):g}' for base in args.sweep_base_lrs]
+    rows_acc.append(('BN', ['1'] + [_fmt([r['acc'] for r in _select(
+        results, group='lrsweep', label='BN', batch=b, base_lr=base)])
+        for base in args.sweep_base_lrs]))
+    for label in args.sweep_norms:
         for k in args.sweep_windows:
             if not _select(sweep, label=label, window=k):
                 continue
             cells = [str(k)]
-            for lr in args.sweep_lrs:
-                rs = _select(sweep, label=label, lr=lr, window=k)
-                cells.append(' / '.join(_fmt([r[f]]) for r in rs for f in ('acc', 'acc_window'))
+            for base in args.sweep_base_lrs:
+                rs = _select(sweep, label=label, base_lr=base, window=k)
+                cells.append(' / '.join(_fmt([r[f]]) for r in rs for f in ('acc_window', 'acc'))
                              + (f' (loss {rs[0]["final_loss"]:.2f})' if rs else ''))
-            rows_acc.append((label, cells))
-    header_err = ['backward', 'k', 'lr', 'mean err: current / naive / CBN / var-form',
-                  'std err: current / naive / CBN / var-form', '% negative (mu,nu) / var-form',
+            rows_acc.append((display(label), cells))
+    header_err = ['run', 'k', 'lr', 'mean err: current / naive / (mu,nu) / var',
+                  'std err: current / naive / (mu,nu) / var', '% negative (mu,nu) / var',
                   'd_mu^2 share of (mu,nu) under-estimate', 'cos(grad W, W)', '|W| growth',
-                  'gradient cos with large-batch BN: paper / pooled / BN at this batch / '
+                  'gradient cos with large-batch BN: current / pooled / BN at this batch / '
                   'compensated']
-    for label in SWEEP_NORMS:
-        for lr in args.sweep_lrs:
+    for label in args.sweep_norms:
+        for base in args.sweep_base_lrs:
             for k in args.sweep_windows:
-                rs = [r for r in _select(sweep, label=label, lr=lr, window=k) if 'analysis' in r]
+                rs = [r for r in _select(sweep, label=label, base_lr=base, window=k)
+                      if 'analysis' in r]
                 if not rs:
                     continue
                 g = lambda key: _analysis_mean(rs, key)  # noqa: E731
                 cos = np.mean([np.mean(list(r['radial_cos'].values())) for r in rs])
                 growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
                                   for r in rs])
-                rows_err.append((label, [
-                    str(k), f'{lr:g}',
+                rows_err.append((display(label), [
+                    str(k), f'{lr_for(b, base):g}',
                     ' / '.join(f'{g(f"win_mean_err_{e}"):.3f}' for e, _ in ESTIMATES),
                     ' / '.join(f'{g(f"win_std_err_{e}"):.3f}' for e, _ in ESTIMATES),
                     f'{100 * g("neg_frac_comp"):.1f} / {100 * g("neg_frac_varform"):.1f}',
                     f'{_dmu2_share(g):.2f}', f'{cos:+.3f}', f'{growth:.2f}',
                     _fidelity_cell(rs)]))
     bn_rows = []
-    for lr in args.sweep_lrs:
-        rs = [r for r in _select(sweep, label='BN', lr=lr) if 'radial_cos' in r]
+    for base in args.sweep_base_lrs:
+        rs = [r for r in _select(results, group='lrsweep', label='BN', batch=b, base_lr=base)
+              if 'radial_cos' in r]
         if rs:
             cos = np.mean([np.mean(list(r['radial_cos'].values())) for r in rs])
             growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
                               for r in rs])
-            bn_rows.append(('BN', ['1', f'{lr:g}', '', '', '', '', f'{cos:+.3f}',
+            bn_rows.append(('BN', ['1', f'{lr_for(b, base):g}', '', '', '', '', f'{cos:+.3f}',
                                    f'{growth:.2f}', '']))
     return md_table(header_acc, rows_acc), md_table(header_err, rows_err + bn_rows)
-
-
-FIDELITY = ('current', 'pooled', 'small', 'compensated')
 
 
 def _fidelity_cell(rs):
@@ -1068,13 +1264,14 @@ def fidelity_table(results, group, labels, batches):
     """Per CBN variant and batch: gradient cosines with the large-batch BN gradient."""
     rows = []
     for label in labels:
-        if NORMS[label]['kind'] != 'cbn':
+        if not is_cbn(label):
             continue
         cells = [_fidelity_cell(_select(results, group=group, label=label, batch=b))
-                 for b in batches]
+                 for b in batches if b < LARGEST_BATCH]
         if any(cells):
-            rows.append((f'trained with {label}', cells))
-    return md_table(['run'] + [f'batch {b} (k={window_for(b)})' for b in batches], rows)
+            rows.append((f'trained with {display(label)}', cells))
+    return md_table(['run'] + [f'batch {b} (k={window_for(b)})' for b in batches
+                               if b < LARGEST_BATCH], rows)
 
 
 def radial_table(results, group, labels, batches):
@@ -1091,7 +1288,7 @@ def radial_table(results, group, labels, batches):
             growth = np.mean([np.mean([v[-1] / v[0] for v in r['weight_norm'].values()])
                               for r in rs])
             cells.append(f'{cos:+.3f} ({growth:.2f})')
-        rows.append((label, cells))
+        rows.append((display(label), cells))
     return md_table(['norm'] + [f'batch {b}' for b in batches], rows)
 
 
@@ -1099,9 +1296,9 @@ def running_error_rows(results, group, labels, batches):
     """Per norm (and running-statistics rule): running stats vs the test-time inputs."""
     rows = []
     for label in labels:
-        rules = ('batch', 'window') if NORMS[label]['kind'] == 'cbn' else ('batch',)
         if NORMS[label]['kind'] == 'gn':
             continue
+        rules = ('window', 'batch') if is_cbn(label) else ('batch',)
         for rule in rules:
             cells = []
             for b in batches:
@@ -1110,14 +1307,15 @@ def running_error_rows(results, group, labels, batches):
                       if rule in r.get('running_error', {})]
                 cells.append(f'{np.mean([e["mean"] for e in rs]):.3f} / '
                              f'{np.mean([e["std"] for e in rs]):.3f}' if rs else '')
-            rows.append((label if len(rules) == 1 else f'{label}, from {rule}', cells))
+            rows.append((display(label) if len(rules) == 1 else f'{display(label)}, from {rule}',
+                         cells))
     return rows
 
 
 def loss_rows(results, group, labels, batches):
     rows = []
     for label in labels:
-        rows.append((label, [_fmt([r['final_loss'] for r in _select(
+        rows.append((display(label), [_fmt([r['final_loss'] for r in _select(
             results, group=group, label=label, batch=b)], 2) for b in batches]))
     return rows
 
@@ -1128,8 +1326,7 @@ def failures(results):
     for r in results:
         if r['status'] != 'ok':
             c = r['cfg']
-            key = (c['group'], c['arch'], c['label'], c['batch'], c['lr'], c['status'] if
-                   'status' in c else r['status'][:40])
+            key = (c['group'], c['arch'], c['label'], c['batch'], c['lr'], c['seed'])
             if key in seen:
                 continue
             seen.add(key)
@@ -1138,10 +1335,21 @@ def failures(results):
     return '\n'.join(lines)
 
 
-def _acc(results, group, label, batch, field='acc', **kw):
-    vals = [r[field] for r in _select(results, group=group, label=label, batch=batch, **kw)]
-    vals = [v for v in vals if v == v]
-    return (float(np.mean(vals)), float(np.min(vals))) if vals else (float('nan'),) * 2
+def checks(results) -> str:
+    """The study's self-checks, worst over every run: it measured the layer that trained."""
+    def worst(values):
+        values = [v for v in values if v == v]
+        return f'{max(values):.1e}' if values else '-'
+    ema = [r['ema_check'] for r in results if 'ema_check' in r]
+    fid = [r['grad_fidelity'] for r in results if 'grad_fidelity' in r]
+    ana = [m for r in results for m in r.get('analysis', {}).values() if 'check_mean' in m]
+    return (f'Self-checks, worst over all runs: the study\'s copy of each running-statistics '
+            f'rule vs the layer\'s own {worst(ema)}; the analysis\'s compensated past entries '
+            f'vs `layer.past_entries()` {worst([m["check_mean"] for m in ana])} (mean) / '
+            f'{worst([m["check_var"] for m in ana])} (var); the layer copy\'s gradient under '
+            f'the run\'s own `stats_backward` vs the training step\'s (relative) '
+            f'{worst([f["check"] for f in fid])}, its loss vs the training loss '
+            f'{worst([f.get("check_forward", float("nan")) for f in fid])}.')
 
 
 def headline(results, args) -> list[str]:
@@ -1150,72 +1358,73 @@ def headline(results, args) -> list[str]:
     small = min(args.batches)
     b2 = 2 if 2 in args.batches else small
     top = max(args.batches)
-    paper = 'CBN (paper backward)'
     if args.raw_batches:
         out.append('raw 8x8, BN: ' + ', '.join(
             f'batch {b} {_acc(results, "raw", "BN", b)[0]:.3f}' for b in args.raw_batches))
+
+    def row(group, label, b):
+        if not is_cbn(label):
+            return f'{label} {_acc(results, group, label, b)[0]:.3f}'
+        return (f'{label} {_acc(results, group, label, b, "acc_window")[0]:.3f} / '
+                f'{_acc(results, group, label, b)[0]:.3f}')
     for b in sorted({top, b2, small}, reverse=True):
-        out.append(f'4x4, batch {b}: ' + ', '.join(
-            f'{label} {_acc(results, "main", label, b)[0]:.3f}'
-            + (f' (window stats {_acc(results, "main", label, b, "acc_window")[0]:.3f})'
-               if NORMS[label]['kind'] == 'cbn' else '')
-            for label in args.norms))
+        out.append(f'4x4, batch {b} (CBN: running stats from window / from batch): ' + ', '.join(
+            row('main', label, b) for label in args.norms
+            if b < LARGEST_BATCH or not is_cbn(label) or label == PLAIN))
     if any(r['cfg']['group'] == 'resnet' for r in results):
         rb = min(args.resnet_batches)
-        out.append(f'ResNet, every norm swapped, batch {rb}: ' + ', '.join(
-            f'{label} {_acc(results, "resnet", label, rb)[0]:.3f}'
-            + (f' (window stats {_acc(results, "resnet", label, rb, "acc_window")[0]:.3f}; '
-               f'worst seed {_acc(results, "resnet", label, rb)[1]:.3f} / '
-               f'{_acc(results, "resnet", label, rb, "acc_window")[1]:.3f})'
-               if NORMS[label]['kind'] == 'cbn' else '')
-            for label in args.resnet_norms))
+        out.append(f'ResNet, every norm swapped, batch {rb} (window / batch stats; worst seed): '
+                   + ', '.join(
+                       row('resnet', label, rb) + (
+                           f' (worst {_acc(results, "resnet", label, rb, "acc_window")[1]:.3f}'
+                           f' / {_acc(results, "resnet", label, rb)[1]:.3f})'
+                           if is_cbn(label) else '')
+                       for label in args.resnet_norms))
+    if any(r['cfg']['group'] == 'second' for r in results):
+        for b in sorted(args.second_batches, reverse=True):
+            out.append(f'second setting ({args.second_arch}, {args.second_task}), batch {b}: '
+                       + ', '.join(row('second', label, b) for label in args.second_norms))
     for b in sorted({b2, small}, reverse=True):
-        rs = [r for r in _select(results, group='main', label=paper, batch=b) if 'analysis' in r]
+        rs = [r for r in _select(results, group='main', label=PAPER, batch=b) if 'analysis' in r]
         if not rs:
             continue
         g = lambda k: _analysis_mean(rs, k)  # noqa: E731
         out.append(
-            f'statistics error at batch {b} (k={window_for(b)}), mean over layers, '
-            f'mean / std error vs the true window: current batch '
+            f'statistics error at batch {b} (k={window_for(b)}), runs of the paper\'s layer, '
+            f'mean over layers, mean / std error vs the true window: current batch '
             f'{g("win_mean_err_current"):.3f} / {g("win_std_err_current"):.3f}, naive '
-            f'{g("win_mean_err_naive"):.3f} / {g("win_std_err_naive"):.3f}, CBN '
-            f'{g("win_mean_err_cbn"):.3f} / {g("win_std_err_cbn"):.3f}, var-form '
+            f'{g("win_mean_err_naive"):.3f} / {g("win_std_err_naive"):.3f}, (mu,nu) '
+            f'{g("win_mean_err_munu"):.3f} / {g("win_std_err_munu"):.3f}, var '
             f'{g("win_mean_err_varform"):.3f} / {g("win_std_err_varform"):.3f}; past entries '
             f'with negative variance {100 * g("neg_frac_comp"):.1f} % ((mu,nu) form) vs '
             f'{100 * g("neg_frac_varform"):.1f} % (var form); d_mu^2 share of the (mu,nu) '
             f'under-estimate {_dmu2_share(g):.2f}')
-    fid = []  # the compensating runs (naive CBN keeps no derivatives to emulate with)
+    fid = []
     for b in args.batches:
         rs = [r for r in _select(results, group='main', batch=b) if 'grad_fidelity' in r
-              and r['cfg']['norm'].get('rho') == 1.0]
+              and r['cfg']['norm'].get('rho', 1.0) == 1.0]
         if rs:
             fid.append(f'batch {b} (k={window_for(b)}) ' + '/'.join(
                 f'{np.mean([r["grad_fidelity"].get(f"cos_{m}", np.nan) for r in rs]):.2f}'
                 for m in FIDELITY))
     if fid:
-        out.append('gradient cosine with the large-batch BN gradient, paper / pooled / BN at '
-                   'this batch / compensated (all CBN runs): ' + ', '.join(fid))
-    sweep = [r for r in results if r['cfg']['group'] == 'sweep']
-    if sweep:
-        for label in SWEEP_NORMS:
-            cells = []
-            for lr in args.sweep_lrs:
-                accs = []
-                for k in args.sweep_windows:
-                    if _select(sweep, label=label, window=k):
-                        acc = _acc(sweep, 'sweep', label, args.sweep_batch, 'acc_window', lr=lr,
-                                   window=k)[0]
-                        accs.append(f'k={k} {acc:.2f}')
-                cells.append(f'lr {lr:g}: ' + ' '.join(accs))
-            out.append(f'sweep, {label}, window stats: ' + '; '.join(cells))
-        out.append('sweep, BN: ' + ', '.join(
-            f'lr {lr:g} {_acc(sweep, "sweep", "BN", args.sweep_batch, lr=lr)[0]:.2f}'
-            for lr in args.sweep_lrs))
+        out.append('gradient cosine with the large-batch BN gradient, current / pooled / BN at '
+                   'this batch / compensated (all compensating CBN runs): ' + ', '.join(fid))
+    if any(r['cfg']['group'] == 'lrsweep' for r in results):
+        for b in args.lr_batches:
+            out.append(f'lr sweep, batch {b}, window stats for CBN (base lr ' + ', '.join(
+                f'{base:g}' for base in args.sweep_base_lrs) + '): ' + '; '.join(
+                f'{label} ' + ' '.join(
+                    f'{_acc(results, "lrsweep", label, b, "acc_window" if is_cbn(label) else "acc", base_lr=base)[0]:.3f}'  # noqa: E501
+                    for base in args.sweep_base_lrs)
+                for label in args.lr_norms if not (b == LARGEST_BATCH and is_cbn(label))))
     return out
 
 
 def render(results, args, wall, meta) -> str:
     b_hdr = ['norm'] + [f'batch {b}' for b in args.batches]
+    header, rows, lrs = goal_rows(results, args, 'main', args.norms, args.batches,
+                                  sweep=any(r['cfg']['group'] == 'lrsweep' for r in results))
     parts = [
         f'Generated by `{meta["command"]}` on {meta["when"]} ({meta["machine"]}); '
         f'wall time {wall / 60:.1f} min with {args.workers} worker processes '
@@ -1223,8 +1432,24 @@ def render(results, args, wall, meta) -> str:
         '',
         f'Setup: {args.samples} training samples seen per run at every batch size; SGD '
         f'momentum 0.9, weight decay 5e-4, cosine decay; lr = {args.base_lr:g} x batch / 32; '
-        f'CBN window k = 32 / batch (batch 1: k = 32), rho 1, burn-in 0, '
-        f'variance rule clamp; {args.seeds} seeds (mean ± std); test set 719 images.',
+        f'CBN window k = 32 / batch (batch 1: k = 32) except `{PLAIN}` (k = 4 at every '
+        f'batch), rho 1, burn-in 0, variance rule clamp; the layer\'s defaults '
+        f'(`mode=\'default\'`): stats_backward={LAYER_DEFAULTS["stats_backward"]!r}, '
+        f'compensation={LAYER_DEFAULTS["compensation"]!r}, '
+        f'running_stats={LAYER_DEFAULTS["running_stats"]!r}; {args.seeds} seeds (mean ± std); '
+        f'test set 719 images.',
+        '',
+        checks(results),
+        '',
+        '### The goal of the defaults (SmallCNN, 4x4 digits)',
+        '',
+        'Points (accuracy x 100). BN at batch 32 trains (test accuracy >= '
+        f'{args.trains:g}) in the learning-rate sweep at base lr '
+        + (', '.join(f'{base:g} ({ref:.3f})' for base, ref in lrs) or 'none') + '. '
+        'Goal: batch 2 and 1 >= BN at batch 32 - 0.5 and > GN, there and at every such '
+        'learning rate of the sweep (seed 0), and >= BN at the same batch at every batch.',
+        '',
+        md_table(header, rows),
         '',
         '### Headline numbers',
         '',
@@ -1236,6 +1461,9 @@ def render(results, args, wall, meta) -> str:
                  accuracy_rows(results, 'raw', ['BN'], args.raw_batches)),
         '',
         '### Test accuracy, digits at 4x4 (SmallCNN, every norm swapped)',
+        '',
+        'At batch 32 every CBN row with k = 32 / batch has k = 1, i.e. is BN (one shared '
+        'run).',
         '',
         md_table(b_hdr, accuracy_rows(results, 'main', args.norms, args.batches, True)),
         '',
@@ -1251,6 +1479,17 @@ def render(results, args, wall, meta) -> str:
         md_table(b_hdr, running_error_rows(results, 'main', args.norms, args.batches)),
         '',
     ]
+    lr_tab = lr_table(results, args)
+    if lr_tab:
+        parts += [
+            '### Learning rate: BN at batch 32 against batch 2 and 1 (seed 0)',
+            '',
+            'Linear scaling as in the main grid: the lr at batch b is base lr x b / 32. CBN '
+            'cells: `running stats from window / from batch`.',
+            '',
+            lr_tab,
+            '',
+        ]
     if any(r['cfg']['group'] == 'resnet' for r in results):
         r_hdr = ['norm'] + [f'batch {b}' for b in args.resnet_batches]
         parts += [
@@ -1266,29 +1505,51 @@ def render(results, args, wall, meta) -> str:
                                       args.resnet_batches)),
             '',
         ]
+    if any(r['cfg']['group'] == 'second' for r in results):
+        s_hdr = ['norm'] + [f'batch {b}' for b in args.second_batches]
+        h2, rows2, _ = goal_rows(results, args, 'second', args.second_norms,
+                                 args.second_batches, sweep=False)
+        parts += [
+            f'### Second setting: {args.second_arch} on `{args.second_task}` digits '
+            f'({args.second_seeds} seeds)',
+            '',
+            md_table(s_hdr, accuracy_rows(results, 'second', args.second_norms,
+                                          args.second_batches, True)),
+            '',
+            'Final training loss:',
+            '',
+            md_table(s_hdr, loss_rows(results, 'second', args.second_norms,
+                                      args.second_batches)),
+            '',
+            'The goal, in this setting (points):',
+            '',
+            md_table(h2, rows2),
+            '',
+        ]
     parts += [
-        '### Statistics error per layer (SmallCNN, CBN with the paper backward)',
+        f'### Statistics error per layer (SmallCNN, runs of the paper\'s layer `{PAPER}`)',
         '',
         'Each cell is `mean error / std error`: the mean error in units of the reference '
         'std (RMS over channels) and |log(sigma_est / sigma_ref)| (RMS over channels), '
         f'averaged over {args.measure} points per run (evenly spread over training once the '
         'window is full) and over seeds. Reference in the first four columns: the true '
-        'window statistics (the window\'s raw batches pushed through the current network).',
+        'window statistics (the window\'s raw batches pushed through the current network). '
+        'Both compensations are computed from the same stored statistics and derivatives.',
         '',
-        error_tables(results, 'main', 'CBN (paper backward)', args.batches),
+        error_tables(results, 'main', PAPER, args.batches),
         '',
         '### Past entries: compensation and the d_mu^2 term (same runs)',
         '',
         'Per past (step, channel) entry against its true value under the current network. '
         '"var bias" and "var abs err" are sum(est - true) and sum|est - true| over '
-        'sum(true); "(mu,nu)" is the paper\'s compensation as the layer does it '
-        '(var_old + <dvar/dW, dW> - d_mu^2, before the clamp), "var-form" is a first-order '
-        'step on var itself (the same plus d_mu^2). "d_mu^2 share" is '
+        'sum(true); "(mu,nu)" is the paper\'s compensation '
+        '(var_old + <dvar/dW, dW> - d_mu^2, before the clamp), "var-form" is the layer\'s '
+        '`compensation=\'var\'` (the same plus d_mu^2). "d_mu^2 share" is '
         'd_mu^2 / (d_mu^2 - var-form bias), the part of the (mu,nu) form\'s net '
         'under-estimate that the d_mu^2 term makes (the rest, the var-form bias, is '
         'dW^T C dW plus everything upstream of the conv that the truncation ignores).',
         '',
-        entry_table(results, 'main', 'CBN (paper backward)', args.batches),
+        entry_table(results, 'main', PAPER, args.batches),
         '',
     ]
     acc_sweep, err_sweep = sweep_tables(results, args)
@@ -1297,7 +1558,7 @@ def render(results, args, wall, meta) -> str:
             f'### Window and learning rate (batch {args.sweep_batch}, seed 0, '
             f'{args.samples} samples)',
             '',
-            'Test accuracy, `running stats from batch / from window` (final training loss):',
+            'Test accuracy, `running stats from window / from batch` (final training loss):',
             '',
             acc_sweep,
             '',
@@ -1313,14 +1574,15 @@ def render(results, args, wall, meta) -> str:
         '### Which backward is closest to the large-batch gradient? (SmallCNN)',
         '',
         'At the same analysis points, the conv-weight gradient of this batch\'s loss under '
-        'four backwards, each compared (cosine, mean over the convs) with the ideal: the '
+        'each backward, compared (cosine, mean over the convs) with the ideal: the '
         'gradient through BN over the union of this batch and the window\'s old batches '
         '(all under the current weights; large-batch BN, what CBN approximates). Cells: '
-        '`paper (current) / pooled / BN at this batch alone / compensated`, where '
-        '"compensated" also differentiates the past entries through their compensation '
-        'w.r.t. the current conv weight (not a layer option; emulated here). The emulated '
-        'gradient of the run\'s own backward equals the one its training step used '
-        '(checked at every point).',
+        '`current (the paper) / pooled / BN at this batch alone / compensated`. The three '
+        'CBN backwards are the layer\'s own: a copy of the network loaded from the '
+        'state_dict (window included) with `stats_backward` set, one training forward and '
+        'backward; the copy under the run\'s own backward reproduces the training gradient '
+        '(self-checks above). Naive CBN\'s past entries do not depend on the weights: no '
+        '"compensated" column.',
         '',
         fidelity_table(results, 'main', args.norms, args.batches),
         '',
@@ -1358,6 +1620,8 @@ def parse_args(argv=None):
     ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--tiny', action='store_true',
                     help='1 seed, 2 batch sizes, a few steps: checks the pipeline in seconds')
+    ap.add_argument('--cache', type=Path, default=None,
+                    help='json-lines file of finished runs: appended to, and reused (resume)')
     ap.add_argument('--seeds', type=int, default=3)
     ap.add_argument('--samples', type=int, default=4096)
     ap.add_argument('--base-lr', type=float, default=0.1, help='lr at batch 32')
@@ -1366,13 +1630,26 @@ def parse_args(argv=None):
     ap.add_argument('--raw-batches', type=int, nargs='+', default=[32, 2, 1])
     ap.add_argument('--resnet-batches', type=int, nargs='+', default=[32, 2])
     ap.add_argument('--resnet-norms', nargs='+', choices=list(NORMS), default=[
-        'BN', 'GN', 'CBN (paper backward)', 'CBN (pooled backward)',
-        'CBN (compensated backward, emulated)'])
+        'BN', 'GN', PAPER, cbn_label('pooled', 'var'), cbn_label('compensated', 'mu_nu'),
+        DEFAULT, PLAIN])
     ap.add_argument('--resnet-seeds', type=int, default=2)
+    ap.add_argument('--second-task', default='shift5', choices=['raw', 'lowres', 'shift5'])
+    ap.add_argument('--second-arch', default='resnet', choices=list(ARCHS))
+    ap.add_argument('--second-batches', type=int, nargs='+', default=[32, 8, 2, 1])
+    ap.add_argument('--second-norms', nargs='+', choices=list(NORMS),
+                    default=['BN', 'GN', PAPER, DEFAULT, PLAIN])
+    ap.add_argument('--second-seeds', type=int, default=2)
+    ap.add_argument('--sweep-base-lrs', type=float, nargs='+', default=[0.1, 0.32, 0.8, 1.6],
+                    help='lr at batch 32 (linear scaling below); 0.1 is the main grid\'s')
+    ap.add_argument('--lr-batches', type=int, nargs='+', default=[32, 2, 1])
+    ap.add_argument('--lr-norms', nargs='+', choices=list(NORMS),
+                    default=['BN', 'GN'] + CBN_COMBOS + [PLAIN])
     ap.add_argument('--sweep-batch', type=int, default=2)
-    ap.add_argument('--sweep-windows', type=int, nargs='+', default=[2, 4, 8, 16])
-    ap.add_argument('--sweep-lrs', type=float, nargs='+', default=[0.00625, 0.02, 0.05])
-    ap.add_argument('--sweep-emulated-windows', type=int, nargs='+', default=[4, 16])
+    ap.add_argument('--sweep-windows', type=int, nargs='+', default=[4, 8, 16])
+    ap.add_argument('--sweep-norms', nargs='+', choices=list(NORMS),
+                    default=[PAPER, cbn_label('pooled', 'var'), DEFAULT])
+    ap.add_argument('--trains', type=float, default=0.5,
+                    help='BN at batch 32 "trains" at an lr when its test accuracy is at least this')
     ap.add_argument('--from-json', type=Path, default=None,
                     help='re-render the md and plots from an earlier run\'s json (no training)')
     ap.add_argument('--measure', type=int, default=6, help='analysis points per CBN run')
@@ -1382,9 +1659,11 @@ def parse_args(argv=None):
     if args.tiny:
         args.seeds, args.samples, args.batches = 1, 48, [8, 2]
         args.raw_batches, args.resnet_batches, args.resnet_seeds = [8], [2], 1
-        args.resnet_norms = ['BN', 'CBN (paper backward)']
-        args.sweep_windows, args.sweep_lrs = [2, 4], [0.00625, 0.05]
-        args.sweep_emulated_windows = [4]
+        args.resnet_norms = ['BN', PAPER, DEFAULT]
+        args.second_batches, args.second_seeds = [8, 2], 1
+        args.sweep_windows, args.sweep_base_lrs = [2, 4], [0.1, 0.8]
+        args.lr_batches = [32, 2]
+        args.lr_norms = ['BN', 'GN', PAPER, DEFAULT]
         args.measure, args.measure_bn = 3, 2
     return args
 
@@ -1401,13 +1680,14 @@ def main(argv=None):
         saved = json.loads(args.from_json.read_text())
         meta, wall, results = saved['meta'], saved['wall_s'], saved['runs']
         for k, v in saved['args'].items():
-            if k not in ('out_dir', 'from_json'):
+            if k not in ('out_dir', 'from_json', 'cache'):
                 setattr(args, k, v)
     else:
         jobs = build_grid(args)
         print(f'{len(jobs)} runs ({len({_key(j) for j in jobs})} distinct), '
               f'{args.workers} workers', flush=True)
-        results, wall = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True))
+        results, wall = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
+                                 cache=args.cache)
         meta['load_end'] = load()
         (args.out_dir / 'small_batch.json').write_text(json.dumps(
             dict(meta=meta, args={k: (str(v) if isinstance(v, Path) else v)
