@@ -99,21 +99,47 @@ saved during validation stores the state from before it). Training then
 draws the same numbers whether or when it validates. ``load_from`` without
 resume (fine-tuning) does not restore anything.
 
+Without a configured seed (MMDetection's default runtime sets none),
+MMEngine draws a new seed in every process and gives it to the train
+sampler and the data-loading workers when it builds the dataloader, before
+``Runner.resume`` reads the checkpoint's seed: ``tools/train.py`` therefore
+seeds a resumed Runner with the checkpoint's seed before building it
+(:func:`adopt_checkpoint_seed`), and the hook warns at resume when the train
+sampler's seed is not the checkpoint's (a Runner built some other way).
+
+Multi-process runs: every rank calls ``before_save_checkpoint``; each
+rank's RNG states and the buffers it keeps for itself (BN running
+statistics and CBN windows, see :func:`rank_local_norms`) are gathered to
+rank 0, the writer, and stored by rank in ``checkpoint['rank_states']``
+(``{'format': 1, 'world_size': W, 'buffers': bool, 'ranks': [...]}``; rank
+0's buffers are the ``state_dict``'s). One file, so a checkpoint stays one
+atomic write that any storage backend can hold, that is copied or deleted
+(``max_keep_ckpts``) as a whole, and whose completeness ``last_checkpoint``
+vouches for; the price is the other ranks' window state in rank 0's memory
+and in the file (the window buffers of an R50 4conv1fc CBN detector are
+about 69 MB per rank). On resume with the same world size each rank puts its
+own buffers into the ``state_dict`` before the model loads it and restores
+its own RNG states. SyncCBN and SyncBN state is the same on every rank: it
+is stored once, plus SyncCBN's shift (the previous global mean) so the
+resumed shifted sums are the same numbers. With another world size (or a
+multi-process checkpoint without per-rank state) the model and rank 0's
+running statistics are restored, the CBN windows restart empty and the RNG
+states are not restored, each with a warning.
+
 With that, training resumed from an end-of-epoch checkpoint is bit-identical
 to the uninterrupted run on the same machine and software
-(``tests/test_resume.py``: losses, every parameter, BN/CBN buffer and CBN
-window, momentum, and the final RNG states), given what MMEngine needs for
-reproducibility anyway (``randomness=dict(seed=..., deterministic=True)``
-for CUDA kernels). Not exact, and why:
+(``tests/test_resume.py``, ``tests/test_resume_unseeded.py`` without a
+seed, ``tests/test_distributed_resume.py`` on 2 processes: losses, every
+parameter, BN/CBN buffer and every rank's CBN window, momentum, and the
+final RNG states), given ``randomness=dict(deterministic=True)`` for CUDA
+kernels. Not exact, and why:
 
-- multi-process runs: only rank 0 writes the checkpoint (and calls this
-  hook's ``before_save_checkpoint``), so the other ranks' states are not in
-  it; the hook then restores nothing and warns;
 - ``persistent_workers=True`` with ``num_workers > 0`` (MMDetection's
-  default): the workers' generators live in the worker processes, which a
-  resumed run starts afresh from the seed. ``num_workers=0`` or
-  non-persistent workers (re-seeded identically every epoch by MMEngine)
-  resume exactly;
+  default): the workers' generators live in the worker processes and carry
+  over from epoch to epoch; a resumed run starts them afresh from the seed.
+  The hook warns at resume. ``num_workers=0`` or ``persistent_workers=False``
+  (MMEngine re-seeds the workers identically every epoch) resume exactly
+  (``tests/test_resume_unseeded.py``);
 - checkpoints inside an epoch (``by_epoch=False`` in an epoch-based loop):
   MMEngine restarts that epoch's data from its beginning;
 - ``IterBasedTrainLoop``: MMEngine skips the trained batches by loading them
@@ -147,8 +173,14 @@ Checkpoint files
 - Non-local storage backends are written by MMEngine as before (not
   atomically).
 
-``dict(type='WeightsOnlyCheckpointHook', restore_rng=False,
-check_files=False, atomic_save=False)`` turns the last two parts off.
+Switches
+--------
+Each part can be turned off on its own, by a top-level config key
+(:func:`add_weights_only_hook`; all ``True`` unless set ``False``) or the
+hook's argument: ``weights_only_checkpoints`` (``encode``),
+``resume_rng_state`` (``restore_rng``, with the seed adoption),
+``resume_rank_states`` (``rank_states``), ``atomic_checkpoints``
+(``atomic_save``), ``check_checkpoint_files`` (``check_files``).
 """
 from __future__ import annotations
 
@@ -166,7 +198,7 @@ from typing import Any
 import numpy as np
 import torch
 from mmengine.config import ConfigDict
-from mmengine.dist import get_world_size, is_main_process
+from mmengine.dist import get_rank, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.registry import HOOKS
@@ -545,13 +577,15 @@ def _atomic_save_checkpoint(original):
     return save_checkpoint
 
 
-def _checkpoint_to_load(runner) -> tuple[str | None, str]:
-    """The file ``Runner.load_or_resume`` is about to read, and where its name came from."""
-    if getattr(runner, '_has_loaded', False):
-        return None, ''
-    resume, load_from = getattr(runner, '_resume', False), getattr(runner, '_load_from', None)
+def checkpoint_to_resume(resume, load_from, work_dir) -> tuple[str | None, str]:
+    """The file a Runner with these settings loads, and where its name came from.
+
+    ``resume`` without ``load_from``: the file ``work_dir/last_checkpoint``
+    names (``None`` when there is no such record: MMEngine starts from
+    scratch). Otherwise ``load_from`` (``None`` when unset).
+    """
     if resume and load_from is None:
-        record = osp.join(runner.work_dir, 'last_checkpoint')
+        record = osp.join(work_dir, 'last_checkpoint')
         if not osp.isfile(record):
             return None, ''  # MMEngine starts from scratch
         with open(record) as f:
@@ -567,46 +601,233 @@ def _checkpoint_to_load(runner) -> tuple[str | None, str]:
     return None, ''
 
 
+def _checkpoint_to_load(runner) -> tuple[str | None, str]:
+    """The file ``Runner.load_or_resume`` is about to read, and where its name came from."""
+    if getattr(runner, '_has_loaded', False):
+        return None, ''
+    return checkpoint_to_resume(getattr(runner, '_resume', False),
+                                getattr(runner, '_load_from', None), runner.work_dir)
+
+
+# ---------------------------------------------------------------- the run's seed
+def read_checkpoint_meta(path) -> dict:
+    """``meta`` of a checkpoint file, decoded; the tensors are memory-mapped, not read."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', mmap=True)
+    except RuntimeError:  # torch's pre-1.6 format cannot be memory-mapped
+        checkpoint = torch.load(path, map_location='cpu')
+    meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+    return decode(meta) if isinstance(meta, dict) else {}
+
+
+def adopt_checkpoint_seed(cfg) -> int | None:
+    """Make a resumed run use the seed of the run it resumes; returns the seed adopted.
+
+    With no ``randomness.seed`` in the config (MMDetection's default), MMEngine
+    draws a seed in ``Runner.__init__`` and gives it, when the dataloaders are
+    built, to the train sampler (the shuffle of every epoch) and to the
+    data-loading workers (``worker_init_fn``). ``Runner.resume`` reads the
+    checkpoint's seed only after that, so a resumed run shuffles the rest of
+    training with another seed. Called before the Runner is built (by
+    ``tools/train.py`` through ``build_runner``), this sets
+    ``cfg.randomness.seed`` to ``checkpoint['meta']['seed']`` when the config
+    resumes (``cfg.resume``) and sets no seed itself; the Runner is then
+    seeded exactly like the run it continues.
+
+    A configured seed is kept; when it differs from the checkpoint's a
+    warning says that the data order then differs. Nothing is adopted (with a
+    warning) for a remote checkpoint or one without a seed; a missing or
+    damaged file is left for the Runner to report by name.
+    """
+    if not cfg.get('resume', False):
+        return None
+    path, source = checkpoint_to_resume(True, cfg.get('load_from', None), cfg.work_dir)
+    if path is None:
+        return None
+    randomness = dict(cfg.get('randomness', None) or {})
+    configured = randomness.get('seed', None)
+    if not _local(path):
+        if configured is None:
+            print_log(f'adopt_checkpoint_seed: cannot read the seed of the remote checkpoint '
+                      f'{path}{source}; the resumed run draws a new seed, so its data order '
+                      'differs from the uninterrupted run. Set randomness.seed to the seed '
+                      "logged by the first run for an exact resume", logger='current',
+                      level=logging.WARNING)
+        return None
+    try:
+        check_checkpoint_file(path, crc=False, note=source)
+    except (FileNotFoundError, CheckpointFileError):
+        return None  # WeightsOnlyCheckpointHook (or MMEngine) reports it when loading
+    seed = read_checkpoint_meta(path).get('seed', None)
+    if seed is None:
+        print_log(f'adopt_checkpoint_seed: checkpoint {path}{source} records no seed (not '
+                  'written by an MMEngine Runner?); the resumed run uses '
+                  f'{"its configured seed" if configured is not None else "a new seed"}',
+                  logger='current', level=logging.WARNING)
+        return None
+    if configured is not None:
+        if int(configured) != int(seed):
+            print_log(f'adopt_checkpoint_seed: randomness.seed={configured} but checkpoint '
+                      f'{path}{source} was written by a run seeded with {seed}: the resumed '
+                      'run shuffles its data (and seeds its workers) with the configured seed, '
+                      'unlike the run it continues', logger='current', level=logging.WARNING)
+        return None
+    randomness['seed'] = int(seed)
+    cfg.randomness = randomness
+    print_log(f'adopt_checkpoint_seed: adopted seed {seed} from checkpoint {path}{source} '
+              '(the config sets no randomness.seed)', logger='current')
+    return int(seed)
+
+
+# ---------------------------------------------------------------- per-rank state
+RANK_STATES_KEY = 'rank_states'
+RANK_STATES_FORMAT = 1
+
+
+def _unwrap(model):
+    from mmengine.model import is_model_wrapper
+    return model.module if is_model_wrapper(model) else model
+
+
+def _is_sync_norm(module) -> bool:
+    """Norms whose statistics are reduced over the process group: identical on every rank."""
+    from .layer import SyncCrossIterationBatchNorm2d
+    if isinstance(module, (torch.nn.SyncBatchNorm, SyncCrossIterationBatchNorm2d)):
+        return True
+    try:
+        from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
+    except ImportError:  # mmcv without its compiled ops
+        return False
+    return isinstance(module, MMCVSyncBatchNorm)
+
+
+def rank_local_norms(model) -> dict[str, torch.nn.Module]:
+    """``{name: module}`` of the norms whose buffers each rank keeps for itself.
+
+    Every ``_BatchNorm`` subclass (BN, CBN) that is not a synchronised one:
+    DDP with ``broadcast_buffers=False`` (MMEngine's default wrapper, and
+    ``tools/train.py``'s on CPU) leaves each rank its own running statistics
+    and, for CBN, its own window of its own batches.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+    return {name: m for name, m in _unwrap(model).named_modules()
+            if isinstance(m, _BatchNorm) and not _is_sync_norm(m)}
+
+
+def rank_local_buffers(model) -> dict[str, torch.Tensor]:
+    """This rank's buffers of :func:`rank_local_norms`, as CPU copies keyed like ``state_dict``."""
+    out = {}
+    for name, module in rank_local_norms(model).items():
+        prefix = f'{name}.' if name else ''
+        for key, value in module.named_buffers(recurse=False):
+            if key in module._non_persistent_buffers_set:
+                continue
+            out[prefix + key] = value.detach().to('cpu', copy=True)
+    return out
+
+
+def _sync_shifts(model) -> dict[str, torch.Tensor]:
+    """SyncCBN's shift (the previous global mean; the same on every rank), by layer name."""
+    from .layer import SyncCrossIterationBatchNorm2d
+    return {name: m._shift.detach().to('cpu', copy=True)
+            for name, m in _unwrap(model).named_modules()
+            if isinstance(m, SyncCrossIterationBatchNorm2d) and getattr(m, '_shift', None)
+            is not None}
+
+
+def _gather_to_writer(local: dict) -> list | None:
+    """Every rank's ``local`` on rank 0 (a list by rank), ``None`` elsewhere."""
+    import torch.distributed as dist
+    if get_world_size() == 1:
+        return [local]
+    gathered = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    return gathered
+
+
+def empty_cbn_windows(state_dict: dict, model) -> list[str]:
+    """Empty the windows of the (not synchronised) CBN layers in ``state_dict``, in place.
+
+    The step counters stay (the burn-in clock goes on); ``window_filled`` and
+    ``window_next`` become 0 and the entries 0, so the layer pools nothing
+    from the past until new steps are recorded. Returns the layer names.
+    """
+    from .layer import CrossIterationBatchNorm2d
+    names = []
+    for name, module in rank_local_norms(model).items():
+        if not isinstance(module, CrossIterationBatchNorm2d):
+            continue
+        prefix = f'{name}.' if name else ''
+        touched = False
+        for key in ('window_next', 'window_filled', 'window_mean', 'window_var',
+                    'window_grad_mean', 'window_grad_var'):
+            value = state_dict.get(prefix + key)
+            if isinstance(value, torch.Tensor):
+                state_dict[prefix + key] = torch.zeros_like(value)
+                touched = True
+        if touched:
+            names.append(name)
+    return names
+
+
 # ---------------------------------------------------------------- hook
 class WeightsOnlyCheckpointHook(Hook):
     """Weights_only-loadable, atomically written checkpoints that resume exactly.
 
-    - ``before_save_checkpoint`` adds the RNG states (``'rng_state'``, see
-      :func:`get_rng_state`) and encodes the checkpoint (module docstring);
-      ``after_load_checkpoint`` decodes it, and ``Runner.resume`` calls that
-      before it restores the message hub, optimizer and schedulers.
-    - ``before_run`` checks the file the Runner is about to load or resume
-      (``load_from``, ``--resume PATH``, or the one ``last_checkpoint``
-      names) and raises :class:`CheckpointFileError` / ``FileNotFoundError``
-      naming it when it is missing, truncated or corrupt
-      (:func:`check_checkpoint_file`), and makes the Runner write local
-      checkpoints atomically (``_atomic_save_checkpoint``).
-    - ``before_train`` restores the saved RNG states when the Runner resumed
-      (after everything that seeds or draws at start-up: the Runner's
-      seeding, weight init, the checkpoint load). ``before_val``/``after_val``
-      put the training RNG state back after each validation, so a run that
-      validates draws the same training random numbers as one that does not
-      (and as one resumed at that point). A best checkpoint saved during a
+    Each part has its own switch (constructor argument, and the top-level
+    config key :func:`add_weights_only_hook` maps onto it):
+
+    - ``encode`` (``weights_only_checkpoints``): ``before_save_checkpoint``
+      encodes the checkpoint so plain ``torch.load`` (``weights_only=True``)
+      reads it, and ``after_load_checkpoint`` decodes it (module docstring).
+      Decoding is always on: it only changes what was encoded.
+    - ``restore_rng`` (``resume_rng_state``): every rank's RNG states are
+      saved (``checkpoint['rng_state']`` is rank 0's,
+      ``checkpoint['rank_states']['ranks'][r]['rng_state']`` rank r's) and
+      restored by each rank in ``before_train`` of a resumed run of the same
+      world size; validations are kept out of the training stream
+      (``before_val``/``after_val``). A best checkpoint saved during a
       validation stores the training state from before it.
+    - ``rank_states`` (``resume_rank_states``): the buffers each rank keeps
+      for itself (:func:`rank_local_norms`: BN running statistics and CBN
+      windows under ``broadcast_buffers=False``) are gathered from every rank
+      to the writer and stored by rank; on resume each rank loads its own
+      into the model. SyncCBN/SyncBN state is identical on every rank and is
+      stored once (the model's ``state_dict``), plus SyncCBN's shift.
+      Resuming with another world size, or from a multi-process checkpoint
+      without per-rank state, loads rank 0's model and *empties* the CBN
+      windows with a warning (statistics of another device's batches cannot
+      stand in for this device's).
+    - ``check_files`` (``check_checkpoint_files``): ``before_run`` checks the
+      file the Runner is about to load or resume (``load_from``,
+      ``--resume PATH``, or the one ``last_checkpoint`` names) and raises
+      :class:`CheckpointFileError` / ``FileNotFoundError`` naming it when it
+      is missing, truncated or corrupt (:func:`check_checkpoint_file`).
+    - ``atomic_save`` (``atomic_checkpoints``): local checkpoints are written
+      atomically (``_atomic_save_checkpoint``).
 
     Priority ``'LOWEST'``: it encodes after every other hook has added its
     part, and restores after every other hook's ``before_train``. (The only
     other MMEngine/MMDetection hook that touches checkpoints, ``EMAHook``,
     reads and writes tensors only, which are never encoded.)
-
-    Args:
-        restore_rng: save and restore the RNG states (and isolate
-            validations) as above. ``False`` keeps MMEngine's behaviour.
-        check_files: check the checkpoint before it is loaded.
-        atomic_save: write checkpoints atomically.
     """
 
     priority = 'LOWEST'
 
     def __init__(self, restore_rng: bool = True, check_files: bool = True,
-                 atomic_save: bool = True) -> None:
+                 atomic_save: bool = True, encode: bool = True,
+                 rank_states: bool = True) -> None:
+        for name, value in dict(restore_rng=restore_rng, check_files=check_files,
+                                atomic_save=atomic_save, encode=encode,
+                                rank_states=rank_states).items():
+            if not isinstance(value, bool):
+                raise ValueError(f'WeightsOnlyCheckpointHook {name} must be True or False, '
+                                 f'got {value!r}')
         self.restore_rng, self.check_files, self.atomic_save = restore_rng, check_files, atomic_save
+        self.encode, self.rank_states = encode, rank_states
         self._loaded_rng = None
+        self._loaded_seed = None
+        self._loaded_shifts = None
         self._val_rng = None
 
     # -- files
@@ -624,45 +845,168 @@ class WeightsOnlyCheckpointHook(Hook):
 
     # -- save / load
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        if self.restore_rng and RNG_KEY not in checkpoint:
-            # During a validation (a best checkpoint, or save_best re-saving the
-            # newest one), the training stream's state is the one from before it.
-            checkpoint[RNG_KEY] = self._val_rng if self._val_rng is not None else \
-                get_rng_state()
-        encode_checkpoint(checkpoint)
+        # Every rank calls this (Runner.save_checkpoint); only rank 0 writes.
+        if self.restore_rng or self.rank_states:
+            local = {}
+            if self.restore_rng:
+                # During a validation (a best checkpoint, or save_best re-saving the
+                # newest one), the training stream's state is the one from before it.
+                local['rng_state'] = self._val_rng if self._val_rng is not None else \
+                    get_rng_state()
+            if self.rank_states and get_world_size() > 1:
+                local['buffers'] = rank_local_buffers(runner.model)
+                local['sync_shifts'] = _sync_shifts(runner.model)
+            gathered = _gather_to_writer(local)
+            if gathered is not None:
+                if self.restore_rng and RNG_KEY not in checkpoint:
+                    checkpoint[RNG_KEY] = gathered[0]['rng_state']
+                if get_world_size() > 1:
+                    gathered[0].pop('buffers', None)  # rank 0's are the state_dict's
+                    checkpoint[RANK_STATES_KEY] = {
+                        'format': RANK_STATES_FORMAT, 'world_size': get_world_size(),
+                        'buffers': self.rank_states, 'ranks': gathered}
+        if self.encode:
+            encode_checkpoint(checkpoint)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         decode_checkpoint(checkpoint)
         meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
-        self._loaded_rng = (checkpoint.get(RNG_KEY), meta.get('epoch'), meta.get('iter'))
+        self._loaded_seed = meta.get('seed')
+        progress = (meta.get('epoch'), meta.get('iter'))
+        rng_state = checkpoint.get(RNG_KEY)
+        if not getattr(runner, '_resume', False):
+            # load_from (fine-tuning, testing): rank 0's model, nothing else.
+            self._loaded_rng = (rng_state, *progress)
+            return
+        world, rank = get_world_size(), get_rank()
+        saved = checkpoint.get(RANK_STATES_KEY)
+        if saved is not None:
+            if not isinstance(saved, dict) or saved.get('format') != RANK_STATES_FORMAT:
+                found = saved.get('format') if isinstance(saved, dict) else type(saved).__name__
+                raise ValueError(f'checkpoint[{RANK_STATES_KEY!r}] has format {found!r}; this '
+                                 'version of cbn_plugin.checkpoint reads format '
+                                 f'{RANK_STATES_FORMAT}')
+            saved_world = saved['world_size']
+        elif isinstance(rng_state, dict):
+            saved_world = rng_state.get('world_size', 1)
+        else:
+            saved_world = None  # not written by this hook
+        mine = saved['ranks'][rank] if saved is not None and saved_world == world else None
+        if saved is not None:
+            self._loaded_shifts = saved['ranks'][0].get('sync_shifts')
+
+        single = world == 1 and saved_world in (None, 1)
+        if single:
+            why = None
+        elif saved_world is None:
+            why = 'holds no record of the world size it was written with'
+        elif saved_world != world:
+            why = f'was written by {saved_world} processes and this run has {world}'
+        else:
+            why = None if mine is not None else (
+                f"holds only rank 0's state of a {saved_world}-process run")
+
+        state_dict = checkpoint.get('state_dict')
+        if not isinstance(state_dict, dict):
+            state_dict = {}
+        if mine is not None and saved.get('buffers'):
+            if rank != 0:
+                self._use_rank_buffers(runner.model, state_dict, mine['buffers'])
+        elif not single:
+            # Rank 0's windows are all the checkpoint has for this run: every rank
+            # would pool another device's (or another layout's) batches.
+            emptied = empty_cbn_windows(state_dict, runner.model)
+            if emptied:
+                what = why or (f'of a {saved_world}-process run was written without each '
+                               "rank's norm buffers (resume_rank_states=False)")
+                print_log(f'WeightsOnlyCheckpointHook: the checkpoint {what}: the model '
+                          "(parameters, rank 0's running statistics) is restored, but the "
+                          f'windows of {len(emptied)} CBN layers restart empty (statistics of '
+                          "other devices' batches cannot be compensated to this device's; "
+                          'step counters and burn-in go on). Training continues, but not as '
+                          'it would have without the interruption', logger='current',
+                          level=logging.WARNING)
+        if mine is not None:
+            rng_state = mine.get('rng_state')
+        elif not single:
+            rng_state = f'the checkpoint {why}'
+        self._loaded_rng = (rng_state, *progress)
+
+    @staticmethod
+    def _use_rank_buffers(model, state_dict: dict, buffers: dict) -> None:
+        """Put this rank's own norm buffers into the ``state_dict`` the model loads."""
+        for name, module in rank_local_norms(model).items():
+            prefix = f'{name}.' if name else ''
+            for key in module._buffers:
+                if prefix + key not in buffers:
+                    state_dict.pop(prefix + key, None)  # None on this rank (no step yet)
+        state_dict.update(buffers)
 
     # -- RNG
     def before_train(self, runner) -> None:
         loaded, self._loaded_rng = self._loaded_rng, None
-        if not self.restore_rng or loaded is None:
+        shifts, self._loaded_shifts = self._loaded_shifts, None
+        seed, self._loaded_seed = self._loaded_seed, None
+        if loaded is None:
             return
         state, epoch, it = loaded
         if not it or (runner.epoch, runner.iter) != (epoch, it):
             return  # load_from (fine-tuning): the checkpoint's progress is not resumed
+        self._check_resumed_data_order(runner, seed)
+        if shifts:
+            from .layer import SyncCrossIterationBatchNorm2d
+            model = _unwrap(runner.model)
+            for name, module in model.named_modules():
+                if isinstance(module, SyncCrossIterationBatchNorm2d) and name in shifts:
+                    device = module._state_device()
+                    module._shift = shifts[name].to(device)
+        if not self.restore_rng:
+            return
+        if isinstance(state, str):
+            print_log(f'WeightsOnlyCheckpointHook: RNG states not restored: {state}; random '
+                      'draws after the resume differ from an uninterrupted run',
+                      logger='current', level=logging.WARNING)
+            return
         if not isinstance(state, dict):
             print_log('WeightsOnlyCheckpointHook: the resumed checkpoint holds no RNG state '
                       '(not written by this hook); random draws after the resume differ '
                       'from an uninterrupted run', logger='current', level=logging.WARNING)
-            return
-        if get_world_size() > 1 or state.get('world_size', 1) > 1:
-            print_log(f'WeightsOnlyCheckpointHook: RNG state not restored: the checkpoint '
-                      f'holds rank 0\'s state of a {state.get("world_size", 1)}-process run '
-                      f'and this run has {get_world_size()} processes; random draws after '
-                      'the resume differ from an uninterrupted run', logger='current',
-                      level=logging.WARNING)
             return
         restored = set_rng_state(state)
         if state.get('cuda') and not torch.cuda.is_available():
             print_log('WeightsOnlyCheckpointHook: the checkpoint holds CUDA RNG states but '
                       'CUDA is unavailable; they are not restored', logger='current',
                       level=logging.WARNING)
+        where = f' (rank {get_rank()} of {get_world_size()})' if get_world_size() > 1 else ''
         print_log(f'WeightsOnlyCheckpointHook: restored the RNG states ({", ".join(restored)}) '
-                  f'saved at epoch {epoch}, iter {it}', logger='current')
+                  f'saved at epoch {epoch}, iter {it}{where}', logger='current')
+
+    @staticmethod
+    def _check_resumed_data_order(runner, seed) -> None:
+        """Warn about what a resume cannot reproduce in the training data's randomness."""
+        loader = runner.train_dataloader
+        sampler = getattr(getattr(loader, 'batch_sampler', None), 'sampler', None)
+        if not hasattr(sampler, 'seed'):
+            sampler = getattr(loader, 'sampler', None)
+        sampler_seed = getattr(sampler, 'seed', None)
+        if seed is not None and sampler_seed is not None and int(sampler_seed) != int(seed):
+            print_log(f'WeightsOnlyCheckpointHook: the train sampler shuffles with seed '
+                      f'{sampler_seed}, but the checkpoint was written by a run seeded with '
+                      f'{seed}: the data order after the resume differs from an uninterrupted '
+                      f'run. Set randomness.seed={seed} in the config (tools/train.py does '
+                      'this itself when the config sets no seed: '
+                      'cbn_plugin.checkpoint.adopt_checkpoint_seed)', logger='current',
+                      level=logging.WARNING)
+        workers = getattr(loader, 'num_workers', 0)
+        if workers > 0 and getattr(loader, 'persistent_workers', False):
+            print_log(f'WeightsOnlyCheckpointHook: train_dataloader.persistent_workers=True '
+                      f'with num_workers={workers}: the uninterrupted run\'s worker processes '
+                      'carry their random generators (data augmentation such as RandomFlip) '
+                      'from one epoch into the next, while the resumed run\'s workers start '
+                      'from the seed again, so the augmentation drawn after the resume '
+                      'differs. For an exact resume set persistent_workers=False (MMEngine '
+                      'then re-seeds the workers identically every epoch) or num_workers=0',
+                      logger='current', level=logging.WARNING)
 
     def before_val(self, runner) -> None:
         if self.restore_rng:
@@ -674,21 +1018,61 @@ class WeightsOnlyCheckpointHook(Hook):
             set_rng_state(state)
 
 
-def add_weights_only_hook(cfg) -> bool:
-    """Append ``dict(type='WeightsOnlyCheckpointHook')`` to ``cfg.custom_hooks``.
+# Top-level config keys -> WeightsOnlyCheckpointHook arguments (all default True).
+CONFIG_SWITCHES = {
+    'weights_only_checkpoints': 'encode',
+    'resume_rng_state': 'restore_rng',
+    'resume_rank_states': 'rank_states',
+    'atomic_checkpoints': 'atomic_save',
+    'check_checkpoint_files': 'check_files',
+}
 
-    Does nothing when the hook is already listed or the config sets
-    ``weights_only_checkpoints = False``. Returns whether it was added.
+
+def add_weights_only_hook(cfg) -> bool:
+    """Append ``dict(type='WeightsOnlyCheckpointHook', ...)`` to ``cfg.custom_hooks``.
+
+    The hook's parts follow the config's top-level switches (each ``True``
+    unless the config sets it ``False``):
+
+    =============================  ===============================================
+    ``weights_only_checkpoints``   encode checkpoints so ``torch.load``'s default
+                                   ``weights_only=True`` reads them
+    ``resume_rng_state``           save every rank's RNG states and restore them on
+                                   resume (and adopt the checkpoint's seed in
+                                   ``tools/train.py`` when the config sets none)
+    ``resume_rank_states``         save every rank's own norm buffers (CBN windows,
+                                   BN running statistics) and restore each rank's
+    ``atomic_checkpoints``         write checkpoint files atomically
+    ``check_checkpoint_files``     check a checkpoint file before loading it
+    =============================  ===============================================
+
+    Nothing is added when the hook is already listed; a switch set in the
+    config that contradicts the listed hook's own argument is an error.
+    Raises ``ValueError`` for a switch that is not ``True``/``False``.
+    Returns whether the hook was added.
     """
-    if cfg.get('weights_only_checkpoints', True) is False:
-        return False
+    args = {}
+    for key, arg in CONFIG_SWITCHES.items():
+        value = cfg.get(key, True)
+        if not isinstance(value, bool):
+            raise ValueError(f'config {key}={value!r}: must be True or False '
+                             f'(WeightsOnlyCheckpointHook {arg}=...)')
+        if value is False:
+            args[arg] = False
     hooks = list(cfg.get('custom_hooks', None) or [])
     for hook in hooks:
         kind = hook.get('type') if isinstance(hook, dict) else type(hook)
         if kind is WeightsOnlyCheckpointHook or (
                 isinstance(kind, str) and kind.split('.')[-1] == 'WeightsOnlyCheckpointHook'):
+            for key, arg in CONFIG_SWITCHES.items():
+                listed = hook.get(arg, True) if isinstance(hook, dict) else getattr(hook, arg)
+                if key in cfg and cfg[key] != listed:
+                    raise ValueError(
+                        f'config {key}={cfg[key]!r} contradicts the '
+                        f'WeightsOnlyCheckpointHook listed in custom_hooks ({arg}={listed!r}): '
+                        'set it in one place')
             return False
-    hooks.append(dict(type='WeightsOnlyCheckpointHook'))
+    hooks.append(dict(type='WeightsOnlyCheckpointHook', **args))
     cfg.custom_hooks = hooks
     return True
 

@@ -375,8 +375,38 @@ def test_hook_registered_and_added_once():
     assert [h['type'] for h in cfg.custom_hooks] == ['CBNHook', 'WeightsOnlyCheckpointHook']
     assert ckpt.add_weights_only_hook(empty := ConfigDict())
     assert empty.custom_hooks == [dict(type='WeightsOnlyCheckpointHook')]
+    # weights_only_checkpoints=False switches the encoding off, nothing else.
     off = ConfigDict(weights_only_checkpoints=False)
-    assert not ckpt.add_weights_only_hook(off) and 'custom_hooks' not in off
+    assert ckpt.add_weights_only_hook(off)
+    assert off.custom_hooks == [dict(type='WeightsOnlyCheckpointHook', encode=False)]
+
+
+@pytest.mark.parametrize('key, arg', list(ckpt.CONFIG_SWITCHES.items()))
+def test_each_config_switch_turns_off_its_part_only(key, arg):
+    assert set(ckpt.CONFIG_SWITCHES.values()) == {
+        'encode', 'restore_rng', 'rank_states', 'atomic_save', 'check_files'}
+    cfg = ConfigDict({key: False})
+    assert ckpt.add_weights_only_hook(cfg)
+    assert cfg.custom_hooks == [dict(type='WeightsOnlyCheckpointHook', **{arg: False})]
+    hook = HOOKS.build(cfg.custom_hooks[0])
+    for other in ckpt.CONFIG_SWITCHES.values():
+        assert getattr(hook, other) is (other != arg), other
+    # True is the default and adds nothing to the hook's arguments.
+    on = ConfigDict({key: True})
+    ckpt.add_weights_only_hook(on)
+    assert on.custom_hooks == [dict(type='WeightsOnlyCheckpointHook')]
+    with pytest.raises(ValueError, match=f"config {key}='no': must be True or False"):
+        ckpt.add_weights_only_hook(ConfigDict({key: 'no'}))
+    # Said twice, differently: refused, naming both.
+    listed = ConfigDict({key: False, 'custom_hooks': [dict(type='WeightsOnlyCheckpointHook')]})
+    with pytest.raises(ValueError, match=f'config {key}=False contradicts .*{arg}=True'):
+        ckpt.add_weights_only_hook(listed)
+    agreed = ConfigDict({key: False, 'custom_hooks': [
+        dict(type='WeightsOnlyCheckpointHook', **{arg: False})]})
+    assert not ckpt.add_weights_only_hook(agreed)
+    with pytest.raises(ValueError, match=f'WeightsOnlyCheckpointHook {arg} must be True or '
+                                         "False, got 'yes'"):
+        WeightsOnlyCheckpointHook(**{arg: 'yes'})
 
 
 # ---------------------------------------------------------------- RNG state
@@ -632,3 +662,168 @@ def test_runner_refuses_damaged_file_before_loading(tmp_path, damaged):
     record.write_text('')
     with pytest.raises(CheckpointFileError, match=f'{record} is empty'):
         runner_with('auto_empty', _resume=True).train()
+
+
+# ---------------------------------------------------------------- switches, in a Runner
+@pytest.mark.parametrize('arg', ['encode', 'restore_rng', 'atomic_save', 'check_files'])
+def test_switch_changes_only_its_part_in_a_runner(tmp_path, monkeypatch, arg, damaged):
+    """One epoch with one part off: that part is off, the other parts still work."""
+    from mmengine.fileio.backends.local_backend import LocalBackend
+    put, written = LocalBackend.put, []
+
+    def recording_put(self, obj, filepath):
+        written.append(os.path.basename(str(filepath)))
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(LocalBackend, 'put', recording_put)
+    make_noisy_runner(tmp_path / 'run', f'switch_{arg}_{id(tmp_path)}', 1,
+                      **{arg: False}).train()
+    path = tmp_path / 'run' / 'epoch_1.pth'
+    if arg == 'encode':
+        with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+            torch.load(path)
+        loaded = torch.load(path, weights_only=False)
+        assert type(loaded['message_hub']['log_scalars']['train/loss']) is HistoryBuffer
+    else:
+        loaded = torch.load(path)  # weights_only
+        assert loaded['meta']['weights_only_format'] == ckpt.FORMAT
+    assert ('rng_state' in loaded) is (arg != 'restore_rng')
+    atomic = [n for n in written if n.startswith('epoch_1.pth')]
+    assert atomic == (['epoch_1.pth'] if arg == 'atomic_save' else
+                      [f'epoch_1.pth.partial-{os.getpid()}'])
+    # A truncated file to resume from: refused by name before loading, unless unchecked.
+    truncated = str(damaged['truncated'])
+    runner = make_noisy_runner(tmp_path / 'again', f'again_{arg}_{id(tmp_path)}', 2, **{
+        arg: False}, resume_from=truncated)
+    if arg == 'check_files':
+        with pytest.raises(Exception) as err:
+            runner.train()
+        assert not isinstance(err.value, CheckpointFileError)
+    else:
+        with pytest.raises(CheckpointFileError, match=f'{re.escape(truncated)} is truncated'):
+            runner.train()
+
+
+# ---------------------------------------------------------------- per-rank state, one process
+class FakeRunner:
+    def __init__(self, model, resume=True):
+        self.model, self._resume = model, resume
+
+
+def cbn_state(steps=3, seed=0):
+    """A bound TinyCBNNet trained ``steps`` SGD steps, and its state_dict."""
+    torch.manual_seed(seed)
+    net = TinyCBNNet()
+    cbn_plugin.bind(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(steps):
+        loss = net(torch.randn(2, 1, 6, 6), torch.randn(2, 1), mode='loss')['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cbn_plugin.step(net)
+    return net, {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def warnings_of(monkeypatch) -> list[str]:
+    said = []
+    monkeypatch.setattr(ckpt, 'print_log', lambda msg, *a, **k: said.append(str(msg)))
+    return said
+
+
+@pytest.mark.parametrize('saved_world, now_world, rank_states', [
+    (2, 1, True),    # fewer processes
+    (1, 2, True),    # more processes (a single-process checkpoint)
+    (2, 2, False),   # same world, written without per-rank state
+    (2, 2, None),    # same world, written before per-rank state existed
+])
+def test_other_world_size_empties_windows_and_says_so(monkeypatch, saved_world, now_world,
+                                                      rank_states):
+    net, state = cbn_state()
+    assert int(state['bn.window_filled'][0]) == 1 and state['bn.window_mean'].abs().sum() > 0
+    checkpoint = {'meta': {'epoch': 1, 'iter': 3, 'seed': 5}, 'state_dict': dict(state),
+                  'rng_state': dict(ckpt.get_rng_state(), world_size=saved_world)}
+    if saved_world > 1 and rank_states is not None:
+        checkpoint['rank_states'] = {'format': 1, 'world_size': saved_world,
+                                     'buffers': rank_states,
+                                     'ranks': [{'rng_state': checkpoint['rng_state']}] * 2}
+    monkeypatch.setattr(ckpt, 'get_world_size', lambda: now_world)
+    monkeypatch.setattr(ckpt, 'get_rank', lambda: now_world - 1)
+    said = warnings_of(monkeypatch)
+    hook = WeightsOnlyCheckpointHook()
+    hook.after_load_checkpoint(FakeRunner(net), checkpoint)
+    loaded = checkpoint['state_dict']
+    assert int(loaded['bn.num_steps']) == 3  # the clock goes on
+    assert int(loaded['bn.window_filled'][0]) == 0 and int(loaded['bn.window_next'][0]) == 0
+    assert loaded['bn.window_mean'].abs().sum() == 0
+    for key in ('conv.weight', 'bn.running_mean', 'bn.running_var', 'head.weight'):
+        assert torch.equal(loaded[key], state[key]), key  # the model itself is restored
+    (warning,) = [s for s in said if 'restart empty' in s]
+    assert 'windows of 1 CBN layers restart empty' in warning
+    if saved_world != now_world:
+        assert f'written by {saved_world} processes and this run has {now_world}' in warning
+    else:
+        assert f'{saved_world}-process run' in warning
+    rng, epoch, it = hook._loaded_rng
+    assert (epoch, it) == (1, 3)
+    if rank_states is False:  # each rank's own RNG state is there: restored
+        assert rng is checkpoint['rank_states']['ranks'][1]['rng_state']
+    else:  # some other rank's, or another layout's: not restored (before_train says so)
+        assert isinstance(rng, str) and 'the checkpoint ' in rng
+    net.load_state_dict(loaded)  # loads (shapes from the checkpoint)
+    assert int(net.bn.window_filled[0]) == 0
+
+
+def test_rank_restores_its_own_buffers(monkeypatch):
+    """Rank 1 of 2 gets rank 1's buffers and RNG state from the rank states, not rank 0's."""
+    net0, state0 = cbn_state(seed=0)
+    net1, state1 = cbn_state(seed=1)
+    assert not torch.equal(state0['bn.window_mean'], state1['bn.window_mean'])
+    rng1 = dict(ckpt.get_rng_state(), world_size=2)
+    params = {name for name, _ in net1.named_parameters()}
+    buffers1 = {k: v for k, v in state1.items() if k.startswith('bn.') and k not in params}
+    checkpoint = {'meta': {'epoch': 1, 'iter': 3}, 'state_dict': dict(state0),
+                  'rng_state': {'format': 1, 'world_size': 2},
+                  'rank_states': {'format': 1, 'world_size': 2, 'buffers': True,
+                                  'ranks': [{'rng_state': 'rank 0'},
+                                            {'rng_state': rng1, 'buffers': buffers1}]}}
+    monkeypatch.setattr(ckpt, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(ckpt, 'get_rank', lambda: 1)
+    said = warnings_of(monkeypatch)
+    hook = WeightsOnlyCheckpointHook()
+    hook.after_load_checkpoint(FakeRunner(net1), checkpoint)
+    loaded = checkpoint['state_dict']
+    for key, value in state1.items():
+        want = value if key in buffers1 else state0[key]  # parameters: the model's
+        assert torch.equal(loaded[key], want), key
+    assert hook._loaded_rng[0] is rng1
+    assert not said
+    assert ckpt.rank_local_buffers(net1).keys() == buffers1.keys()
+    with pytest.raises(ValueError, match="checkpoint\\['rank_states'\\] has format 7"):
+        hook.after_load_checkpoint(FakeRunner(net1), dict(checkpoint, rank_states={
+            'format': 7}))
+
+
+def test_unseeded_runner_resume_warns_about_the_sampler_seed(tmp_path, monkeypatch):
+    """A Runner built without tools/train.py and without a seed: the resume says what differs."""
+    def runner(name, resume_from=None, max_epochs=1):
+        loader = dict(dataset=TinyData(), batch_size=2, collate_fn=dict(type='default_collate'))
+        return Runner(
+            model=TinyCBNNet(), work_dir=str(tmp_path / name), experiment_name=f'{name}_'
+            f'{id(tmp_path)}', train_dataloader=dict(loader, sampler=dict(
+                type='DefaultSampler', shuffle=True)),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+            train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+            default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+            custom_hooks=[dict(type='CBNHook', burn_in_iters=1),
+                          dict(type='WeightsOnlyCheckpointHook')],
+            resume=resume_from is not None, load_from=resume_from)
+
+    first = runner('first')
+    first.train()
+    said = warnings_of(monkeypatch)
+    again = runner('again', resume_from=str(tmp_path / 'first' / 'epoch_1.pth'), max_epochs=2)
+    again.train()
+    warning = [s for s in said if 'train sampler shuffles' in s]
+    assert warning and f'run seeded with {first.seed}' in warning[0], said
+    assert f'randomness.seed={first.seed}' in warning[0]

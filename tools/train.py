@@ -18,8 +18,15 @@ What differs from MMDetection's script:
    checkpoint loadable by plain ``torch.load(path)``, whose default since
    torch 2.6 is ``weights_only=True`` (MMEngine 0.10.7 pickles numpy and
    HistoryBuffer objects into checkpoints, which that refuses), and restores
-   those objects when a checkpoint is loaded or resumed. Set
-   ``weights_only_checkpoints = False`` in the config to leave it out.
+   those objects when a checkpoint is loaded or resumed. It also makes resume
+   exact (every rank's RNG states and CBN windows), writes checkpoints
+   atomically and checks them before loading; each part has a top-level
+   config switch (``weights_only_checkpoints``, ``resume_rng_state``,
+   ``resume_rank_states``, ``atomic_checkpoints``, ``check_checkpoint_files``;
+   all ``True`` unless set ``False``; see ``add_weights_only_hook``). With
+   ``--resume`` and no ``randomness.seed`` in the config, the Runner is seeded
+   with the seed the checkpoint's run used (``adopt_checkpoint_seed``), so
+   the data order after the resume is the uninterrupted run's.
 3. Distributed runs without a GPU (:func:`setup_cpu_distributed`). MMEngine
    0.10.7 cannot run its launchers on CPU: ``init_dist`` calls
    ``torch.cuda.set_device(LOCAL_RANK)`` (an error with CPU-only torch), the
@@ -61,7 +68,7 @@ from mmengine.runner import Runner  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import cbn_plugin  # noqa: E402,F401  (registers 'CBN')
-from cbn_plugin.checkpoint import add_weights_only_hook  # noqa: E402
+from cbn_plugin.checkpoint import adopt_checkpoint_seed, add_weights_only_hook  # noqa: E402
 from mmdet.utils import register_all_modules, setup_cache_size_limit_of_dynamo  # noqa: E402
 
 
@@ -238,11 +245,16 @@ def build_runner(cfg, runners=RUNNERS):
 
     First ``WeightsOnlyCheckpointHook`` is added (checkpoints loadable with
     ``torch.load``'s default ``weights_only=True``; what
-    ``cbn_plugin.checkpoint`` encoded is restored on load) and a distributed
-    run on CPU is set up (:func:`setup_cpu_distributed`).
+    ``cbn_plugin.checkpoint`` encoded is restored on load), a resumed run
+    adopts its checkpoint's seed when the config sets none
+    (``adopt_checkpoint_seed``) and a distributed run on CPU is set up
+    (:func:`setup_cpu_distributed`).
     """
     # checkpoints loadable with torch.load's default weights_only=True
     add_weights_only_hook(cfg)
+    # a resumed run without a configured seed continues with its run's seed
+    if cfg.get('resume_rng_state', True):
+        adopt_checkpoint_seed(cfg)
 
     # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
     setup_cpu_distributed(cfg)
