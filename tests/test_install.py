@@ -66,16 +66,12 @@ def test_setup_cfg_states_the_supported_ranges():
         key, req = where[name]
         assert (key == 'install_requires') == sup.required, (name, key)
         assert req.specifier == SpecifierSet(sup.specifier), (name, str(req.specifier))
-    assert key_of(where, 'mmdet') == 'det' and key_of(where, 'mmsegmentation') == 'seg'
+    assert where['mmdet'][0] == 'det' and where['mmsegmentation'][0] == 'seg'
     # No exact pin anywhere in the package metadata, and torch is the user's: no upper bound.
     for rs in reqs.values():
         for r in rs:
             assert not any(s.operator in ('==', '===', '~=') for s in r.specifier), str(r)
     assert all(s.operator == '>=' for s in where['torch'][1].specifier)
-
-
-def key_of(where, name):
-    return where[name][0]
 
 
 def test_the_stack_is_pinned_once_in_constraints_txt():
@@ -98,7 +94,8 @@ def test_this_environment_is_the_pinned_stack():
     installed = {canonicalize_name(d.metadata['Name']): d.version for d in md.distributions()}
     wrong = {name: (pin, installed.get(name)) for name, pin in constraints().items()
              if installed.get(name) != pin}
-    assert not wrong, f'{{name: (constraints.txt, installed)}}: {wrong}; run bash tools/install_env.sh'
+    assert not wrong, (f'{{name: (constraints.txt, installed)}}: {wrong}; '
+                       'run bash tools/install_env.sh')
 
 
 # ------------------------------------------------------------------ pip resolution
@@ -218,8 +215,8 @@ def test_installed_stack_passes_and_is_what_the_check_reads():
 @pytest.mark.parametrize('name, module, bad, good', [
     ('mmcv', 'mmcv', '2.2.0', '2.0.0rc4'),
     ('mmcv', 'mmcv', '1.7.2', '2.1.0'),
-    ('mmengine', 'mmengine', '1.0.0', '0.7.1'),
-    ('mmengine', 'mmengine', '0.7.0', '0.10.7'),
+    ('mmengine', 'mmengine', '1.0.0', '0.8.0'),
+    ('mmengine', 'mmengine', '0.7.1', '0.10.7'),
     ('mmdet', 'mmdet', '2.28.2', '3.0.0'),
     ('mmdet', 'mmdet', '4.0.0', '3.3.0'),
     ('mmsegmentation', 'mmseg', '0.30.0', '1.2.2'),
