@@ -1,8 +1,9 @@
 """Write a tiny, deterministic semantic-segmentation set for tests (MMSegmentation layout).
 
-Each image is dim grey noise with 2-3 filled shapes (at least one of each kind): rectangles (class 1) in
-reddish colours and ellipses (class 2) in bluish ones, drawn in order, so a
-later shape covers an earlier one in the image and in the label map alike.
+Each image is dim grey noise with 2-3 filled shapes, at least one of each kind:
+rectangles (class 1) in reddish colours and ellipses (class 2) in bluish ones,
+drawn in order, so a later shape covers an earlier one in the image and in the
+label map alike.
 Label maps are single-channel PNGs: 0 background, 1 rectangle, 2 ellipse.
 Layout, as MMSegmentation's ``BaseSegDataset`` reads it
 (``data_prefix=dict(img_path='img_dir/<split>', seg_map_path='ann_dir/<split>')``,
