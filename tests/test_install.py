@@ -91,7 +91,12 @@ def test_the_stack_is_pinned_once_in_constraints_txt():
 
 def test_this_environment_is_the_pinned_stack():
     import importlib.metadata as md
-    installed = {canonicalize_name(d.metadata['Name']): d.version for d in md.distributions()}
+    import sysconfig
+    # The environment's own site-packages only: once pkg_resources is imported (mmengine
+    # does), setuptools' vendored wheel/packaging/platformdirs are on sys.path too.
+    site = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
+    installed = {canonicalize_name(d.metadata['Name']): d.version
+                 for d in md.distributions(path=site)}
     wrong = {name: (pin, installed.get(name)) for name, pin in constraints().items()
              if installed.get(name) != pin}
     assert not wrong, (f'{{name: (constraints.txt, installed)}}: {wrong}; '
