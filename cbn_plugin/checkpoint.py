@@ -107,8 +107,9 @@ seeds a resumed Runner with the checkpoint's seed before building it
 (:func:`adopt_checkpoint_seed`), and the hook warns at resume when the train
 sampler's seed is not the checkpoint's (a Runner built some other way).
 
-Multi-process runs: every rank calls ``before_save_checkpoint``; each
-rank's RNG states and the buffers it keeps for itself (BN running
+Multi-process runs: ``Runner.save_checkpoint`` is ``master_only``, but
+``CheckpointHook`` calls it on every rank, so the hook wraps it; in the
+wrapper each rank's RNG states and the buffers it keeps for itself (BN running
 statistics and CBN windows, see :func:`rank_local_norms`) are gathered to
 rank 0, the writer, and stored by rank in ``checkpoint['rank_states']``
 (``{'format': 1, 'world_size': W, 'buffers': bool, 'ranks': [...]}``; rank
@@ -574,6 +575,7 @@ def _atomic_save_checkpoint(original):
         return result
 
     save_checkpoint._cbn_atomic = True
+    save_checkpoint._cbn_wrapped = True
     return save_checkpoint
 
 
@@ -829,6 +831,7 @@ class WeightsOnlyCheckpointHook(Hook):
         self._loaded_seed = None
         self._loaded_shifts = None
         self._val_rng = None
+        self._gathered = None
 
     # -- files
     def before_run(self, runner) -> None:
@@ -836,35 +839,74 @@ class WeightsOnlyCheckpointHook(Hook):
             path, source = _checkpoint_to_load(runner)
             if path is not None and _local(path):
                 check_checkpoint_file(path, note=source)
-        if self.atomic_save and not getattr(runner.save_checkpoint, '_cbn_atomic', False):
-            runner.save_checkpoint = _atomic_save_checkpoint(runner.save_checkpoint)
+        if getattr(runner.save_checkpoint, '_cbn_wrapped', False):
+            return
+        save = original = runner.save_checkpoint
+        if self.atomic_save:
+            save = _atomic_save_checkpoint(save)
+        if (self.restore_rng or self.rank_states) and get_world_size() > 1:
+            save = self._gathering_save_checkpoint(save, runner)
+        if save is not original:
+            save._cbn_wrapped = True
+            runner.save_checkpoint = save
 
     def after_run(self, runner) -> None:
-        if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_atomic', False):
+        if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_wrapped', False):
             del runner.save_checkpoint  # back to the class's method
 
     # -- save / load
+    def _local_state(self, runner) -> dict:
+        """What this rank adds to a checkpoint: its RNG states and own norm buffers."""
+        local = {}
+        if self.restore_rng:
+            # During a validation (a best checkpoint, or save_best re-saving the
+            # newest one), the training stream's state is the one from before it.
+            local['rng_state'] = self._val_rng if self._val_rng is not None else \
+                get_rng_state()
+        if self.rank_states and get_world_size() > 1:
+            local['buffers'] = rank_local_buffers(runner.model)
+            local['sync_shifts'] = _sync_shifts(runner.model)
+        return local
+
+    def _gathering_save_checkpoint(self, original, runner):
+        """Wrap ``Runner.save_checkpoint`` to gather every rank's state to rank 0 first.
+
+        ``Runner.save_checkpoint`` is ``master_only``: on the other ranks it
+        returns at once and ``before_save_checkpoint`` never runs there. But
+        ``CheckpointHook`` (the only caller in MMEngine and MMDetection) calls
+        it on every rank, so the wrapper is where all ranks meet.
+        """
+        @functools.wraps(original)
+        def save_checkpoint(*args, **kwargs):
+            self._gathered = _gather_to_writer(self._local_state(runner))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._gathered = None
+
+        return save_checkpoint
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Every rank calls this (Runner.save_checkpoint); only rank 0 writes.
-        if self.restore_rng or self.rank_states:
-            local = {}
-            if self.restore_rng:
-                # During a validation (a best checkpoint, or save_best re-saving the
-                # newest one), the training stream's state is the one from before it.
-                local['rng_state'] = self._val_rng if self._val_rng is not None else \
-                    get_rng_state()
-            if self.rank_states and get_world_size() > 1:
-                local['buffers'] = rank_local_buffers(runner.model)
-                local['sync_shifts'] = _sync_shifts(runner.model)
-            gathered = _gather_to_writer(local)
-            if gathered is not None:
-                if self.restore_rng and RNG_KEY not in checkpoint:
-                    checkpoint[RNG_KEY] = gathered[0]['rng_state']
-                if get_world_size() > 1:
-                    gathered[0].pop('buffers', None)  # rank 0's are the state_dict's
-                    checkpoint[RANK_STATES_KEY] = {
-                        'format': RANK_STATES_FORMAT, 'world_size': get_world_size(),
-                        'buffers': self.rank_states, 'ranks': gathered}
+        # Rank 0 only (Runner.save_checkpoint is master_only).
+        gathered, self._gathered = self._gathered, None
+        if gathered is None and (self.restore_rng or self.rank_states):
+            if get_world_size() > 1:
+                print_log('WeightsOnlyCheckpointHook: a checkpoint saved on rank 0 alone (not '
+                          'through CheckpointHook, whose call every rank makes): it holds rank '
+                          "0's state only, and a resume from it restarts the CBN windows empty",
+                          logger='current', level=logging.WARNING)
+            local = self._local_state(runner)
+            local.pop('buffers', None)
+            local.pop('sync_shifts', None)
+            gathered = [local]
+        if gathered is not None:
+            if self.restore_rng and RNG_KEY not in checkpoint:
+                checkpoint[RNG_KEY] = gathered[0]['rng_state']
+            if len(gathered) > 1:
+                gathered[0].pop('buffers', None)  # rank 0's are the state_dict's
+                checkpoint[RANK_STATES_KEY] = {
+                    'format': RANK_STATES_FORMAT, 'world_size': len(gathered),
+                    'buffers': self.rank_states, 'ranks': gathered}
         if self.encode:
             encode_checkpoint(checkpoint)
 

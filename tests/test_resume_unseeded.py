@@ -43,9 +43,13 @@ WORKER_WARNING = 'WeightsOnlyCheckpointHook: train_dataloader.persistent_workers
 NUM_IMAGES = 6  # 3 iterations of 2 images per epoch: 720 possible epoch orders
 
 
-def unseeded_config(data: dict, workers: int = 0, persistent: bool = False) -> str:
-    """The real CBN config, tiny, no ``randomness`` at all (as MMDetection's default)."""
-    text = derived_config(FASTER, data, image=64, val_indices=2, model="""\
+def unseeded_config(data: dict, workers: int = 0, persistent: bool = False, base=FASTER,
+                    extra: str = '') -> str:
+    """The real CBN config ``base``, tiny, no ``randomness`` at all (as MMDetection's default).
+
+    ``extra``: config lines added at the end (hooks, imports).
+    """
+    text = derived_config(base, data, image=64, val_indices=2, model="""\
         model = dict(
             backbone=dict(depth=18, base_channels=16, init_cfg=None),
             neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
@@ -62,7 +66,7 @@ def unseeded_config(data: dict, workers: int = 0, persistent: bool = False) -> s
         custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
         train_cfg = dict(max_epochs=2, val_interval=10)
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
-    """)
+    """) + extra
     loader = 'train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,'
     assert loader in text
     text = text.replace(loader, f'train_dataloader = dict(batch_size=2, num_workers={workers}, '
