@@ -986,6 +986,7 @@ class WeightsOnlyCheckpointHook(Hook):
 
     # -- RNG
     def before_train(self, runner) -> None:
+        self._check_kept_checkpoints(runner)
         loaded, self._loaded_rng = self._loaded_rng, None
         shifts, self._loaded_shifts = self._loaded_shifts, None
         seed, self._loaded_seed = self._loaded_seed, None
@@ -1022,6 +1023,17 @@ class WeightsOnlyCheckpointHook(Hook):
         where = f' (rank {get_rank()} of {get_world_size()})' if get_world_size() > 1 else ''
         print_log(f'WeightsOnlyCheckpointHook: restored the RNG states ({", ".join(restored)}) '
                   f'saved at epoch {epoch}, iter {it}{where}', logger='current')
+
+    @staticmethod
+    def _check_kept_checkpoints(runner) -> None:
+        from mmengine.hooks import CheckpointHook
+        for hook in runner.hooks:
+            if isinstance(hook, CheckpointHook) and getattr(hook, 'max_keep_ckpts', -1) == 1:
+                print_log('WeightsOnlyCheckpointHook: CheckpointHook max_keep_ckpts=1: MMEngine '
+                          'deletes the only kept checkpoint before it writes the next one, so '
+                          'a crash during that write leaves no checkpoint to resume from. Use '
+                          'max_keep_ckpts >= 2 (or -1, keep all)', logger='current',
+                          level=logging.WARNING)
 
     @staticmethod
     def _check_resumed_data_order(runner, seed) -> None:
