@@ -1,7 +1,8 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for OpenMMLab.
 
 Importing the package registers ``'CBN'`` and ``'SyncCBN'`` in MMEngine's
-``MODELS`` registry (and ``CBNHook``, ``WeightsOnlyCheckpointHook`` in ``HOOKS``),
+``MODELS`` registry (and ``CBNHook``, ``WeightsOnlyCheckpointHook``, ``PreciseCBNHook``
+in ``HOOKS``),
 the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
 """
@@ -18,12 +19,13 @@ from .binding import bind, cbn_layers, step  # noqa: E402
 from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
 from .hook import CBNHook  # noqa: E402
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
+from .precise_bn import PreciseCBNHook, recompute_statistics  # noqa: E402
 from .registry import register  # noqa: E402
 
 CBN = CrossIterationBatchNorm2d
 SyncCBN = SyncCrossIterationBatchNorm2d
 register()
 
-__all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'SyncCBN',
+__all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'PreciseCBNHook', 'SyncCBN',
            'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
-           'convert_sync_cbn', 'convert_to_bn', 'step']
+           'convert_sync_cbn', 'convert_to_bn', 'recompute_statistics', 'step']

@@ -53,6 +53,23 @@ def _refuse_sync_bn_conversion(cfg) -> None:
             'converts a built model)')
 
 
+def _refuse_precise_bn(runner, layers) -> None:
+    """MMPretrain's PreciseBNHook would give CBN windows BN's one-batch statistics."""
+    windowed = [layer for layer in layers if layer.window_size > 1]
+    found = [type(h).__name__ for h in getattr(runner, 'hooks', [])
+             if type(h).__name__ == 'PreciseBNHook']
+    if windowed and found:
+        raise ValueError(
+            f'custom_hooks has a PreciseBNHook (MMPretrain\'s), which recomputes the running '
+            f'statistics under torch.no_grad(), where CBN acts as plain BN: for the '
+            f'{len(windowed)} CBN layers with window_size={windowed[0].window_size} it would '
+            'set one-batch statistics (at batch 1-2 a variance far below the k-batch one they '
+            'normalise with in training) and feed the layers after them BN outputs. Use '
+            "dict(type='PreciseCBNHook', num_batches=...) instead (cbn_plugin.precise_bn: "
+            'pools each CBN layer\'s window as training did, and recomputes plain BN layers '
+            'like PreciseBNHook)')
+
+
 @HOOKS.register_module()
 class CBNHook(Hook):
     """Cross-Iteration BN training hook.
@@ -114,6 +131,7 @@ class CBNHook(Hook):
             print_log('CBNHook: the model has no CBN layer; the hook does nothing',
                       logger='current', level=30)
             return
+        _refuse_precise_bn(runner, self._layers)
         bind(model, self.pairs)
         burn_in, ramp, total = self._schedule_in_steps(runner)
         for layer in self._layers:

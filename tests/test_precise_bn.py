@@ -1,0 +1,300 @@
+"""Precise inference statistics for CBN: ``cbn_plugin.precise_bn`` (issue 14).
+
+- :func:`recompute_statistics` on a float64 network (conv, CBN k=3, conv,
+  plain BN, conv, CBN k=2) equals a brute-force estimate written out layer by
+  layer: for every batch t, the raw activations of batches t-k+1..t
+  concatenated, their biased per-channel mean and variance normalising batch
+  t (so every later layer sees what training fed it), and the average over
+  the full windows of the mean and of the variance times T/(T-1);
+- with ``window=1`` it equals MMPretrain's ``PreciseBNHook`` procedure
+  (``update_bn_stats``, replayed here: momentum 1, ``no_grad``, the average
+  of each batch's running statistics), which is what that hook gives a CBN;
+  and that differs from the CBN estimate by far: the reason ``CBNHook``
+  refuses a ``PreciseBNHook`` (tested too);
+- nothing else changes (parameters, CBN windows and step counters,
+  ``num_batches_tracked``, the modules' train/eval modes); bad arguments are
+  refused by name;
+- ``PreciseCBNHook`` in a Runner sets the statistics the function gives and
+  leaves the training itself bit-identical (RNG states put back);
+- ``tools/precise_cbn.py`` on a detector checkpoint trained by
+  ``tools/train.py``: only the running statistics of the FPN/head norms
+  change, the file loads with plain ``torch.load``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.model import BaseModel
+from mmengine.registry import DefaultScope
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+import cbn_plugin
+from cbn_plugin.hook import CBNHook
+from cbn_plugin.precise_bn import PreciseCBNHook, recompute_statistics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def keep_default_scope():
+    saved = dict(DefaultScope._instance_dict)
+    yield
+    DefaultScope._instance_dict = type(DefaultScope._instance_dict)(saved)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm1 = cbn_plugin.CBN(4, window_size=3)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.norm2 = nn.BatchNorm2d(5)
+        self.conv3 = nn.Conv2d(5, 6, 1)
+        self.norm3 = cbn_plugin.CBN(6, window_size=2)
+        self.drop = nn.Dropout(0.0)  # mode changes are visible on it
+
+    def forward(self, x):
+        x = torch.relu(self.norm1(self.conv1(x)))
+        x = torch.relu(self.norm2(self.conv2(x)))
+        return self.drop(torch.relu(self.norm3(self.conv3(x))))
+
+
+def make_net():
+    torch.manual_seed(0)
+    net = Net().double()
+    with torch.no_grad():
+        for norm in (net.norm1, net.norm2, net.norm3):
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1, 1)
+    return net
+
+
+def make_batches(n=9, size=2):
+    g = torch.Generator().manual_seed(1)
+    # Per-batch offsets: the batches differ, so pooling k of them matters.
+    return [torch.randn(size, 3, 5, 5, generator=g, dtype=torch.float64) * 2
+            + torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def brute_force(net, batches, windows):
+    """The population estimate, from the raw activations of every window, layer by layer."""
+    def channels(h):  # N, C, H, W -> C, N*H*W
+        return h.transpose(0, 1).reshape(h.shape[1], -1)
+
+    estimates = {}
+    inputs = list(batches)
+    for conv, norm, name in ((net.conv1, net.norm1, 'norm1'), (net.conv2, net.norm2, 'norm2'),
+                             (net.conv3, net.norm3, 'norm3')):
+        k = windows[name]
+        raw = [conv(x) for x in inputs]
+        outputs, means, variances = [], [], []
+        for t, h in enumerate(raw):
+            pooled = torch.cat([channels(r) for r in raw[max(0, t - k + 1):t + 1]], 1)
+            mean, var = pooled.mean(1), pooled.var(1, unbiased=False)
+            if t >= k - 1:
+                total = pooled.shape[1]
+                means.append(mean)
+                variances.append(var * total / (total - 1))
+            y = (h - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + norm.eps).sqrt()
+            outputs.append(torch.relu(y * norm.weight.view(1, -1, 1, 1)
+                                      + norm.bias.view(1, -1, 1, 1)))
+        estimates[name] = (torch.stack(means).mean(0), torch.stack(variances).mean(0))
+        inputs = outputs
+    return estimates
+
+
+def mmpretrain_update_bn_stats(model, batches):
+    """MMPretrain's ``update_bn_stats`` (mmpretrain/engine/hooks/precise_bn_hook.py), replayed."""
+    model.train()
+    bn_layers = [m for m in model.modules()
+                 if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    means = [torch.zeros_like(bn.running_mean) for bn in bn_layers]
+    variances = [torch.zeros_like(bn.running_var) for bn in bn_layers]
+    momentums = [bn.momentum for bn in bn_layers]
+    for bn in bn_layers:
+        bn.momentum = 1.0
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+            for i, bn in enumerate(bn_layers):
+                means[i] += bn.running_mean / len(batches)
+                variances[i] += bn.running_var / len(batches)
+    for i, bn in enumerate(bn_layers):
+        bn.running_mean, bn.running_var, bn.momentum = means[i], variances[i], momentums[i]
+
+
+def trained_state(net):
+    """Give the CBN layers a window and step count, as after training."""
+    cbn_plugin.bind(net)
+    net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    for x in make_batches(4, 2):
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+        cbn_plugin.step(net)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_recompute_equals_brute_force_population_estimate():
+    net = make_net()
+    before = trained_state(net)
+    assert int(net.norm1.window_filled[0]) == 2
+    net.eval()
+    batches = make_batches()
+    report = recompute_statistics(net, batches, len(batches))
+    assert not net.training and not net.drop.training  # modes put back
+    want = brute_force(net, batches, dict(norm1=3, norm2=1, norm3=2))
+    for name, (mean, var) in want.items():
+        layer = getattr(net, name)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-10, atol=1e-12, msg=name)
+    assert {n: (r['window'], r['estimates']) for n, r in report.items()} == {
+        'norm1': (3, 7), 'norm2': (1, 9), 'norm3': (2, 8)}
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f'{n}.{s}' for n in want for s in ('running_mean', 'running_var')}
+
+
+def test_window_one_is_mmpretrain_precise_bn_which_is_wrong_for_cbn():
+    batches = make_batches()
+    ours, theirs = make_net(), make_net()
+    trained_state(ours), trained_state(theirs)
+    mmpretrain_update_bn_stats(theirs, batches)
+    recompute_statistics(ours, batches, len(batches), window=1)
+    for name in ('norm1', 'norm2', 'norm3'):
+        for key in ('running_mean', 'running_var'):
+            torch.testing.assert_close(getattr(ours, f'{name}').__getattr__(key),
+                                       getattr(theirs, name).__getattr__(key),
+                                       rtol=1e-9, atol=1e-12, msg=(name, key))
+    # What PreciseBNHook gives a CBN with a window is not what it normalised with.
+    want = brute_force(make_net(), batches, dict(norm1=3, norm2=1, norm3=2))
+    gap = ((theirs.norm1.running_var - want['norm1'][1]).abs() / want['norm1'][1]).max()
+    assert gap > 0.1, gap
+
+
+def test_cbn_hook_refuses_mmpretrain_precise_bn_hook():
+    class PreciseBNHook:  # what MMPretrain registers; only its name is looked at
+        pass
+
+    class FakeRunner:
+        cfg = None
+        model = make_net()
+        hooks = [PreciseBNHook()]
+
+    with pytest.raises(ValueError, match=r"PreciseBNHook .*window_size=3.*"
+                                         r"dict\(type='PreciseCBNHook'"):
+        CBNHook(burn_in_iters=0).before_train(FakeRunner())
+
+
+def test_bad_arguments_are_refused_by_name():
+    net, batches = make_net(), make_batches(4)
+    with pytest.raises(ValueError, match='num_batches=2 gives no full window .* window 3'):
+        recompute_statistics(net, batches, 2)
+    with pytest.raises(ValueError, match='num_batches must be an integer >= 1, got 0'):
+        recompute_statistics(net, batches, 0)
+    with pytest.raises(ValueError, match="window must be None .* got 'x'"):
+        recompute_statistics(net, batches, 4, window='x')
+    with pytest.raises(ValueError, match='ran out after 4 of num_batches=6'):
+        recompute_statistics(net, batches, 6)
+    with pytest.raises(ValueError, match='PreciseCBNHook num_batches must be an integer >= 1'):
+        PreciseCBNHook(num_batches=-1)
+
+
+# ---------------------------------------------------------------- in a Runner
+class RunnerNet(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = cbn_plugin.CBN(4, window_size=2)
+        self.drop = nn.Dropout(0.5)  # draws random numbers in training
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x, y, mode='tensor'):
+        out = self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+        if mode == 'loss':
+            return dict(loss=((out - y) ** 2).mean())
+        return out
+
+
+class RunnerData(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return dict(x=torch.randn(1, 6, 6, generator=g) + i, y=torch.tensor([float(i % 3)]))
+
+
+def train_runner(work_dir, hooks):
+    torch.manual_seed(0)
+    runner = Runner(
+        model=RunnerNet(), work_dir=str(work_dir), experiment_name=f'precise_{work_dir.name}_{id(work_dir)}',
+        train_dataloader=dict(dataset=RunnerData(), batch_size=2,
+                              collate_fn=dict(type='default_collate'),
+                              sampler=dict(type='DefaultSampler', shuffle=True)),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        train_cfg=dict(by_epoch=True, max_epochs=2),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
+        custom_hooks=[dict(type='CBNHook', burn_in_iters=1), *hooks,
+                      dict(type='WeightsOnlyCheckpointHook')],
+        randomness=dict(seed=3))
+    runner.train()
+    return runner
+
+
+def test_precise_cbn_hook_in_a_runner(tmp_path):
+    plain = train_runner(tmp_path / 'plain', [])
+    precise = train_runner(tmp_path / 'precise', [dict(type='PreciseCBNHook', num_batches=4)])
+    a, b = plain.model.state_dict(), precise.model.state_dict()
+    # Training itself is untouched (same data order, dropout draws, updates).
+    for key in a:
+        if not key.endswith(('running_mean', 'running_var')):
+            assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a['bn.running_var'], b['bn.running_var'])
+    # The statistics are the function's, on the final weights and the same batches.
+    again = copy.deepcopy(plain.model)
+    recompute_statistics(again, plain.train_dataloader, 4)
+    torch.testing.assert_close(b['bn.running_var'], again.bn.running_var, rtol=0, atol=0)
+    torch.testing.assert_close(b['bn.running_mean'], again.bn.running_mean, rtol=0, atol=0)
+    saved = torch.load(tmp_path / 'precise' / 'epoch_2.pth')['state_dict']
+    assert torch.equal(saved['bn.running_var'], b['bn.running_var'])  # saved after it ran
+
+
+# ---------------------------------------------------------------- the tool
+def test_tool_on_a_trained_detector(tmp_path):
+    from test_resume_unseeded import unseeded_config
+    from tiny_coco import write_tiny_coco
+    data = write_tiny_coco(tmp_path / 'coco', num_images=6, seed=3)
+    config = tmp_path / 'cbn.py'
+    config.write_text(unseeded_config(data) + 'train_cfg = dict(max_epochs=1)\n')
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1')
+    run = subprocess.run([sys.executable, 'tools/train.py', str(config), '--work-dir',
+                          str(tmp_path / 'work')], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    checkpoint = tmp_path / 'work' / 'epoch_1.pth'
+    out = tmp_path / 'precise.pth'
+    run = subprocess.run([sys.executable, 'tools/precise_cbn.py', str(config), str(checkpoint),
+                          '--num-batches', '5', '--out', str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f'from 5 batches: {out}' in run.stdout
+    assert re.search(r'neck\.fpn_convs\.0\.bn +window 4 +estimates 2 ', run.stdout), run.stdout
+    assert 'recomputed 12 norm layers' in run.stdout  # FPN and head; the norm_eval backbone not
+    before, after = torch.load(checkpoint), torch.load(out)  # weights_only
+    changed = {k for k, v in before['state_dict'].items()
+               if not torch.equal(v, after['state_dict'][k])}
+    assert changed and all(k.endswith(('running_mean', 'running_var')) for k in changed)
+    assert 'neck.fpn_convs.0.bn.running_var' in changed
+    assert 'roi_head.bbox_head.shared_convs.0.bn.running_var' in changed
+    for key in ('optimizer', 'meta', 'rng_state'):
+        assert key in after
