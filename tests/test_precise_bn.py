@@ -14,6 +14,8 @@
 - nothing else changes (parameters, CBN windows and step counters,
   ``num_batches_tracked``, the modules' train/eval modes); bad arguments are
   refused by name;
+- SyncCBN/SyncBN on 2 gloo processes, half of every batch each, equal CBN/BN
+  on one process with the whole batches;
 - ``PreciseCBNHook`` in a Runner sets the statistics the function gives and
   leaves the training itself bit-identical (RNG states put back);
 - ``tools/precise_cbn.py`` on a detector checkpoint trained by
@@ -298,3 +300,49 @@ def test_tool_on_a_trained_detector(tmp_path):
     assert 'roi_head.bbox_head.shared_convs.0.bn.running_var' in changed
     for key in ('optimizer', 'meta', 'rng_state'):
         assert key in after
+
+
+# ---------------------------------------------------------------- SyncCBN, 2 processes
+SYNC_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import cbn_plugin
+from cbn_plugin.precise_bn import recompute_statistics
+from test_precise_bn import Net, make_batches, make_net
+
+rank = int(sys.argv[1])
+dist.init_process_group('gloo', init_method='file://' + {store!r}, rank=rank, world_size=2)
+net = make_net()
+net = cbn_plugin.convert_sync_cbn(net)
+assert isinstance(net.norm1, cbn_plugin.SyncCBN)
+batches = [b[rank::2] for b in make_batches(size=4)]  # this rank's half of every batch
+recompute_statistics(net, batches, len(batches))
+torch.save({{k: v for k, v in net.state_dict().items() if 'running' in k}},
+           {out!r} + f'/rank{{rank}}.pth')
+dist.destroy_process_group()
+'''
+
+
+def test_sync_cbn_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """SyncCBN (and torch's SyncBatchNorm, which convert_sync_cbn makes of the plain BN) on 2
+    ranks with half of every batch each == CBN/BN on one process with the whole batches."""
+    script = tmp_path / 'sync.py'
+    script.write_text(SYNC_SCRIPT.format(repo=str(REPO), tests=str(REPO / 'tests'),
+                                         store=str(tmp_path / 'store'), out=str(tmp_path)))
+    env = dict(__import__('os').environ, OMP_NUM_THREADS='1')
+    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    ranks = [torch.load(tmp_path / f'rank{r}.pth') for r in range(2)]
+    whole = make_net()
+    batches = make_batches(size=4)
+    recompute_statistics(whole, batches, len(batches))
+    for name in ('norm1', 'norm2', 'norm3'):  # the global batch, identical on both ranks
+        for key in ('running_mean', 'running_var'):
+            full = f'{name}.{key}'
+            assert torch.equal(ranks[0][full], ranks[1][full]), full
+            torch.testing.assert_close(ranks[0][full], getattr(whole, name).__getattr__(key),
+                                       rtol=1e-10, atol=1e-12, msg=full)
