@@ -380,7 +380,7 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     # that no NaN reaches the gradient of the others through torch.where.
     mean_past = torch.where(valid, mean_past, zero)
     var_past = torch.where(valid, var_past, zero)
-    mean = (mean_cur + torch.where(valid, mean_past, zero).sum(0)) / count
+    mean = (mean_cur + mean_past.sum(0)) / count
     spread_past = torch.where(valid, var_past + (mean_past - mean) ** 2, zero).sum(0)
     var = (var_cur + (mean_cur - mean) ** 2 + spread_past) / count
     return mean, var, count
