@@ -6,6 +6,8 @@
   concatenated, their biased per-channel mean and variance normalising batch
   t (so every later layer sees what training fed it), and the average over
   the full windows of the mean and of the variance times T/(T-1);
+- the replay normalises every batch exactly as the CBN layer itself does in
+  training when the weights do not move (a learning rate of 0);
 - with ``window=1`` it equals MMPretrain's ``PreciseBNHook`` procedure
   (``update_bn_stats``, replayed here: momentum 1, ``no_grad``, the average
   of each batch's running statistics), which is what that hook gives a CBN;
@@ -164,6 +166,27 @@ def test_recompute_equals_brute_force_population_estimate():
     after = net.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {f'{n}.{s}' for n in want for s in ('running_mean', 'running_var')}
+
+
+def test_replay_normalises_as_the_layer_does_in_training_with_fixed_weights():
+    """The replay's outputs are the CBN layer's own training outputs when the weights do not move."""
+    batches = make_batches()
+    torch.manual_seed(0)
+    conv, layer = nn.Conv2d(3, 4, 3).double(), cbn_plugin.CBN(4, window_size=3).double()
+    net = nn.Sequential(conv, layer)
+    cbn_plugin.bind(net)
+    net.train()
+    trained = []
+    for x in batches:  # training steps with a learning rate of 0
+        trained.append(net(x).detach())
+        cbn_plugin.step(net)
+    replayed = []
+    handle = net.register_forward_hook(lambda m, a, out: replayed.append(out.detach()))
+    recompute_statistics(net, batches, len(batches), forward=lambda m, b: m(b))
+    handle.remove()
+    assert len(replayed) == len(trained)
+    for t, (got, want) in enumerate(zip(replayed, trained)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=f'batch {t}')
 
 
 def test_window_one_is_mmpretrain_precise_bn_which_is_wrong_for_cbn():
