@@ -1005,6 +1005,21 @@ class WeightsOnlyCheckpointHook(Hook):
                     module._shift = shifts[name].to(device)
         if not self.restore_rng:
             return
+        loop = runner.train_loop
+        replayed = getattr(loop, '_iter', 0) if hasattr(loop, 'dataloader_iterator') else 0
+        if replayed > 0:
+            # IterBasedTrainLoop pushes the `replayed` batches it skips through the
+            # pipeline after this hook, drawing random augmentation (RandomFlip) as
+            # it goes; the uninterrupted run's state was saved after those batches.
+            # So restore once the replay is done, before the first new batch.
+            loop.dataloader_iterator = _RestoreAfter(
+                loop.dataloader_iterator, replayed,
+                lambda: self._restore_rng_state(state, epoch, it))
+            return
+        self._restore_rng_state(state, epoch, it)
+
+    @staticmethod
+    def _restore_rng_state(state, epoch: int, it: int) -> None:
         if isinstance(state, str):
             print_log(f'WeightsOnlyCheckpointHook: RNG states not restored: {state}; random '
                       'draws after the resume differ from an uninterrupted run',
@@ -1071,6 +1086,24 @@ class WeightsOnlyCheckpointHook(Hook):
         if state is not None:
             set_rng_state(state)
 
+
+
+class _RestoreAfter:
+    """An iterator that calls ``callback`` once, after its first ``count`` items."""
+
+    def __init__(self, iterator, count: int, callback) -> None:
+        self._iterator, self._left, self._callback = iterator, count, callback
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._iterator)
+        if self._left > 0:
+            self._left -= 1
+            if self._left == 0:
+                self._callback()
+        return item
 
 # Top-level config keys -> WeightsOnlyCheckpointHook arguments (all default True).
 CONFIG_SWITCHES = {

@@ -15,10 +15,9 @@ with ``default_scope='mmseg'`` from the MMSegmentation base. Then:
   one-class prediction reaches (the model really learns);
 - ``tools/train.py --resume`` from the middle checkpoint continues at that
   iteration with CBN's step counter and windows restored: its losses and
-  final mIoU are those of the uninterrupted run. The pipeline has no random
-  transform for that: in an iteration-based loop MMEngine replays the skipped
-  batches through the pipeline after the RNG state is restored, so a
-  ``RandomFlip`` would draw different flips after a resume;
+  final mIoU are those of the uninterrupted run, with a ``RandomFlip`` in the
+  pipeline: MMEngine's iteration-based loop replays the skipped batches through
+  the pipeline, and the RNG state is restored after that replay;
 - ``tools/test.py`` evaluates the checkpoint to the same mIoU.
 """
 from __future__ import annotations
@@ -105,7 +104,9 @@ def tiny_config(data: dict, extra: str = '') -> str:
         train_dataloader = dict(
             batch_size=2, num_workers=0, persistent_workers=False,
             dataset=dict(dataset, data_prefix=dict(img_path='img_dir/train',
-                                                   seg_map_path='ann_dir/train')))
+                                                   seg_map_path='ann_dir/train'),
+                         pipeline=pipeline[:2] + [dict(type='RandomFlip', prob=0.5)]
+                         + pipeline[2:]))
         val_dataloader = dict(
             batch_size=2, num_workers=0, persistent_workers=False,
             dataset=dict(dataset, data_prefix=dict(img_path='img_dir/val',
