@@ -88,7 +88,7 @@ def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
                 per_call_windows=module.per_call_windows, process_group=process_group)
             sync.load_state_dict(module.state_dict())  # the window buffers too
             _copy_norm_state(module, sync)  # training mode, frozen parameters
-            sync.burn_in_steps, sync.ramp_steps = module.burn_in_steps, module.ramp_steps
+            sync.set_schedule(module.burn_in_steps, module.ramp_steps)
             module.attach(None)
             return sync
         if type(module) is nn.BatchNorm2d:

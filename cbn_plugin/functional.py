@@ -49,10 +49,12 @@ COMPENSATIONS = ('mu_nu', 'var')
 class SlotStats(NamedTuple):
     """What one step contributes to the window, for one layer.
 
-    ``grad_mean`` (``groups x P'``) and ``grad_var`` (``C x P'``) are ``None``
-    when the layer does not compensate (``rho == 0``).
+    ``count``: the positions behind the statistics (an int, or a 0-dim tensor
+    where it comes from the device: SyncCBN's all-reduce). ``grad_mean``
+    (``groups x P'``) and ``grad_var`` (``C x P'``) are ``None`` when the
+    layer does not compensate (``rho == 0``).
     """
-    count: int
+    count: int | Tensor
     mean: Tensor
     var: Tensor
     grad_mean: Tensor | None
@@ -203,31 +205,43 @@ def stats_from_sums(sums: Tensor, shift: Tensor, groups: int = 1) -> SlotStats:
     because ``sum_i (x_i - mu) = 0``; so the derivatives reduce exactly.
     """
     c = shift.shape[0]
-    count = sums[0]
+    count = sums[0]  # a tensor: reading it would wait for the device
     s1, s2 = sums[1:1 + c] / count, sums[1 + c:1 + 2 * c] / count
     mean = shift.to(sums.dtype) + s1
     var = (s2 - s1 * s1).clamp_min(0)
     rest = sums[1 + 2 * c:]
     if rest.numel() == 0:
-        return SlotStats(int(count), mean, var, None, None)
+        return SlotStats(count, mean, var, None, None)
     # rest = [b (groups x P'), A (C x P')]
     p = rest.numel() // (groups + c)
     patch_sum = rest[:groups * p].view(groups, p)
     grad_mean = patch_sum / count
     weighted = rest[groups * p:].view(c, p)
-    grad_var = _centre_patches_(weighted.clone(), s1, patch_sum, alpha=2.0 / float(count))
-    return SlotStats(int(count), mean, var, grad_mean, grad_var)
+    scale = 2.0 / count  # (a copy of ``weighted`` either way)
+    grad_var = _centre_patches_(weighted * scale, s1 * scale, patch_sum)
+    return SlotStats(count, mean, var, grad_mean, grad_var)
 
 
-def is_finite(stats: SlotStats) -> bool:
-    """Whether every statistic and derivative of a record is finite (one host sync).
+def all_finite(stats: SlotStats) -> Tensor:
+    """Whether every statistic and derivative of a record is finite: a 0-dim bool tensor.
 
-    A sum is NaN or infinite as soon as one term is, and costs one read,
-    where ``isfinite(t).all()`` builds two temporaries of ``t``'s size.
-    (A sum can also overflow: such a record is skipped, as it should be.)
+    Stays on the device (no host read). A sum is NaN or infinite as soon as
+    one term is, and costs one read of each tensor, where ``isfinite(t).all()``
+    builds two temporaries of ``t``'s size. (A sum can also overflow: such a
+    record is dropped, as it should be.)
     """
     sums = torch.stack([t.sum() for t in stats[1:] if t is not None])
-    return bool(torch.isfinite(sums).all())
+    return torch.isfinite(sums).all()
+
+
+def select_stats(condition: Tensor, a: SlotStats, b: SlotStats) -> SlotStats:
+    """Field by field ``a`` where ``condition`` (0-dim bool) holds, else ``b``; no host read."""
+    def pick(x, y):
+        return None if x is None or y is None else torch.where(condition, x, y)
+    count = torch.where(condition, a.count, b.count).to(a.mean.dtype)
+    return SlotStats(count, pick(a.mean, b.mean),
+                     pick(a.var, b.var), pick(a.grad_mean, b.grad_mean),
+                     pick(a.grad_var, b.grad_var))
 
 
 def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:

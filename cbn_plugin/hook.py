@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from mmengine.dist import get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -105,6 +106,7 @@ class CBNHook(Hook):
         self.ramp_iters, self.pairs = ramp_iters, pairs
         self._step_hook = None
         self._layers = []
+        self._diag_sum, self._diag_count = None, 0  # device sums between two log lines
 
     def _schedule_in_steps(self, runner) -> tuple[int, int, int]:
         accumulate = getattr(runner.optim_wrapper, '_accumulative_counts', 1)
@@ -135,7 +137,7 @@ class CBNHook(Hook):
         bind(model, self.pairs)
         burn_in, ramp, total = self._schedule_in_steps(runner)
         for layer in self._layers:
-            layer.burn_in_steps, layer.ramp_steps = burn_in, ramp
+            layer.set_schedule(burn_in, ramp)
         print_log(f'CBNHook: burn-in {burn_in} of {total} optimizer steps (per process, world '
                   f'size {get_world_size()}), ramp {ramp} steps; resumed at step '
                   f'{self._layers[0].steps_done}', logger='current')
@@ -145,6 +147,12 @@ class CBNHook(Hook):
             lambda *_: step(model))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        """Accumulate the layers' diagnostics on the device; log them with the losses.
+
+        Reading a tensor waits for the device's queue, so the sums are read
+        only on the iterations the logger writes (its ``interval``), as the
+        mean over the iterations since the last one.
+        """
         if not self._layers:
             return
         windows, shifts, negatives = [], [], []
@@ -152,13 +160,26 @@ class CBNHook(Hook):
             diag = layer.diagnostics
             windows.append(diag.pop('window', 1))
             if 'mean_shift' in diag:
-                shifts.append(float(diag.pop('mean_shift')))
-                negatives.append(float(diag.pop('negative_fraction')))
+                shifts.append(diag.pop('mean_shift'))
+                negatives.append(diag.pop('negative_fraction'))
         hub = runner.message_hub
-        hub.update_scalar('train/cbn_window', sum(windows) / len(windows))
+        hub.update_scalar('train/cbn_window', sum(windows) / len(windows))  # host numbers
         if shifts:
-            hub.update_scalar('train/cbn_mean_shift', sum(shifts) / len(shifts))
-            hub.update_scalar('train/cbn_negative_fraction', sum(negatives) / len(negatives))
+            means = torch.stack([torch.stack(shifts).mean(), torch.stack(negatives).mean()])
+            self._diag_sum = means if self._diag_sum is None else self._diag_sum + means
+            self._diag_count += 1
+        if self._diag_sum is not None and self._logs_now(runner, batch_idx):
+            shift, negative = (self._diag_sum / self._diag_count).tolist()
+            hub.update_scalar('train/cbn_mean_shift', shift)
+            hub.update_scalar('train/cbn_negative_fraction', negative)
+            self._diag_sum, self._diag_count = None, 0
+
+    def _logs_now(self, runner, batch_idx: int) -> bool:
+        """Whether the logger hook writes this iteration (mmengine's LoggerHook rule)."""
+        from mmengine.hooks import LoggerHook
+        interval = next((h.interval for h in runner.hooks if isinstance(h, LoggerHook)), 1)
+        return (self.every_n_inner_iters(batch_idx, interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx))
 
     def after_train(self, runner) -> None:
         if self._step_hook is not None:

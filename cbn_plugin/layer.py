@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as CF
+from .window import StepRing
 
 # Persistent window state, ``None`` (absent from the state_dict) until used.
 # S call positions (1 unless ``per_call_windows``), k-1 past steps.
@@ -27,6 +28,7 @@ WINDOW_BUFFERS = (
     'window_var',        # S x (k-1) x C (biased)
     'window_grad_mean',  # S x (k-1) x groups x P'  (mean input patch)
     'window_grad_var',   # S x (k-1) x C x P'       (dvar/dW)
+    'window_valid',      # bool S x (k-1): the slot holds a step with finite statistics
 )
 RUNNING_STATS_SOURCES = ('batch', 'window')
 STATS_BACKWARD = ('current', 'pooled', 'compensated')
@@ -54,6 +56,9 @@ class PastEntries(NamedTuple):
 
 class CrossIterationBatchNorm2d(_BatchNorm):
     """BatchNorm whose statistics pool the last ``window_size`` optimizer steps.
+
+    Version 3 of its state adds ``window_valid``; older states are upgraded
+    on load (every filled slot of an old window held a finite step).
 
     Args beyond ``nn.BatchNorm2d``'s:
         window_size: steps pooled, the current one included (k). 1 is BN.
@@ -91,6 +96,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``True`` keeps one window per call position (a head shared over
             FPN levels behaves like one CBN per level).
 
+    A training step reads nothing back from the device (no ``.item()``,
+    ``int(tensor)`` or branch on a tensor): the step counter and the ring's
+    positions are mirrored on the host (``StepRing``), and a step whose
+    statistics are not finite is masked out of the window on the device.
+
     Compensation needs the conv that produces the input: ``cbn_plugin.bind``
     (or the CBN hook) pairs them; ``cbn_plugin.step`` (or the hook) marks the
     end of each optimizer step.
@@ -102,6 +112,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     records the step; where it acts as plain BN (burn-in, ``window_size=1``)
     it raises.
     """
+
+    _version = 3
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
@@ -149,15 +161,29 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.stats_backward = stats_backward
         self.compensation = compensation
         self.per_call_windows = per_call_windows
-        # Schedule, set by CBNHook from the config; the step counter it is
-        # compared with is a (persistent) buffer, so resume needs nothing else.
+        # Schedule, set by CBNHook from the config (set_schedule); the step
+        # counter it is compared with is a (persistent) buffer, so resume
+        # needs nothing else.
         self.burn_in_steps = 0
         self.ramp_steps = 0
         for name in WINDOW_BUFFERS:
             self.register_buffer(name, None)
+        # Host mirrors of num_steps, num_batches_tracked and the ring positions.
+        self._steps = 0
+        self._batches = 0
+        self.ring = StepRing(window_size - 1)
         self.diagnostics: dict[str, Tensor | int] = {'skipped_records': 0}
         self._bound = False
         self._reset_step_state()
+
+    def set_schedule(self, burn_in_steps: int = 0, ramp_steps: int = 0) -> None:
+        """Plain BN for the first ``burn_in_steps`` optimizer steps, then the window
+        (all at once, or grown linearly over ``ramp_steps`` steps)."""
+        for name, value in (('burn_in_steps', burn_in_steps), ('ramp_steps', ramp_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{self._describe()}: {name} must be an integer >= 0, '
+                                 f'got {value!r}')
+        self.burn_in_steps, self.ramp_steps = burn_in_steps, ramp_steps
 
     # ------------------------------------------------------------------ binding
     @property
@@ -190,8 +216,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_io = None
         self._call_index = 0
         self._past = {}      # position -> PastEntries for this step
-        self._ring = {}      # position -> (ring slots used, compensated ring mean, var)
-        self._pending = {}   # position -> this step's record so far (SlotStats)
+        self._compensated = {}  # position -> (ring index used, compensated ring mean, var)
+        self._pending = {}   # position -> (this step's record so far, whether it is finite)
 
     def step(self) -> None:
         """Mark the end of an optimizer step: this step's record joins the window.
@@ -203,12 +229,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self.num_steps is None:
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
         self.num_steps += 1
+        self._steps += 1
         if self.window_size > 1:
-            for position, record in self._pending.items():
-                self._write_record(position, record)
-                self.window_next[position] = (self.window_next[position] + 1) % (self.window_size - 1)
-                self.window_filled[position] = torch.clamp(
-                    self.window_filled[position] + 1, max=self.window_size - 1)
+            for position, (record, finite) in self._pending.items():
+                self._write_record(position, record, finite)
+                self.ring.advance(position)
+                # Python ints written into the buffers: no read back.
+                self.window_next[position] = self.ring.next[position]
+                self.window_filled[position] = self.ring.filled[position]
         self._reset_step_state()
 
     def past_entries(self, position: int = 0) -> PastEntries | None:
@@ -217,7 +245,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     @property
     def steps_done(self) -> int:
-        return 0 if self.num_steps is None else int(self.num_steps)
+        """Optimizer steps seen (the host mirror of ``num_steps``)."""
+        return self._steps
 
     def _state_device(self) -> torch.device:
         for t in (self.running_mean, self.weight):
@@ -256,11 +285,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         group = self._group()
         current = self._current(x, conv_io, derivatives=self.compensates, group=group)
         mean_cur, var_cur, count = current.mean, current.var, current.count
-        record = current if CF.is_finite(current) else None
+        finite = CF.all_finite(current)
         if position not in self._past:
             self._past[position] = self._compensated_past(position, window - 1)
         mean_past, var_past, valid = self._past[position]
-        pending = self._pending.get(position)
+        pending, pending_finite = self._pending.get(position, (None, None))
         exact = self.stats_backward == 'compensated' and self.compensates
         if pending is None and mean_past.shape[0] == 0 and group is None:
             if count == 1 and window > 1:
@@ -280,8 +309,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 if exact:
                     mean_earlier, var_earlier = self._earlier_with_gradient(pending)
                     earlier = pending._replace(mean=mean_earlier, var=var_earlier)
-                merged = CF.merge_stats(earlier._replace(grad_mean=None, grad_var=None),
-                                        CF.SlotStats(count, mean_cur, var_cur, None, None))
+                this_call = CF.SlotStats(count, mean_cur, var_cur, None, None)
+                merged = CF.merge_stats(earlier._replace(grad_mean=None, grad_var=None), this_call)
+                # Earlier calls whose statistics were not finite are not pooled.
+                merged = CF.select_stats(pending_finite, merged, this_call)
                 mean_step, var_step, share = merged.mean, merged.var, count / merged.count
             mean, var, pooled = CF.pool_window(mean_step, var_step, mean_past, var_past, valid)
             self._update_running_stats(mean_step.detach(), var_step.detach(), count,
@@ -294,16 +325,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                        self.bias, self.eps, count, group)
         # Only a forward that succeeded changes the window (at the next step()).
         self._call_index += 1
-        if record is not None:
-            self._pending[position] = record if pending is None else CF.merge_stats(pending, record)
-        else:
-            self.diagnostics['skipped_records'] += 1
+        if pending is None:
+            self._pending[position] = (current, finite)
+        else:  # on the device: a call whose statistics are not finite is left out
+            merged = CF.select_stats(pending_finite, CF.merge_stats(pending, current), current)
+            self._pending[position] = (CF.select_stats(finite, merged, pending),
+                                       finite | pending_finite)
+        self.diagnostics['skipped_records'] = (self.diagnostics['skipped_records']
+                                               + (~finite).long())
         self.diagnostics['window'] = 1 + mean_past.shape[0]
         return out
 
     def _past_with_gradient(self, position: int) -> tuple[Tensor, Tensor]:
         """This step's past entries as functions of the bound conv's weight and bias."""
-        slots, ring_mean, ring_var = self._ring[position]
+        slots, ring_mean, ring_var = self._compensated[position]
         conv = self.bound_conv
         mean, var = CF.compensated_entries(
             ring_mean, ring_var, self.window_mean[position], self.window_grad_mean[position],
@@ -351,8 +386,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _momentum_factor(self) -> float:
         """BN's bookkeeping: count the batch, return the running-average factor."""
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            return 1.0 / float(self.num_batches_tracked)
+        self._batches += 1
+        if self.momentum is None:  # cumulative moving average (the host mirror: no read)
+            return 1.0 / self._batches
         return self.momentum
 
     def _commit_running_stats(self, mean: Tensor, var: Tensor) -> None:
@@ -386,13 +422,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 'conv -> norm; pass pairs= for other layouts, or use rho=0)')
 
     # ------------------------------------------------------------------ window
-    def _slots(self, position: int, ages: int) -> Tensor:
-        """Ring indices of the ``ages`` newest past steps at ``position``."""
-        k1 = self.window_size - 1
-        newest = int(self.window_next[position]) - 1
-        return torch.tensor([(newest - a) % k1 for a in range(ages)], dtype=torch.long,
-                            device=self.window_mean.device)
-
     def _compensated_past(self, position: int, max_ages: int):
         """Past entries moved to the current weights: ``(mean, var, valid)``, ``J x C``.
 
@@ -400,15 +429,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         step, and later calls may already have overwritten the oldest slot.
         """
         c = self.num_features
-        ages = 0
-        if self.window_mean is not None and position < self.window_mean.shape[0]:
-            ages = min(max_ages, int(self.window_filled[position]))
+        ages = self.ring.ages(position, max_ages)
         if ages == 0:
             empty = torch.zeros(0, c, device=self._state_device())
             return PastEntries(empty, empty, empty.bool())
         # Compensate every slot in place (views, no copy of the |W|-sized
         # derivatives), then pick the used ones, newest first: J x C is small.
-        idx = self._slots(position, ages)
+        idx = self.ring.index(position, ages, self.window_mean.device)
         mean_old = self.window_mean[position]
         var_old = self.window_var[position]
         grad_mean = grad_var = weight = bias = None
@@ -420,14 +447,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         with torch.no_grad():
             mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, weight, bias,
                                       self.rho, self.compensation)
-            self._ring[position] = (idx, mean, var)
+            self._compensated[position] = (idx, mean, var)
             mean, var, mean_old, var_old = (t[idx] for t in (mean, var, mean_old, var_old))
             var, valid, negative = CF.apply_variance_rule(mean, var, self.variance_rule)
+            # A step whose statistics were not finite holds zeros: never pooled.
+            valid = valid & self.window_valid[position][idx].unsqueeze(1)
         self.diagnostics.update(
             negative_fraction=negative.float().mean(),
-            dropped_fraction=(~valid).float().mean(),
-            mean_shift=((mean - mean_old).abs() / (var_old + self.eps).sqrt()).mean(),
-            var_shift=((var - var_old).abs() / (var_old + self.eps)).mean())
+            mean_shift=((mean - mean_old).abs() / (var_old + self.eps).sqrt()).mean())
         return PastEntries(mean, var, valid)
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:
@@ -442,21 +469,31 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             fresh = like.new_zeros((positions - old, k1) + shape)
             current = getattr(self, name)
             setattr(self, name, fresh if current is None else torch.cat([current, fresh]))
-        for name in ('window_next', 'window_filled'):
-            fresh = torch.zeros(positions - old, dtype=torch.long, device=like.device)
+        for name, shape, dtype in (('window_next', (), torch.long),
+                                   ('window_filled', (), torch.long),
+                                   ('window_valid', (k1,), torch.bool)):
+            fresh = torch.zeros((positions - old,) + shape, dtype=dtype, device=like.device)
             current = getattr(self, name)
             setattr(self, name, fresh if current is None else torch.cat([current, fresh]))
+        self.ring.grow(positions)
 
-    def _write_record(self, position: int, record: CF.SlotStats) -> None:
-        """Write a step's record into the slot of its oldest step (see ``step``)."""
+    def _write_record(self, position: int, record: CF.SlotStats, finite: Tensor) -> None:
+        """Write a step's record into the slot of its oldest step (see ``step``).
+
+        A record that is not finite is written as zeros and marked invalid: on
+        the device, in the same single pass as a copy.
+        """
         if self.window_mean is None or position >= self.window_mean.shape[0]:
             self._allocate(position + 1, record)
-        slot = int(self.window_next[position])
-        self.window_mean[position, slot] = record.mean
-        self.window_var[position, slot] = record.var
+        slot = self.ring.next[position]
+        fields = [('window_mean', record.mean), ('window_var', record.var)]
         if record.grad_mean is not None:
-            self.window_grad_mean[position, slot] = record.grad_mean
-            self.window_grad_var[position, slot] = record.grad_var
+            fields += [('window_grad_mean', record.grad_mean),
+                       ('window_grad_var', record.grad_var)]
+        zero = record.mean.new_zeros(())
+        for name, value in fields:
+            torch.where(finite, value, zero, out=getattr(self, name)[position, slot])
+        self.window_valid[position, slot] = finite
 
     def _update_running_stats(self, mean_cur: Tensor, var_cur: Tensor, count: int,
                               mean: Tensor, var: Tensor, pooled: Tensor) -> None:
@@ -465,7 +502,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         factor = self._momentum_factor()
         if self.running_stats == 'batch':
-            mean, var = mean_cur, var_cur * (count / max(count - 1, 1))
+            # count: an int, or SyncCBN's global count as a tensor (never read)
+            unbias = count / (count - 1) if isinstance(count, Tensor) or count > 1 else 1.0
+            mean, var = mean_cur, var_cur * unbias
         else:
             total = pooled * count
             var = var * total / (total - 1).clamp_min(1)
@@ -480,12 +519,32 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # checkpoint. A checkpoint without window state (a BN checkpoint, or one
         # from before the first step) resets the window: statistics of other
         # weights cannot be compensated to the loaded ones.
+        version = local_metadata.get('version')
+        if (version is None or version < 3) and isinstance(
+                state_dict.get(prefix + 'window_filled'), Tensor) \
+                and prefix + 'window_valid' not in state_dict:
+            # Version 2 kept only finite steps: every filled slot is valid.
+            old = StepRing(self.window_size - 1)
+            old.load(state_dict[prefix + 'window_next'], state_dict[prefix + 'window_filled'])
+            state_dict[prefix + 'window_valid'] = old.filled_mask(
+                old.positions, state_dict[prefix + 'window_filled'].device)
+        elif isinstance(state_dict.get(prefix + 'window_filled'), Tensor) \
+                and prefix + 'window_valid' not in state_dict:
+            error_msgs.append(f'{prefix}window_valid is missing from a version-{version} CBN '
+                              'state that has a window (a damaged or hand-edited state_dict)')
         for name in WINDOW_BUFFERS:
             incoming = state_dict.get(prefix + name)
             if incoming is None:
                 setattr(self, name, None)
             elif isinstance(incoming, Tensor):
                 setattr(self, name, torch.empty_like(incoming, device=self._state_device()))
+        # The host mirrors: the one time they are read from tensors.
+        steps = state_dict.get(prefix + 'num_steps')
+        batches = state_dict.get(prefix + 'num_batches_tracked')
+        self._steps = int(steps) if isinstance(steps, Tensor) else 0
+        self._batches = int(batches) if isinstance(batches, Tensor) else 0
+        self.ring.load(state_dict.get(prefix + 'window_next'),
+                       state_dict.get(prefix + 'window_filled'))
         self._reset_step_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -494,6 +553,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Numbers held by the window buffers (the memory the window costs)."""
         names = ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
         return sum(getattr(self, n).numel() for n in names if getattr(self, n) is not None)
+
+    def past_slots(self, position: int = 0) -> tuple[int, ...]:
+        """The ring slots this step pools at ``position``, newest first (row j of
+        ``past_entries(position)`` is slot ``past_slots(position)[j]``)."""
+        entries = self._past.get(position)
+        ages = 0 if entries is None else entries.mean.shape[0]
+        return self.ring.newest_first(position, ages) if ages else ()
 
     def _describe(self) -> str:
         name = self.__dict__.get('_names', ('', ''))[0]

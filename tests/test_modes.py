@@ -81,11 +81,21 @@ def test_non_finite_batch_is_skipped_and_training_continues():
     assert model[1].diagnostics['skipped_records'] == 1
     cbn_plugin.step(model)
     after = snapshot(model)
-    for k in ('1.window_mean', '1.window_var', '1.window_grad_var', '1.window_next'):
-        assert torch.equal(after[k], before[k]), k
+    # The step takes its slot (the window spans the last k-1 steps) but holds
+    # zeros marked invalid; the other slots are untouched.
+    slot = int(before['1.window_next'][0])
+    assert not bool(after['1.window_valid'][0, slot])
+    others = [s for s in range(2) if s != slot]
+    for k in ('1.window_mean', '1.window_var', '1.window_grad_var'):
+        assert torch.equal(after[k][0, others], before[k][0, others]), k
+        assert not after[k][0, slot].any(), k
     assert torch.isfinite(model[1].window_mean).all()
     out = model(torch.randn(2, 3, 5, 5))
     assert torch.isfinite(out).all()
+    layer = model[1]
+    newest = layer.past_slots().index(slot)
+    assert not layer.past_entries().valid[newest].any()  # never pooled
+    assert layer.past_entries().valid[1 - newest].all()
 
 
 def test_autocast_bfloat16_keeps_float32_statistics():
@@ -217,3 +227,33 @@ def test_single_value_per_channel_as_plain_bn_is_a_clear_error():
     cbn_plugin.bind(model, logger=None)
     with pytest.raises(ValueError, match=r'one value per channel \(input \(1, 4, 1, 1\)\)'):
         model(torch.randn(1, 3, 1, 1))
+
+
+def test_version_2_state_is_upgraded_on_load():
+    """A state saved before window_valid existed: every filled slot was a finite step."""
+    model = warmed_model(window_size=4, steps=2)  # 2 of 3 slots filled
+    state = model.state_dict()
+    assert state._metadata['1']['version'] == 3
+    old = copy.deepcopy(state)
+    del old['1.window_valid']
+    old._metadata['1']['version'] = 2
+    fresh = warmed_model(window_size=4, steps=0)
+    fresh.load_state_dict(old)
+    layer = fresh[1]
+    assert layer.window_valid.tolist() == [[True, True, False]]
+    assert (layer.steps_done, layer.ring.next, layer.ring.filled) == (2, [2], [2])
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # A version-3 state without window_valid is damaged, not old: refused.
+    del state['1.window_valid']
+    with pytest.raises(RuntimeError, match='window_valid'):
+        warmed_model(window_size=4, steps=0).load_state_dict(state)
+
+
+def test_repr_names_every_hyperparameter():
+    text = repr(CBN(8, window_size=3, rho=0.5, mode='paper', dvar_stride=2))
+    for part in ('8', 'eps=1e-05', 'momentum=0.1', 'affine=True', 'track_running_stats=True',
+                 'window_size=3', 'rho=0.5', "variance_rule='clamp'", "running_stats='batch'",
+                 "stats_backward='current'", "compensation='mu_nu'", 'dvar_stride=2',
+                 'per_call_windows=False'):
+        assert part in text, (part, text)

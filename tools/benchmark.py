@@ -183,7 +183,7 @@ def prepare(model, name):
     attach_authors(model)
     if name == 'CBN burn-in':
         for _, layer in cbn_plugin.cbn_layers(model):
-            layer.burn_in_steps = 10 ** 9   # plain BN for the whole benchmark
+            layer.set_schedule(burn_in_steps=10 ** 9)  # plain BN for the whole benchmark
     return model
 
 
