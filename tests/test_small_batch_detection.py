@@ -1,0 +1,159 @@
+"""tools/analysis_tools/small_batch_detection.py: configs, jobs, and a --tiny run end to end.
+
+The --tiny run goes through the tool's own main() (in this process, ``--workers 0``) on a
+tiny digits set and checks what it writes: the json, the md block, the plot, and that
+each run trained with the batch, steps, learning rate and norm its row says.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / 'tools' / 'analysis_tools' / 'small_batch_detection.py'
+
+
+@pytest.fixture(scope='module')
+def sbd():
+    spec = importlib.util.spec_from_file_location('small_batch_detection', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['small_batch_detection'] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _setting(sbd, **kw):
+    args = sbd.parse_args(['--tiny'] + [x for k, v in kw.items()
+                                        for x in (f'--{k.replace("_", "-")}', str(v))])
+    return sbd.setting_from_args(args)
+
+
+def _norm_types(model):
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    return [type(m).__name__ for m in model.modules() if isinstance(m, (_BatchNorm, nn.GroupNorm))]
+
+
+@pytest.mark.parametrize('row, expected', [('bn', {'BatchNorm2d'}), ('gn', {'GroupNorm'}),
+                                           ('naive-cbn', {'CrossIterationBatchNorm2d'})])
+def test_every_norm_layer_is_the_studied_one(sbd, tmp_path, row, expected):
+    import cbn_plugin  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    setting = _setting(sbd, width=8)
+    job = sbd.make_job(row, setting, 0, tmp_path, tmp_path)
+    model = MODELS.build(sbd.build_config(job).model)
+    types = _norm_types(model)
+    # stem (1) + 8 basic blocks x 2 + 3 downsample shortcuts, 8 FPN convs, 4 box-head convs
+    assert len(types) == 1 + 16 + 3 + 8 + 4
+    assert set(types) == expected
+    assert model.backbone.base_channels == 8 and model.neck.out_channels == 16
+
+
+def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
+    setting = _setting(sbd, images=64, large=8, small=2, lr_per_image=0.01)
+    jobs = {row: sbd.make_job(row, setting, 0, tmp_path, tmp_path) for row in sbd.ROWS}
+    for row, job in jobs.items():
+        cfg = sbd.build_config(job)
+        per_step = job['batch'] * job['accum']
+        assert cfg.train_dataloader.batch_size == job['batch']
+        assert cfg.train_cfg.max_iters * job['batch'] == 64, row
+        assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.01 * per_step), row
+        assert cfg.optim_wrapper.get('accumulative_counts', 1) == job['accum'], row
+        if job['norm']['kind'] == 'cbn':
+            # the window spans the large batch: k steps of per_step images
+            assert job['norm']['cbn_args']['window_size'] == max(2, 8 // per_step), row
+            assert [h.type for h in cfg.custom_hooks] == ['CBNHook']
+        else:
+            assert not cfg.get('custom_hooks'), row
+    assert jobs['bn-large']['batch'] == 8 and jobs['bn']['batch'] == 2
+    assert jobs['bn-accum']['accum'] == 4 and jobs['bn-accum']['batch'] == 1
+    assert jobs['cbn-paper']['norm']['cbn_args'] == dict(mode='paper', window_size=4)
+    assert jobs['cbn']['norm']['cbn_args'] == dict(window_size=4)
+    assert jobs['naive-cbn']['norm']['cbn_args'] == dict(rho=0.0, window_size=4)
+
+
+def test_summary_mean_and_spread(sbd):
+    def res(row, seed, m, m50):
+        return dict(job=dict(row=row, label=row, batch=1, accum=1, norm=dict(kind='bn'),
+                             seed=seed), mAP=m, mAP50=m50, wall_s=10.0 + seed, final_loss=1.0,
+                    lr=0.01, iters=5, status='ok')
+    rows = sbd.summarise([res('a', 0, 0.5, 0.8), res('a', 1, 0.6, 0.9),
+                          res('b', 0, float('nan'), float('nan'))], ['a', 'b'])
+    assert rows[0]['mAP'] == pytest.approx(0.55) and rows[0]['mAP_spread'] == pytest.approx(0.1)
+    assert rows[0]['mAP50'] == pytest.approx(0.85) and rows[0]['wall_s'] == pytest.approx(10.5)
+    assert rows[1]['finished'] == 0 and 'fails' in sbd.summary_table(rows)
+
+
+def _check_run(result, job):
+    assert result['status'] == 'ok', result['status']
+    assert 0.0 <= result['mAP'] <= 1.0 and 0.0 <= result['mAP50'] <= 1.0
+    assert result['mAP50'] >= result['mAP']
+    assert math.isfinite(result['final_loss']) and result['loss_curve']
+    assert result['wall_s'] >= result['train_s'] > 0 and result['val_s'] > 0
+
+
+def test_tiny_comparison_end_to_end(sbd, tmp_path):
+    rows = [r for r in sbd.ROWS
+            if all(sbd.layer_supports(opt) for opt in sbd.ROWS[r].get('needs', ()))]
+    assert {'bn-large', 'bn', 'gn', 'naive-cbn', 'bn-accum'} <= set(rows)
+    out = tmp_path / 'docs'
+    sbd.main(['--tiny', '--workers', '0', '--out-dir', str(out), '--data-root',
+              str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work'), '--rows', *rows])
+    run = json.loads((out / sbd.RESULTS_JSON).read_text())
+    assert [r['job']['row'] for r in run['results']] == rows
+    for r in run['results']:
+        job = r['job']
+        _check_run(r, job)
+        assert r['iters'] == run['setting']['images'] // job['batch']
+        if job['norm']['kind'] == 'cbn':
+            # all 32 norm layers are CBN, counted every optimizer step (not every
+            # micro-batch), and pooled their full window at the end
+            k = job['norm']['cbn_args']['window_size']
+            assert r['cbn'] == dict(layers=32, steps=[r['iters'] // job['accum']], window=[k])
+        else:
+            assert r['cbn'] is None
+    doc = (out / sbd.DOC).read_text()
+    block = doc.split(sbd.DOC_BEGIN)[1].split(sbd.DOC_END)[0]
+    for row in rows:
+        assert f'| {sbd.ROWS[row]["label"]} |' in block
+    assert run['command'] in block and sbd.PLOT in block
+    assert (out / sbd.PLOT).stat().st_size > 1000
+    # re-rendering from the json gives the same block
+    (out / sbd.DOC).write_text('# title\n')
+    sbd.main(['--from-json', '--out-dir', str(out)])
+    assert block in (out / sbd.DOC).read_text()
+
+
+def test_tiny_probe_appends_and_replaces(sbd, tmp_path):
+    out = tmp_path / 'docs'
+    common = ['--tiny', '--probe', '--workers', '0', '--out-dir', str(out), '--data-root',
+              str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work')]
+    sbd.main(common)
+    saved = json.loads((out / sbd.PROBES_JSON).read_text())
+    assert sorted(p['batch'] for p in saved['probes']) == [2, 4]
+    for p in saved['probes']:
+        assert p['status'] == 'ok' and 0.0 <= p['mAP'] <= 1.0 and p['wall_s'] > 0
+        assert p['lr'] == pytest.approx(p['setting']['lr_per_image'] * p['batch'])
+    sbd.main(common + ['--width', '4'])        # another setting: appended
+    sbd.main(common)                           # the same setting again: replaced
+    saved = json.loads((out / sbd.PROBES_JSON).read_text())
+    assert len(saved['probes']) == 4
+    assert sorted({p['setting']['width'] for p in saved['probes']}) == [4, 8]
+    block = (out / sbd.DOC).read_text().split(sbd.PROBE_BEGIN)[1].split(sbd.PROBE_END)[0]
+    assert block.count('64px w8 ') == 2 and block.count('64px w4 ') == 2
+
+
+def test_config_file_swaps_every_norm_to_bn(sbd):
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(sbd.CONFIG))
+    bn = dict(type='BN', requires_grad=True)
+    # the base's backbone GN (num_groups=8) must not merge into the BN dict
+    assert cfg.model.backbone.norm_cfg == bn
+    assert cfg.model.neck.norm_cfg == bn and cfg.model.roi_head.bbox_head.norm_cfg == bn
