@@ -1,10 +1,11 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for OpenMMLab.
 
 Importing the package registers ``'CBN'`` and ``'SyncCBN'`` in MMEngine's
-``MODELS`` registry (and ``CBNHook``, ``WeightsOnlyCheckpointHook``, ``PreciseCBNHook``
-in ``HOOKS``),
+``MODELS`` registry (and ``CBNHook``, ``PreciseCBNHook`` in ``HOOKS``),
 the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
+The checkpoint and launcher kit the tools use (``WeightsOnlyCheckpointHook``) is
+``cbn_plugin.engine``, imported on its own (``docs/checkpoints.md``).
 """
 __version__ = '0.1.0'
 
@@ -14,7 +15,6 @@ from .versions import check_versions
 
 check_versions()
 
-from . import checkpoint  # noqa: E402,F401  (registers WeightsOnlyCheckpointHook)
 from .binding import bind, cbn_layers, step  # noqa: E402
 from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
 from .hook import CBNHook  # noqa: E402

@@ -85,8 +85,8 @@ def default_forward(model: nn.Module, batch) -> None:
 def _process_group(layer):
     """The group a synchronised norm reduces over in training; None otherwise."""
     import torch.distributed as dist
-    from .checkpoint import _is_sync_norm
-    if not (_is_sync_norm(layer) and dist.is_available() and dist.is_initialized()):
+    from .engine.rank_state import is_sync_norm
+    if not (is_sync_norm(layer) and dist.is_available() and dist.is_initialized()):
         return None
     group = getattr(layer, 'process_group', None)
     group = group if group is not None else dist.group.WORLD
@@ -277,7 +277,7 @@ class PreciseCBNHook(Hook):
         self.num_batches, self.interval, self.window = num_batches, interval, window
 
     def _run(self, runner) -> None:
-        from .checkpoint import get_rng_state, set_rng_state
+        from .engine.rng import get_rng_state, set_rng_state
         loader = runner.train_dataloader
         num = self.num_batches
         if hasattr(loader, '__len__') and len(loader) < num:

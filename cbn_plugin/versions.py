@@ -11,7 +11,7 @@ the exact, tested stack is pinned in ``constraints.txt``, which
   ``torch.batch_norm_update_stats``, ``torch.nn.grad.conv2d_weight`` and
   ``aten.native_batch_norm_backward`` are older. From torch 2.6,
   ``torch.load`` defaults to ``weights_only=True``: that is what makes
-  ``cbn_plugin.checkpoint.load_checkpoint`` a safe load. Older torch
+  ``cbn_plugin.engine.load_checkpoint`` a safe load. Older torch
   loads the same files with full unpickling. No upper bound: torch is left
   to the user (a CUDA build of their own). Run here with 2.13.0 only.
 - mmengine >= 0.8.0, < 1.0.0: the hook, checkpoint and resume tests

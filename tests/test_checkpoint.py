@@ -6,7 +6,7 @@ LR schedulers and a dataset whose ``metainfo`` holds a numpy array: every
 kind of object MMEngine 0.10.7 pickles into a checkpoint. The checks:
 
 - without ``WeightsOnlyCheckpointHook`` torch refuses the file, and the
-  globals it would need are exactly the ones ``cbn_plugin.checkpoint``
+  globals it would need are exactly the ones ``docs/checkpoints.md``
   documents (HistoryBuffer, numpy arrays / scalars / dtypes);
 - with it, the file loads with plain ``torch.load`` in a fresh process that
   never imports the plugin (nor mmengine), and needs no global at all;
@@ -52,8 +52,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import cbn_plugin
-from cbn_plugin import checkpoint as ckpt
-from cbn_plugin.checkpoint import TAG, CheckpointFileError, WeightsOnlyCheckpointHook
+from cbn_plugin import engine as ckpt
+from cbn_plugin.engine import TAG, CheckpointFileError, WeightsOnlyCheckpointHook
+from cbn_plugin.engine import hook as ckpt_hook
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -586,6 +587,20 @@ def test_atomic_save_is_undone_after_run(trained):
 
 
 # ---------------------------------------------------------------- damaged files
+def tensor_byte(path) -> int:
+    """The offset of a byte in the middle of the largest tensor's data in a torch.save file."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if '/data/' in i.filename),
+                   key=lambda i: i.file_size)
+    with open(path, 'rb') as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the local file header: name and extra lengths at 26 and 28
+    name_len, extra_len = struct.unpack('<HH', header[26:30])
+    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+
+
 @pytest.fixture(scope='module')
 def damaged(tmp_path_factory, trained):
     work_dir, _ = trained
@@ -594,7 +609,7 @@ def damaged(tmp_path_factory, trained):
     files = {'truncated': good[:len(good) // 2], 'tail cut': good[:-10],
              'garbage': b'this is not a checkpoint\n' * 8, 'empty': b'', 'good': good}
     flipped = bytearray(good)
-    flipped[len(good) // 3] ^= 0x10  # inside a tensor's bytes
+    flipped[tensor_byte(work_dir / 'epoch_1.pth')] ^= 0x10
     files['bit flip'] = bytes(flipped)
     paths = {}
     for name, data in files.items():
@@ -727,7 +742,7 @@ def cbn_state(steps=3, seed=0):
 
 def warnings_of(monkeypatch) -> list[str]:
     said = []
-    monkeypatch.setattr(ckpt, 'print_log', lambda msg, *a, **k: said.append(str(msg)))
+    monkeypatch.setattr(ckpt_hook, 'print_log', lambda msg, *a, **k: said.append(str(msg)))
     return said
 
 
@@ -747,8 +762,8 @@ def test_other_world_size_empties_windows_and_says_so(monkeypatch, saved_world, 
         checkpoint['rank_states'] = {'format': 1, 'world_size': saved_world,
                                      'buffers': rank_states,
                                      'ranks': [{'rng_state': checkpoint['rng_state']}] * 2}
-    monkeypatch.setattr(ckpt, 'get_world_size', lambda: now_world)
-    monkeypatch.setattr(ckpt, 'get_rank', lambda: now_world - 1)
+    monkeypatch.setattr(ckpt_hook, 'get_world_size', lambda: now_world)
+    monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: now_world - 1)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
     hook.after_load_checkpoint(FakeRunner(net), checkpoint)
@@ -787,8 +802,8 @@ def test_rank_restores_its_own_buffers(monkeypatch):
                   'rank_states': {'format': 1, 'world_size': 2, 'buffers': True,
                                   'ranks': [{'rng_state': 'rank 0'},
                                             {'rng_state': rng1, 'buffers': buffers1}]}}
-    monkeypatch.setattr(ckpt, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(ckpt, 'get_rank', lambda: 1)
+    monkeypatch.setattr(ckpt_hook, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: 1)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
     hook.after_load_checkpoint(FakeRunner(net1), checkpoint)

@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from cbn_plugin.checkpoint import check_checkpoint_file
+from cbn_plugin.engine import check_checkpoint_file
 from test_resume import Tool
 from test_resume_unseeded import differing, unseeded_config
 from tiny_coco import write_tiny_coco

@@ -21,8 +21,8 @@ iteration, 2 processes: 2 iterations per epoch and process. Checked:
 - SyncCBN: the windows and running statistics are *identical* on both
   ranks; ``tools/dist_test.sh`` with 2 processes evaluates the checkpoint to
   the same mAP as the validation at the end of training;
-- the CPU setup helper and the Slurm/MPI environment translation (unit
-  level), and ``tools/slurm_*.sh`` build the documented ``srun`` command;
+- the CPU setup helper and the Slurm/MPI environment translation
+  (``cbn_plugin.engine.launch``, unit level), and ``tools/slurm_*.sh`` build the documented ``srun`` command;
 - ``tools/measure_comm.py`` runs (2 gloo processes, tiny maps) and counts the
   all-reduce payloads ``docs/scaling.md`` documents.
 
@@ -34,7 +34,6 @@ R18-FPN step at 128 px takes about 2 s with the 2 processes sharing them).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -47,6 +46,7 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from cbn_plugin.engine import launch as launch_kit
 from tiny_coco import coco_map, derived_config, scalars, write_tiny_coco
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,15 +281,7 @@ def test_sync_cbn_dist_test_matches_training_validation(sync):
 # ------------------------------------------------------------- unit level
 
 
-@pytest.fixture(scope='module')
-def train_tool():
-    spec = importlib.util.spec_from_file_location('cbn_tools_train', REPO / 'tools' / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_launcher_env_slurm(train_tool, monkeypatch, tmp_path):
+def test_launcher_env_slurm(monkeypatch, tmp_path):
     scontrol = tmp_path / 'scontrol'
     scontrol.write_text('#!/bin/sh\nprintf "node-a\\nnode-b\\n"\n')
     scontrol.chmod(0o755)
@@ -300,39 +292,39 @@ def test_launcher_env_slurm(train_tool, monkeypatch, tmp_path):
     monkeypatch.setenv('SLURM_NTASKS', '8')
     monkeypatch.setenv('SLURM_LOCALID', '1')
     monkeypatch.setenv('SLURM_NODELIST', 'node-[a-b]')
-    assert train_tool.launcher_env('slurm') == dict(
+    assert launch_kit.launcher_env('slurm') == dict(
         RANK='5', WORLD_SIZE='8', LOCAL_RANK='1', MASTER_ADDR='node-a', MASTER_PORT='29500')
-    assert train_tool.launcher_env('slurm', port=1234)['MASTER_PORT'] == '1234'
+    assert launch_kit.launcher_env('slurm', port=1234)['MASTER_PORT'] == '1234'
     monkeypatch.setenv('MASTER_ADDR', 'head')
     monkeypatch.setenv('MASTER_PORT', '4321')
-    env = train_tool.launcher_env('slurm')
+    env = launch_kit.launcher_env('slurm')
     assert (env['MASTER_ADDR'], env['MASTER_PORT']) == ('head', '4321')
 
 
-def test_launcher_env_pytorch_and_mpi(train_tool, monkeypatch):
+def test_launcher_env_pytorch_and_mpi(monkeypatch):
     for key, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='h',
                            MASTER_PORT='7').items():
         monkeypatch.setenv(key, value)
-    assert train_tool.launcher_env('pytorch') == dict(
+    assert launch_kit.launcher_env('pytorch') == dict(
         RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='h', MASTER_PORT='7')
     monkeypatch.delenv('RANK')
     with pytest.raises(RuntimeError, match=r"needs \['RANK'\].*torchrun"):
-        train_tool.launcher_env('pytorch')
+        launch_kit.launcher_env('pytorch')
     for key, value in dict(OMPI_COMM_WORLD_RANK='3', OMPI_COMM_WORLD_SIZE='4',
                            OMPI_COMM_WORLD_LOCAL_RANK='0').items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv('MASTER_PORT')
-    assert train_tool.launcher_env('mpi') == dict(
+    assert launch_kit.launcher_env('mpi') == dict(
         RANK='3', WORLD_SIZE='4', LOCAL_RANK='0', MASTER_ADDR='h', MASTER_PORT='29500')
 
 
-def test_setup_cpu_distributed(train_tool, monkeypatch):
+def test_setup_cpu_distributed(monkeypatch):
     """One-process gloo group from torchrun-style variables; the DDP wrapper config."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     none = Config(dict(launcher='none', env_cfg=dict(dist_cfg=dict(backend='nccl'))))
-    assert train_tool.setup_cpu_distributed(none) is False
+    assert launch_kit.setup_cpu_distributed(none) is False
     assert 'model_wrapper_cfg' not in none
     for key, value in dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1',
                            MASTER_PORT=str(free_port())).items():
@@ -341,7 +333,7 @@ def test_setup_cpu_distributed(train_tool, monkeypatch):
     cfg = Config(dict(launcher='pytorch', find_unused_parameters=True,
                       env_cfg=dict(dist_cfg=dict(backend='nccl', timeout=60))))
     try:
-        assert train_tool.setup_cpu_distributed(cfg) is True
+        assert launch_kit.setup_cpu_distributed(cfg) is True
         assert dist.is_initialized() and dist.get_backend() == 'gloo'
         assert dist.get_world_size() == 1
         assert cfg.env_cfg.dist_cfg.backend == 'gloo'
@@ -350,7 +342,7 @@ def test_setup_cpu_distributed(train_tool, monkeypatch):
                                              find_unused_parameters=True)
         # Already initialised: nothing more to do.
         again = Config(dict(launcher='pytorch'))
-        assert train_tool.setup_cpu_distributed(again) is False
+        assert launch_kit.setup_cpu_distributed(again) is False
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -363,7 +355,7 @@ def test_setup_cpu_distributed(train_tool, monkeypatch):
                       model_wrapper_cfg=dict(type='MMDistributedDataParallel',
                                              find_unused_parameters=True)))
     try:
-        assert train_tool.setup_cpu_distributed(cfg) is True
+        assert launch_kit.setup_cpu_distributed(cfg) is True
         assert cfg.model_wrapper_cfg == dict(type='MMDistributedDataParallel',
                                              find_unused_parameters=True, device_ids=None)
     finally:

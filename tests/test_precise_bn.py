@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import cbn_plugin
+import cbn_plugin.engine  # noqa: F401  (registers WeightsOnlyCheckpointHook)
 from cbn_plugin.hook import CBNHook
 from cbn_plugin.precise_bn import PreciseCBNHook, recompute_statistics
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from cbn_plugin.convert import strip_window_state  # noqa: E402
+from cbn_plugin.engine.files import save_checkpoint_file  # noqa: E402
 
 
 def load(path: str) -> dict:
@@ -40,16 +40,7 @@ def main(argv=None) -> None:
     nested = 'state_dict' in checkpoint
     state, removed = strip_window_state(checkpoint['state_dict'] if nested else checkpoint)
     out = {'state_dict': state, 'meta': checkpoint.get('meta', {})} if nested else state
-    # Write beside the target and rename: never a half-written file at dst.
-    folder = os.path.dirname(os.path.abspath(args.dst))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, args.dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_checkpoint_file(out, args.dst)  # never a half-written file at dst
     layers = len({k.rsplit('.', 1)[0] for k in removed})
     print(f'convert_to_bn: {args.src} -> {args.dst}: removed window state of {layers} CBN '
           f'layers ({len(removed)} tensors), kept {len(state)} tensors')

@@ -3,7 +3,8 @@
     python tools/precise_cbn.py CONFIG CHECKPOINT [--num-batches 200] [--window K]
         [--out OUT.pth] [--cfg-options ...]
 
-Builds the config's model and train dataloader (as ``tools/train.py``),
+Builds the config's model and train dataloader (as ``tools/train.py``, through
+``cbn_plugin.engine.launch``),
 loads CHECKPOINT, runs ``cbn_plugin.precise_bn.recompute_statistics`` on
 ``--num-batches`` training batches (CBN layers pool their window as training
 normalised with, plain BN layers use one batch: see that module) and writes
@@ -16,18 +17,16 @@ Evaluate the result with ``tools/test.py CONFIG OUT``.
 """
 import argparse
 import itertools
-import os
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from cbn_plugin.checkpoint import (check_checkpoint_file, encode_checkpoint,  # noqa: E402
-                                   load_checkpoint)
+from cbn_plugin.engine import (check_checkpoint_file, encode_checkpoint,  # noqa: E402
+                               load_checkpoint, save_checkpoint_file)
+from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                                      load_config)
 from cbn_plugin.precise_bn import recompute_statistics  # noqa: E402
-from train import add_cfg_options_and_launcher, build_runner, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,11 +79,7 @@ def main(argv=None):
                 raise KeyError(f'{args.checkpoint} has no {full!r}: not a checkpoint of this '
                                'config\'s model')
             state[full] = getattr(modules[name], key).detach().to(state[full].dtype).clone()
-    encode_checkpoint(checkpoint)
-    partial = f'{out}.partial-{os.getpid()}'
-    torch.save(checkpoint, partial)
-    check_checkpoint_file(partial, crc=False, what='freshly written checkpoint')
-    os.replace(partial, out)
+    save_checkpoint_file(encode_checkpoint(checkpoint), out)
     width = max(len(n) for n in report) if report else 0
     for name, r in report.items():
         print(f'{name:<{width}}  window {r["window"]}  estimates {r["estimates"]}  '

@@ -6,18 +6,14 @@ Same command line as MMDetection's: ``config checkpoint``, ``--work-dir``,
 ``--wait-time``, ``--cfg-options``, ``--launcher``, ``--tta``. Runs on CPU
 when no GPU exists. ``tools/dist_test.sh CONFIG CKPT N`` launches N processes
 with torchrun, ``tools/slurm_test.sh`` with Slurm's ``srun``: on N GPUs, or
-on CPU with the gloo backend (``setup_cpu_distributed`` from
-``tools/train.py``: MMEngine 0.10.7's launcher setup needs a GPU, so without
-one the process group is initialised here and the DDP wrapper gets
-``device_ids=None``; see ``tools/train.py``'s docstring).
+on CPU with the gloo backend.
 
-As in ``tools/train.py`` (its ``load_config`` and ``build_runner`` are used
-here): ``cbn_plugin`` is imported, MMDetection's modules
-are registered (default scope from the config, ``'mmdet'`` if none), and
-``WeightsOnlyCheckpointHook`` is appended to ``cfg.custom_hooks`` so that the
-objects ``cbn_plugin.checkpoint`` encoded are restored on load. The
-checkpoint itself is read by MMEngine with ``torch.load``'s default
-``weights_only=True``.
+As in ``tools/train.py``, through ``cbn_plugin.engine.launch``: the plugin is
+imported, MMDetection's modules are registered (default scope from the
+config, ``'mmdet'`` if none), ``WeightsOnlyCheckpointHook`` is appended to
+``cfg.custom_hooks`` (it restores what the plugin encoded in the checkpoint,
+which MMEngine reads with ``torch.load``'s default ``weights_only=True``), and
+a distributed run without a GPU is set up with gloo.
 """
 import argparse
 import os.path as osp
@@ -30,10 +26,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine import ConfigDict  # noqa: E402
 
-import cbn_plugin  # noqa: E402,F401  (registers 'CBN')
-# tools/train.py: Python puts this script's folder, tools/, on sys.path.
-from train import (add_cfg_options_and_launcher, build_runner, load_config,  # noqa: E402
-                   parse_with_local_rank)
+from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                                      load_config, parse_with_local_rank)
 from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: E402
 from mmdet.evaluation import DumpDetResults  # noqa: E402
 from mmdet.registry import RUNNERS  # noqa: E402
@@ -111,7 +105,7 @@ def main():
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
-    # WeightsOnlyCheckpointHook (restores what cbn_plugin.checkpoint encoded
+    # WeightsOnlyCheckpointHook (restores what cbn_plugin.engine encoded
     # when the checkpoint is loaded), distributed on CPU, the runner
     runner = build_runner(cfg, RUNNERS)
 

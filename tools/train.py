@@ -1,5 +1,5 @@
 # Copyright (c) OpenMMLab. All rights reserved. Adapted for cbn_plugin.
-"""Train a detector with the CBN plugin (mmdet 3.3.0's ``tools/train.py`` plus two things).
+"""Train a detector with the CBN plugin (mmdet 3.3.0's ``tools/train.py`` plus three things).
 
 Same command line as MMDetection's: ``config``, ``--work-dir``, ``--amp``,
 ``--auto-scale-lr``, ``--resume [auto|PATH]``, ``--cfg-options``,
@@ -8,68 +8,32 @@ Same command line as MMDetection's: ``config``, ``--work-dir``, ``--amp``,
 (``--launcher pytorch``), ``tools/slurm_train.sh`` with Slurm's ``srun``
 (``--launcher slurm``): on N GPUs, or on CPU with the gloo backend.
 
-What differs from MMDetection's script:
+What differs from MMDetection's script is shared with ``tools/test.py``
+through ``cbn_plugin.engine.launch`` (see ``docs/checkpoints.md``):
 
-1. ``cbn_plugin`` is imported (registering ``'CBN'`` in MODELS and the hooks)
-   and MMDetection's modules are registered; the default scope is the
-   config's ``default_scope`` (``'mmdet'`` when the config has none).
-2. ``WeightsOnlyCheckpointHook`` (``cbn_plugin.checkpoint``) is appended to
-   ``cfg.custom_hooks`` when the config does not list it. It makes every
-   checkpoint loadable by plain ``torch.load(path)``, whose default since
-   torch 2.6 is ``weights_only=True`` (MMEngine 0.10.7 pickles numpy and
-   HistoryBuffer objects into checkpoints, which that refuses), and restores
-   those objects when a checkpoint is loaded or resumed. It also makes resume
-   exact (every rank's RNG states and CBN windows), writes checkpoints
-   atomically and checks them before loading; each part has a top-level
-   config switch (``weights_only_checkpoints``, ``resume_rng_state``,
-   ``resume_rank_states``, ``atomic_checkpoints``, ``check_checkpoint_files``;
-   all ``True`` unless set ``False``; see ``add_weights_only_hook``). With
-   ``--resume`` and no ``randomness.seed`` in the config, the Runner is seeded
-   with the seed the checkpoint's run used (``adopt_checkpoint_seed``), so
-   the data order after the resume is the uninterrupted run's.
-3. Distributed runs without a GPU (:func:`setup_cpu_distributed`). MMEngine
-   0.10.7 cannot run its launchers on CPU: ``init_dist`` calls
-   ``torch.cuda.set_device(LOCAL_RANK)`` (an error with CPU-only torch), the
-   configs ask for ``env_cfg.dist_cfg.backend='nccl'`` (GPU only), and
-   ``Runner.wrap_model`` gives ``MMDistributedDataParallel``
-   ``device_ids=[LOCAL_RANK]``, which DDP refuses for a CPU module. So when
-   the launcher is not ``'none'`` and MMEngine's device is ``'cpu'`` (no
-   GPU, or ``CUDA_VISIBLE_DEVICES=-1``), this script initialises the process
-   group itself, with gloo (an ``'nccl'`` backend is replaced; ``'gloo'`` or
-   ``'mpi'`` are kept, so is ``dist_cfg.timeout``), from the launcher's
-   environment (torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
-   ``MASTER_PORT``; Slurm's ``SLURM_PROCID``/``SLURM_NTASKS``/
-   ``SLURM_NODELIST`` and Open MPI's ``OMPI_COMM_WORLD_*`` translated as
-   MMEngine does), before the Runner is
-   built (the Runner skips ``init_dist`` when a group exists), and sets
-   ``model_wrapper_cfg`` to ``MMDistributedDataParallel`` with
-   ``device_ids=None`` and MMEngine's own defaults otherwise
-   (``broadcast_buffers=False``, ``find_unused_parameters`` from the config).
-   ``broadcast_buffers=False`` matters for CBN: each process keeps its own
-   window, running statistics and burn-in clock, as in one process (see
-   ``docs/scaling.md``). With a GPU nothing changes: MMEngine does all of it.
+1. ``cbn_plugin`` and ``cbn_plugin.engine`` are imported (registering ``'CBN'``
+   and the hooks) and MMDetection's modules are registered; the default scope
+   is the config's ``default_scope`` (``'mmdet'`` when the config has none).
+2. ``WeightsOnlyCheckpointHook`` is appended to ``cfg.custom_hooks`` when the
+   config does not list it: checkpoints that plain ``torch.load(path)``
+   (``weights_only=True``) reads, exact resume (every rank's RNG states and
+   CBN windows; with ``--resume`` and no ``randomness.seed`` the checkpoint's
+   seed is adopted), atomic writes, files checked before loading; each part
+   has a top-level config switch (``weights_only_checkpoints``,
+   ``resume_rng_state``, ``resume_rank_states``, ``atomic_checkpoints``,
+   ``check_checkpoint_files``; all ``True`` unless set ``False``).
+3. Distributed runs without a GPU: the process group is initialised with gloo
+   and the DDP wrapper gets ``device_ids=None`` (``setup_cpu_distributed``).
 """
 import argparse
-import datetime
-import os
 import os.path as osp
-import subprocess
 import sys
 
 # Make the repository importable when run as ``python tools/train.py``.
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch.distributed as torch_dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.device import get_device  # noqa: E402
-from mmengine.registry import MODEL_WRAPPERS, RUNNERS  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-import cbn_plugin  # noqa: E402,F401  (registers 'CBN')
-from cbn_plugin.checkpoint import adopt_checkpoint_seed, add_weights_only_hook  # noqa: E402
-from mmdet.utils import register_all_modules, setup_cache_size_limit_of_dynamo  # noqa: E402
+from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                                      load_config, parse_with_local_rank)
 
 
 def parse_args():
@@ -95,177 +59,6 @@ def parse_args():
         'in the work directory.')
     add_cfg_options_and_launcher(parser)
     return parse_with_local_rank(parser)
-
-
-def add_cfg_options_and_launcher(parser):
-    """``--cfg-options`` and ``--launcher``, as in MMDetection's tools (here and ``test.py``)."""
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override some settings in the used config, the key-value pair '
-        'in xxx=yyy format will be merged into config file. If the value to '
-        'be overwritten is a list, it should be like key="[a,b]" or key=a,b '
-        'It also allows nested list/tuple values, e.g. key="[(a,b),(c,d)]" '
-        'Note that the quotation marks are necessary and that no white space '
-        'is allowed.')
-    parser.add_argument(
-        '--launcher',
-        choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none',
-        help='job launcher')
-
-
-def parse_with_local_rank(parser):
-    """Add ``--local_rank``, parse the command line, export ``LOCAL_RANK`` if unset."""
-    # torch.distributed.run passes --local-rank (torch >= 2.0) or sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args()
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
-
-
-def launcher_env(launcher: str, port=None) -> dict:
-    """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` of this process.
-
-    ``'pytorch'``: torchrun's variables as they are. ``'slurm'``: from
-    ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the first host of
-    ``SLURM_NODELIST`` (``scontrol show hostname``), the translation MMEngine's
-    ``_init_dist_slurm`` does; ``MASTER_ADDR``/``MASTER_PORT`` already in the
-    environment win, the port defaults to ``port`` or 29500. ``'mpi'``: Open
-    MPI's ``OMPI_COMM_WORLD_*`` (``MASTER_ADDR`` must be set), as MMEngine's
-    ``_init_dist_mpi``.
-    """
-    env = os.environ
-    if launcher == 'pytorch':
-        keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
-        missing = [k for k in keys if k not in env]
-        if missing:
-            raise RuntimeError(f'--launcher pytorch needs {missing} in the environment: start '
-                               'it with torchrun (tools/dist_train.sh)')
-        return {k: env[k] for k in keys}
-    if launcher == 'slurm':
-        out = dict(RANK=env['SLURM_PROCID'], WORLD_SIZE=env['SLURM_NTASKS'],
-                   LOCAL_RANK=env.get('SLURM_LOCALID', '0'))
-        if 'MASTER_ADDR' in env:
-            out['MASTER_ADDR'] = env['MASTER_ADDR']
-        else:
-            out['MASTER_ADDR'] = subprocess.getoutput(
-                f"scontrol show hostname {env['SLURM_NODELIST']} | head -n1").strip()
-        out['MASTER_PORT'] = str(port) if port is not None else env.get('MASTER_PORT', '29500')
-        return out
-    if launcher == 'mpi':
-        if 'MASTER_ADDR' not in env:
-            raise KeyError('The environment variable MASTER_ADDR is not set')
-        return dict(RANK=env['OMPI_COMM_WORLD_RANK'], WORLD_SIZE=env['OMPI_COMM_WORLD_SIZE'],
-                    LOCAL_RANK=env['OMPI_COMM_WORLD_LOCAL_RANK'], MASTER_ADDR=env['MASTER_ADDR'],
-                    MASTER_PORT=env.get('MASTER_PORT', '29500'))
-    raise ValueError(f'Invalid launcher type: {launcher}')
-
-
-def setup_cpu_distributed(cfg) -> bool:
-    """Start a CPU (gloo) distributed run that MMEngine 0.10.7 cannot start; see the module doc.
-
-    Does nothing (returns ``False``) for ``launcher='none'``, when MMEngine's
-    device is not ``'cpu'`` (MMEngine then initialises as usual) or when a
-    process group already exists. Otherwise initialises the default process
-    group from the launcher's environment, records the backend in
-    ``cfg.env_cfg.dist_cfg``, makes the Runner's DDP wrapper CPU-ready
-    (``device_ids=None``) and returns ``True``.
-    """
-    launcher = cfg.get('launcher', 'none')
-    if launcher == 'none' or get_device() != 'cpu' or torch_dist.is_initialized():
-        return False
-    env_cfg = cfg.get('env_cfg', None) or {}
-    dist_cfg = dict(env_cfg.get('dist_cfg', None) or {})
-    backend = dist_cfg.pop('backend', 'gloo')
-    if backend == 'nccl':  # GPU only; gloo is torch's CPU backend
-        backend = 'gloo'
-    if dist_cfg.pop('init_backend', 'torch') != 'torch':
-        raise ValueError('distributed CPU runs support only dist_cfg.init_backend="torch"')
-    port = dist_cfg.pop('port', None)
-    timeout = dist_cfg.pop('timeout', None)
-    if timeout is not None:
-        dist_cfg['timeout'] = datetime.timedelta(seconds=timeout)
-    env = launcher_env(launcher, port)
-    os.environ.update(env)
-    if mp.get_start_method(allow_none=True) is None:  # as mmengine's init_dist
-        mp.set_start_method('spawn')
-    torch_dist.init_process_group(backend=backend, rank=int(env['RANK']),
-                                  world_size=int(env['WORLD_SIZE']), **dist_cfg)
-    cfg.merge_from_dict({'env_cfg.dist_cfg.backend': backend})
-
-    # Runner.wrap_model would pass device_ids=[LOCAL_RANK]: a GPU index.
-    wrapper = cfg.get('model_wrapper_cfg', None)
-    if wrapper is None:
-        cfg.model_wrapper_cfg = dict(
-            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
-            find_unused_parameters=cfg.get('find_unused_parameters', False))
-    else:
-        kind = wrapper.get('type', 'MMDistributedDataParallel')
-        kind = MODEL_WRAPPERS.get(kind) if isinstance(kind, str) else kind
-        if isinstance(kind, type) and issubclass(kind, DistributedDataParallel):
-            wrapper.setdefault('device_ids', None)
-    return True
-
-
-def load_config(args):
-    """Register mmdet's modules and load ``args.config`` (here and in ``test.py``).
-
-    ``args.launcher``, ``args.cfg_options`` and ``args.work_dir`` applied;
-    the default scope is the config's, ``'mmdet'`` when it has none.
-    """
-    # Register mmdet's modules; the scope itself comes from the config.
-    register_all_modules(init_default_scope=False)
-    # Reduce the number of repeated compilations and improve training (testing) speed.
-    setup_cache_size_limit_of_dynamo()
-
-    # load config
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if cfg.get('default_scope', None) is None:
-        cfg.default_scope = 'mmdet'
-
-    # work_dir is determined in this priority: CLI > segment in file > filename
-    if args.work_dir is not None:
-        # update configs according to CLI args if args.work_dir is not None
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        # use config filename as default work_dir if cfg.work_dir is None
-        cfg.work_dir = osp.join('./work_dirs',
-                                osp.splitext(osp.basename(args.config))[0])
-    return cfg
-
-
-def build_runner(cfg, runners=RUNNERS):
-    """The Runner of ``cfg`` (here and in ``test.py``, which passes mmdet's ``RUNNERS``).
-
-    First ``WeightsOnlyCheckpointHook`` is added (checkpoints loadable with
-    ``torch.load``'s default ``weights_only=True``; what
-    ``cbn_plugin.checkpoint`` encoded is restored on load), a resumed run
-    adopts its checkpoint's seed when the config sets none
-    (``adopt_checkpoint_seed``) and a distributed run on CPU is set up
-    (:func:`setup_cpu_distributed`).
-    """
-    # checkpoints loadable with torch.load's default weights_only=True
-    add_weights_only_hook(cfg)
-    # a resumed run without a configured seed continues with its run's seed
-    if cfg.get('resume_rng_state', True):
-        adopt_checkpoint_seed(cfg)
-
-    # distributed on CPU (gloo): what MMEngine's launcher setup cannot do
-    setup_cpu_distributed(cfg)
-
-    # build the runner from config
-    if 'runner_type' not in cfg:
-        # build the default runner
-        return Runner.from_cfg(cfg)
-    # build customized runner from the registry
-    # if 'runner_type' is set in the cfg
-    return runners.build(cfg)
 
 
 def main():
