@@ -45,55 +45,19 @@ from mmengine.config import ConfigDict
 from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
-from mmengine.model import BaseModel
-from mmengine.registry import HOOKS, DefaultScope
+from mmengine.registry import HOOKS
 from mmengine.runner import Runner
-from torch import nn
-from torch.utils.data import Dataset
 
 import cbn_plugin
 from cbn_plugin import engine as ckpt
 from cbn_plugin.engine import TAG, CheckpointFileError, WeightsOnlyCheckpointHook
 from cbn_plugin.engine import hook as ckpt_hook
+from helpers import ToyData, ToyNet, tiny_runner
 
-
-@pytest.fixture(autouse=True, scope='module')
-def keep_default_scope():
-    """A Runner makes its scope ('mmengine') the current one, process-wide: put
-    back whatever scope other test modules (mmdet's) had set."""
-    saved = dict(DefaultScope._instance_dict)
-    yield
-    DefaultScope._instance_dict = type(DefaultScope._instance_dict)(saved)
+pytestmark = pytest.mark.usefixtures('keep_default_scope')
 
 
 # ---------------------------------------------------------------- a tiny Runner
-class TinyCBNNet(BaseModel):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.bn = cbn_plugin.CBN(4, window_size=2)
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x, y, mode='tensor'):
-        out = self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-        if mode == 'loss':
-            return dict(loss=((out - y) ** 2).mean())
-        return out
-
-
-class TinyData(Dataset):
-    # mmengine stores the train dataset's metainfo in meta and the message hub.
-    metainfo = dict(classes=('a', 'b'), palette=[(1, 2, 3), (4, 5, 6)],
-                    weights=np.array([0.25, 0.75], dtype=np.float32))
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return dict(x=torch.randn(1, 6, 6, generator=g), y=torch.tensor([float(i % 3)]))
-
-
 class NumpyMetric(BaseMetric):
     """Returns numpy scalars, as mmdet's CocoMetric does."""
 
@@ -128,22 +92,16 @@ def make_runner(work_dir, name, max_epochs=2, encode=True, resume_from=None):
     hooks = [dict(type='CBNHook', burn_in_iters=1), record]
     if encode:
         hooks.append(dict(type='WeightsOnlyCheckpointHook'))
-    loader = dict(dataset=TinyData(), batch_size=2, collate_fn=dict(type='default_collate'))
-    runner = Runner(
-        model=TinyCBNNet(), work_dir=str(work_dir), experiment_name=name,
-        train_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=True)),
-        val_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=False)),
-        val_evaluator=dict(type=NumpyMetric), val_cfg=dict(),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+    runner = tiny_runner(
+        work_dir, ToyNet(), ToyData(), hooks=hooks, max_epochs=max_epochs, momentum=0.9,
+        metric=NumpyMetric, experiment_name=name, resume_from=resume_from,
         param_scheduler=[
             dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=3),
             dict(type='MultiStepLR', milestones=[1, 2], by_epoch=True)],
-        train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=1),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, save_best='score',
-                                      rule='greater'),
+                                           rule='greater'),
                            logger=dict(type='LoggerHook', interval=1)),
-        custom_hooks=hooks, randomness=dict(seed=0),
-        resume=resume_from is not None, load_from=resume_from)
+        randomness=dict(seed=0))
     return runner, record
 
 
@@ -434,21 +392,7 @@ def test_rng_state_round_trip_through_weights_only():
         ckpt.set_rng_state(dict(state, format=99))
 
 
-class NoisyCBNNet(TinyCBNNet):
-    """Dropout: the model draws from torch's generator."""
-
-    def __init__(self):
-        super().__init__()
-        self.drop = nn.Dropout(0.5)
-
-    def forward(self, x, y, mode='tensor'):
-        out = self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
-        if mode == 'loss':
-            return dict(loss=((out - y) ** 2).mean())
-        return out
-
-
-class NoisyData(TinyData):
+class NoisyData(ToyData):
     """Augmentation from numpy's and python's global generators (as mmcv's transforms)."""
 
     def __getitem__(self, i):
@@ -467,19 +411,14 @@ class DrawingMetric(NumpyMetric):
 
 
 def make_noisy_runner(work_dir, name, max_epochs, resume_from=None, **hook_args):
-    loader = dict(dataset=NoisyData(), batch_size=2, collate_fn=dict(type='default_collate'))
+    """A Runner whose model (dropout), data and validation all draw random numbers."""
     torch.manual_seed(1)  # the model is built before the Runner seeds
-    return Runner(
-        model=NoisyCBNNet(), work_dir=str(work_dir), experiment_name=name,
-        train_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=True)),
-        val_dataloader=dict(loader, sampler=dict(type='DefaultSampler', shuffle=False)),
-        val_evaluator=dict(type=DrawingMetric), val_cfg=dict(),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
-        train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=1),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-        custom_hooks=[dict(type='CBNHook', burn_in_iters=1),
-                      dict(type='WeightsOnlyCheckpointHook', **hook_args)],
-        randomness=dict(seed=0), resume=resume_from is not None, load_from=resume_from)
+    return tiny_runner(
+        work_dir, ToyNet(dropout=0.5), NoisyData(), max_epochs=max_epochs, lr=0.05,
+        momentum=0.9, metric=DrawingMetric, experiment_name=name, resume_from=resume_from,
+        hooks=[dict(type='CBNHook', burn_in_iters=1),
+               dict(type='WeightsOnlyCheckpointHook', **hook_args)],
+        randomness=dict(seed=0))
 
 
 def test_resume_is_bit_exact_with_random_model_data_and_validation(tmp_path):
@@ -726,9 +665,9 @@ class FakeRunner:
 
 
 def cbn_state(steps=3, seed=0):
-    """A bound TinyCBNNet trained ``steps`` SGD steps, and its state_dict."""
+    """A bound ToyNet trained ``steps`` SGD steps, and its state_dict."""
     torch.manual_seed(seed)
-    net = TinyCBNNet()
+    net = ToyNet()
     cbn_plugin.bind(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(steps):
@@ -822,17 +761,9 @@ def test_rank_restores_its_own_buffers(monkeypatch):
 def test_unseeded_runner_resume_warns_about_the_sampler_seed(tmp_path, monkeypatch):
     """A Runner built without tools/train.py and without a seed: the resume says what differs."""
     def runner(name, resume_from=None, max_epochs=1):
-        loader = dict(dataset=TinyData(), batch_size=2, collate_fn=dict(type='default_collate'))
-        return Runner(
-            model=TinyCBNNet(), work_dir=str(tmp_path / name), experiment_name=f'{name}_'
-            f'{id(tmp_path)}', train_dataloader=dict(loader, sampler=dict(
-                type='DefaultSampler', shuffle=True)),
-            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-            train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
-            default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-            custom_hooks=[dict(type='CBNHook', burn_in_iters=1),
-                          dict(type='WeightsOnlyCheckpointHook')],
-            resume=resume_from is not None, load_from=resume_from)
+        return tiny_runner(tmp_path / name, max_epochs=max_epochs, resume_from=resume_from,
+                           hooks=[dict(type='CBNHook', burn_in_iters=1),
+                                  dict(type='WeightsOnlyCheckpointHook')])
 
     first = runner('first')
     first.train()

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from cbn_plugin.engine import check_checkpoint_file
-from test_resume import Tool
+from helpers import Tool
 from test_resume_unseeded import differing, unseeded_config
 from tiny_coco import write_tiny_coco
 

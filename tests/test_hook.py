@@ -1,59 +1,19 @@
 """CBNHook inside a real mmengine Runner, on a toy model (fast; detectors are in the e2e test)."""
 import pytest
-import torch
-from mmengine.model import BaseModel
-from mmengine.runner import Runner
-from torch import nn
 
-from cbn_plugin import CBN
-
-
-class ToyModel(BaseModel):
-    def __init__(self, norm='CBN'):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.norm = CBN(8, window_size=3) if norm == 'CBN' else nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 2)
-        self.forwards = 0
-
-    def forward(self, inputs, labels, mode='tensor'):
-        self.forwards += 1
-        feats = torch.relu(self.norm(self.conv(inputs))).mean(dim=(2, 3))
-        logits = self.head(feats)
-        if mode == 'loss':
-            return dict(loss=nn.functional.cross_entropy(logits, labels))
-        return logits
-
-
-class ToyData(torch.utils.data.Dataset):
-    def __init__(self, n=12):
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, 6, 6, generator=gen)
-        self.y = torch.randint(2, (n,), generator=gen)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.x[i], labels=self.y[i])
+from helpers import ToyData, ToyNet, tiny_runner
 
 
 def make_runner(tmp_path, hook=dict(burn_in_epochs=1), accumulate=1, max_epochs=3,
                 max_iters=None, model=None):
-    train_cfg = (dict(by_epoch=False, max_iters=max_iters) if max_iters
-                 else dict(by_epoch=True, max_epochs=max_epochs))
-    return Runner(
-        model=model or ToyModel(), work_dir=str(tmp_path),
-        train_dataloader=dict(dataset=ToyData(), batch_size=2, num_workers=0,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9),
-                           accumulative_counts=accumulate),
-        train_cfg=train_cfg,
-        custom_hooks=[dict(type='CBNHook', **hook)] if hook is not None else None,
+    """12 samples at batch 2 (6 iterations an epoch), windows of 3, in order."""
+    return tiny_runner(
+        tmp_path, model or ToyNet(window_size=3), ToyData(n=12), shuffle=False, lr=0.05,
+        momentum=0.9, accumulate=accumulate, max_epochs=max_epochs, max_iters=max_iters,
+        hooks=[dict(type='CBNHook', **hook)] if hook is not None else (),
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=10 ** 6),
                            logger=dict(type='LoggerHook', interval=1)),
-        log_level='WARNING', default_scope='mmengine', experiment_name=tmp_path.name)
+        log_level='WARNING', default_scope='mmengine')
 
 
 @pytest.mark.parametrize('accumulate', [1, 2])
@@ -61,7 +21,7 @@ def test_burn_in_epochs_become_optimizer_steps(tmp_path, accumulate):
     runner = make_runner(tmp_path, dict(burn_in_epochs=1), accumulate=accumulate)
     model = runner.model
     runner.train()
-    layer = model.norm
+    layer = model.bn
     # 12 samples / batch 2 = 6 iterations per epoch, 18 in all.
     assert model.forwards == 18
     assert layer.burn_in_steps == 6 // accumulate
@@ -97,7 +57,7 @@ def test_cbn_without_the_hook_is_an_error(tmp_path):
 
 
 def test_model_without_cbn_trains_with_the_hook(tmp_path):
-    runner = make_runner(tmp_path, model=ToyModel(norm='BN'))
+    runner = make_runner(tmp_path, model=ToyNet(norm='BN'))
     runner.train()
     assert 'train/cbn_window' not in runner.message_hub.log_scalars
 

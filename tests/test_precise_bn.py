@@ -30,29 +30,17 @@ import copy
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from mmengine.model import BaseModel
-from mmengine.registry import DefaultScope
-from mmengine.runner import Runner
 from torch import nn
-from torch.utils.data import Dataset
 
 import cbn_plugin
-import cbn_plugin.engine  # noqa: F401  (registers WeightsOnlyCheckpointHook)
 from cbn_plugin.hook import CBNHook
 from cbn_plugin.precise_bn import PreciseCBNHook, recompute_statistics
+from helpers import REPO, ToyData, ToyNet, tiny_runner
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope='module')
-def keep_default_scope():
-    saved = dict(DefaultScope._instance_dict)
-    yield
-    DefaultScope._instance_dict = type(DefaultScope._instance_dict)(saved)
+pytestmark = pytest.mark.usefixtures('keep_default_scope')
 
 
 class Net(nn.Module):
@@ -236,42 +224,13 @@ def test_bad_arguments_are_refused_by_name():
 
 
 # ---------------------------------------------------------------- in a Runner
-class RunnerNet(BaseModel):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
-        self.bn = cbn_plugin.CBN(4, window_size=2)
-        self.drop = nn.Dropout(0.5)  # draws random numbers in training
-        self.head = nn.Linear(4, 1)
-
-    def forward(self, x, y, mode='tensor'):
-        out = self.head(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
-        if mode == 'loss':
-            return dict(loss=((out - y) ** 2).mean())
-        return out
-
-
-class RunnerData(Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        return dict(x=torch.randn(1, 6, 6, generator=g) + i, y=torch.tensor([float(i % 3)]))
-
-
 def train_runner(work_dir, hooks):
     torch.manual_seed(0)
-    runner = Runner(
-        model=RunnerNet(), work_dir=str(work_dir), experiment_name=f'precise_{work_dir.name}_{id(work_dir)}',
-        train_dataloader=dict(dataset=RunnerData(), batch_size=2,
-                              collate_fn=dict(type='default_collate'),
-                              sampler=dict(type='DefaultSampler', shuffle=True)),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        train_cfg=dict(by_epoch=True, max_epochs=2),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-        custom_hooks=[dict(type='CBNHook', burn_in_iters=1), *hooks,
-                      dict(type='WeightsOnlyCheckpointHook')],
+    runner = tiny_runner(
+        work_dir, ToyNet(dropout=0.5), ToyData(shift=1.0),
+        experiment_name=f'precise_{work_dir.name}_{id(work_dir)}',
+        hooks=[dict(type='CBNHook', burn_in_iters=1), *hooks,
+               dict(type='WeightsOnlyCheckpointHook')],
         randomness=dict(seed=3))
     runner.train()
     return runner

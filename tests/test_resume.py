@@ -35,21 +35,15 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_coco import derived_config, train_records, write_tiny_coco
+from helpers import EXACT_KEYS, FASTER, Tool, same_tree
+from tiny_coco import narrow_config, train_records, write_tiny_coco
 
-REPO = Path(__file__).resolve().parents[1]
-FASTER = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
 CRASH_EXIT = 17
-# Logged per iteration, and exactly reproducible (unlike time, data_time, eta).
-EXACT_KEYS = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'acc',
-              'grad_norm', 'lr', 'cbn_window', 'cbn_mean_shift', 'cbn_negative_fraction')
 
 # Imported by the crashing run's config: the write of a checkpoint whose file
 # name contains $CRASH_ON stops halfway and the process dies on the spot.
@@ -73,67 +67,13 @@ LocalBackend.put = put
 
 
 def tiny_config(data: dict) -> str:
-    # 64 px, validation on 2 images; the real layout (CBN in the FPN and the
-    # 4conv1fc head), narrow.
-    return derived_config(FASTER, data, image=64, val_indices=2, model="""\
-        model = dict(
-            backbone=dict(depth=18, base_channels=16, init_cfg=None),
-            neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
-            rpn_head=dict(in_channels=32, feat_channels=32),
-            roi_head=dict(
-                bbox_roi_extractor=dict(out_channels=32, roi_layer=dict(sampling_ratio=2)),
-                bbox_head=dict(in_channels=32, conv_out_channels=32, fc_out_channels=64,
-                               num_classes=2)),
-            train_cfg=dict(rpn=dict(sampler=dict(num=64)),
-                           rpn_proposal=dict(nms_pre=100, max_per_img=100),
-                           rcnn=dict(sampler=dict(num=32))),
-            test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100), rcnn=dict(max_per_img=20)))
-    """, extra="""\
+    # 64 px, validation on 2 images; the real layout, narrow.
+    return narrow_config(FASTER, data, extra="""\
         custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
         train_cfg = dict(max_epochs=2, val_interval=1)
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
         randomness = dict(seed=0, deterministic=True)
     """)
-
-
-class Tool:
-    """``tools/<args>`` started in the background, on one thread.
-
-    The runs are mostly independent, so they run side by side; one thread
-    each keeps them from oversubscribing the cores (OpenMP threads that wait
-    for each other spin), and all training runs use the same thread count,
-    which keeps CPU results comparable bit for bit.
-    """
-
-    def __init__(self, log: Path, *args, env: dict | None = None) -> None:
-        self.args, self.path = args, log
-        with open(log, 'w') as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, *map(str, args)], cwd=REPO, stdout=out,
-                stderr=subprocess.STDOUT, text=True,
-                env=dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', **(env or {})))
-
-    def result(self, expect: int = 0, timeout: int = 400) -> str:
-        """Wait; return the output; fail unless it exited with ``expect``."""
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        log = self.path.read_text()
-        assert code == expect, f'{self.args[0]} exited {code}, expected {expect}:\n{log[-6000:]}'
-        return log
-
-
-def same_tree(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            same_tree(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(same_tree, a, b))
-    return type(a) is type(b) and a == b
 
 
 @pytest.fixture(scope='module')

@@ -37,12 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from tiny_coco import coco_map, derived_config, scalars, write_tiny_coco
+from helpers import FASTER, MASK, REPO, run_tool
+from tiny_coco import coco_map, derived_config, scalars
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / 'configs' / 'cbn'
-FASTER = CONFIGS / 'faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
-MASK = CONFIGS / 'mask-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
 BURN_IN = 2        # iterations of plain BN
 ITERS_PER_EPOCH = 2  # 4 images, batch 2
 HOOK_OVERRIDE = ['custom_hooks.0.burn_in_epochs=None', f'custom_hooks.0.burn_in_iters={BURN_IN}']
@@ -59,27 +56,13 @@ def tiny_config(base: Path, data: dict, mask: bool = False) -> str:
     """)
 
 
-def run_tool(*args, timeout=300) -> str:
-    """Run ``tools/<args>`` with this interpreter; return stdout+stderr, fail loudly."""
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                         text=True, timeout=timeout)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, f'{args[0]} exited {out.returncode}:\n{log[-6000:]}'
-    return log
-
-
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return write_tiny_coco(tmp_path_factory.mktemp('tiny_coco'), num_images=4, seed=0)
-
-
-@pytest.fixture(scope='module')
-def faster(tmp_path_factory, data):
+def faster(tmp_path_factory, tiny_coco_set):
     """Train the Faster R-CNN CBN config for 2 epochs (4 iterations)."""
     assert FASTER.exists(), f'{FASTER} is missing'
     tmp = tmp_path_factory.mktemp('faster')
     config = tmp / 'tiny_faster-rcnn_cbn.py'
-    config.write_text(tiny_config(FASTER, data))
+    config.write_text(tiny_config(FASTER, tiny_coco_set(4)))
     work_dir = tmp / 'work'
     log = run_tool('tools/train.py', config, '--work-dir', work_dir, '--cfg-options',
                    *HOOK_OVERRIDE, 'train_cfg.max_epochs=2')
@@ -150,11 +133,11 @@ def test_resume_continues_training(faster):
     assert (work_dir / 'epoch_3.pth').exists()
 
 
-def test_mask_rcnn_trains_and_evaluates_segm(tmp_path, data):
+def test_mask_rcnn_trains_and_evaluates_segm(tmp_path, tiny_coco_set):
     """One epoch (2 iterations, burn-in 1) then the validation: bbox and segm mAP."""
     assert MASK.exists(), f'{MASK} is missing'
     config = tmp_path / 'tiny_mask-rcnn_cbn.py'
-    config.write_text(tiny_config(MASK, data, mask=True))
+    config.write_text(tiny_config(MASK, tiny_coco_set(4), mask=True))
     log = run_tool('tools/train.py', config, '--work-dir', tmp_path / 'work', '--cfg-options',
                    'custom_hooks.0.burn_in_epochs=None', 'custom_hooks.0.burn_in_iters=1',
                    'train_cfg.max_epochs=1', 'default_hooks.checkpoint.save_last=False')

@@ -129,6 +129,29 @@ model = dict(
 """
 
 
+# The real layout (CBN in the FPN and the 4conv1fc head), narrow: R18 at 16 base
+# channels, 32-channel FPN and head, for 64 px images (the resume tests).
+NARROW_MODEL = """\
+model = dict(
+    backbone=dict(depth=18, base_channels=16, init_cfg=None),
+    neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
+    rpn_head=dict(in_channels=32, feat_channels=32),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=32, roi_layer=dict(sampling_ratio=2)),
+        bbox_head=dict(in_channels=32, conv_out_channels=32, fc_out_channels=64,
+                       num_classes=2)),
+    train_cfg=dict(rpn=dict(sampler=dict(num=64)),
+                   rpn_proposal=dict(nms_pre=100, max_per_img=100),
+                   rcnn=dict(sampler=dict(num=32))),
+    test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100), rcnn=dict(max_per_img=20)))
+"""
+
+
+def narrow_config(base, data: dict, extra: str = '') -> str:
+    """:func:`derived_config` at 64 px with :data:`NARROW_MODEL`, validating on 2 images."""
+    return derived_config(base, data, image=64, val_indices=2, model=NARROW_MODEL, extra=extra)
+
+
 def derived_config(base, data: dict, image: int = 128, mask: bool = False,
                    val_indices: int | None = None, model: str = SHRUNK_MODEL,
                    extra: str = '') -> str:

@@ -110,23 +110,29 @@ def save_checkpoint_file(checkpoint, path) -> None:
     """
     path = os.fspath(path)
     partial = f'{path}{PARTIAL_SUFFIX}{os.getpid()}'
+    _write_atomically(lambda: torch.save(checkpoint, partial), partial, path)
+
+
+def _write_atomically(write, partial: str, final: str):
+    """``write()`` (which writes ``partial``), then fsync, check, rename onto ``final``.
+
+    Returns what ``write`` returned; on any error ``partial`` is removed and
+    ``final`` is left as it was.
+    """
     try:
-        torch.save(checkpoint, partial)
+        result = write()
         _fsync(partial)
         check_checkpoint_file(partial, crc=False, what='freshly written checkpoint')
-        os.replace(partial, path)
+        os.replace(partial, final)
     except BaseException:
-        _remove_quietly(partial)
+        if osp.exists(partial):
+            try:
+                os.remove(partial)
+            except OSError:
+                pass
         raise
-    _fsync(osp.dirname(osp.abspath(path)), directory=True)
-
-
-def _remove_quietly(path: str) -> None:
-    if osp.exists(path):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+    _fsync(osp.dirname(osp.abspath(final)), directory=True)
+    return result
 
 
 def atomic_save_checkpoint(original):
@@ -158,16 +164,7 @@ def atomic_save_checkpoint(original):
         partial_name = f'{filename}{PARTIAL_SUFFIX}{os.getpid()}'
         partial = osp.join(os.fspath(out_dir), partial_name)
         arguments['filename'] = partial_name
-        try:
-            result = original(*bound.args, **bound.kwargs)
-            _fsync(partial)
-            check_checkpoint_file(partial, crc=False, what='freshly written checkpoint')
-            os.replace(partial, final)
-        except BaseException:
-            _remove_quietly(partial)
-            raise
-        _fsync(osp.dirname(final) or '.', directory=True)
-        return result
+        return _write_atomically(lambda: original(*bound.args, **bound.kwargs), partial, final)
 
     save_checkpoint._cbn_atomic = True
     save_checkpoint._cbn_wrapped = True
