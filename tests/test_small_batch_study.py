@@ -274,3 +274,39 @@ def test_tiny_study_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = (tmp_path / 'small_batch.md').read_text()
     assert again.split(sbs.DOC_BEGIN)[1].split(sbs.DOC_END)[0] == block
+
+
+def test_precise_statistics_pipeline(tmp_path):
+    """--precise: the same weights evaluated with recomputed statistics, every run."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'small_batch_study.py'), '--precise', '--tiny',
+         '--workers', '1', '--out-dir', str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads((tmp_path / 'small_batch_precise.json').read_text())['runs']
+    assert {(r['cfg']['label'], r['cfg']['batch']) for r in runs} == {
+        ('BN', 32), ('BN', 2), (sbs.DEFAULT, 2)}
+    for r in runs:
+        assert r['status'] == 'ok' and 0.0 <= r['acc_precise'] <= 1.0
+        assert r['precise_batches'] >= r['cfg']['norm'].get('window', 1)
+    md = (tmp_path / 'small_batch_precise.md').read_text()
+    assert md.count(sbs.PRECISE_BEGIN) == 1 and '| BN | 2 |' in md
+
+
+def test_precise_accuracy_recomputes_every_layer():
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = sbs.load_task('lowres')
+    model = sbs.SmallCNN(sbs.spec_for(sbs.DEFAULT, 2))
+    cbn_plugin.bind(model, logger=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for s in range(20):
+        F.cross_entropy(model(xtr[2 * s:2 * s + 2]), ytr[2 * s:2 * s + 2]).backward()
+        opt.step()
+        opt.zero_grad()
+        cbn_plugin.step(model)
+    before = {n: l.running_var.clone() for n, l in cbn_plugin.cbn_layers(model)}
+    out = sbs.precise_accuracy(model, xtr, xte, yte, batch=2, samples=64)
+    assert out['precise_batches'] == 32
+    for name, layer in cbn_plugin.cbn_layers(model):
+        assert not torch.allclose(layer.running_var, before[name]), name
+    assert out['acc_precise'] == sbs.evaluate(model, xte, yte)

@@ -675,6 +675,8 @@ def train_run(cfg: dict) -> dict:
             float((layer.running_mean - probe.ema[n][key][0]).abs().max())
             for n, layer in probe.layers) if status == 'ok' else float('nan')
         probe.remove()
+    if status == 'ok' and cfg.get('precise_samples'):
+        result.update(precise_accuracy(model, xtr, xte, yte, batch, cfg['precise_samples']))
     layers = sorted({n for a in analyses for n in a})
     if layers:
         result['analysis'] = {n: _mean_dicts([a[n] for a in analyses if n in a])
@@ -687,6 +689,22 @@ def train_run(cfg: dict) -> dict:
         result['radial_cos'] = {n: float(np.mean([r[n][0] for r in radial])) for n in names}
         result['weight_norm'] = {n: [r[n][1] for r in radial] for n in names}
     return result
+
+
+def precise_accuracy(model, xtr, xte, yte, batch: int, samples: int) -> dict:
+    """Test accuracy with inference statistics recomputed from ``samples`` training
+    images at the training batch size, the weights fixed (``cbn_plugin.recompute_statistics``:
+    each CBN layer pools its window of k batches as training did; BN layers are
+    fvcore's PreciseBN). Changes the model's running statistics."""
+    order = torch.from_numpy(np.random.default_rng(4321).permutation(len(xtr)))
+    num = max(1, samples // batch)
+    windows = [layer.window_size for _, layer in cbn_plugin.cbn_layers(model)]
+    num = max(num, max(windows, default=1))
+    picks = order.repeat(num * batch // len(xtr) + 1)
+    batches = (xtr[picks[i * batch:(i + 1) * batch]] for i in range(num))
+    cbn_plugin.recompute_statistics(model, batches, num_batches=num,
+                                    forward=lambda m, b: m(b))
+    return dict(acc_precise=evaluate(model, xte, yte), precise_batches=num)
 
 
 # ----------------------------------------------------------------------------- grid
@@ -1636,15 +1654,17 @@ def render(results, args, wall, meta) -> str:
     return '\n'.join(parts)
 
 
-def write_md(path: Path, block: str):
+def write_md(path: Path, block: str, begin: str = DOC_BEGIN, end: str = DOC_END,
+             intro: str = '# Small-batch study\n\n'):
+    """Replace the generated block between ``begin`` and ``end`` (``intro`` + block if new)."""
     text = path.read_text() if path.is_file() else ''
-    new = f'{DOC_BEGIN}\n{block}\n{DOC_END}'
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1]
+    new = f'{begin}\n{block}\n{end}'
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + new + tail
     else:
-        text = (text or '# Small-batch study\n\n') + new + '\n'
+        text = (text or intro) + new + '\n'
     path.write_text(text)
 
 
@@ -1695,6 +1715,14 @@ def parse_args(argv=None):
                     help='BN at batch 32 "trains" at an lr when its test accuracy is at least this')
     ap.add_argument('--from-json', type=Path, default=None,
                     help='re-render the md and plots from an earlier run\'s json (no training)')
+    ap.add_argument('--precise', action='store_true',
+                    help='only the inference-statistics comparison: running statistics from '
+                         'the batches, from the window, and recomputed after training '
+                         '(PreciseBN/PreciseCBN); writes small_batch_precise.md/json')
+    ap.add_argument('--precise-batches', type=int, nargs='+', default=[32, 2, 1])
+    ap.add_argument('--precise-norms', nargs='+', choices=list(NORMS), default=['BN', DEFAULT])
+    ap.add_argument('--precise-samples', type=int, default=1024,
+                    help='training images the recomputed statistics see')
     ap.add_argument('--measure', type=int, default=6, help='analysis points per CBN run')
     ap.add_argument('--measure-bn', type=int, default=4,
                     help='gradient-direction points per non-CBN run')
@@ -1709,7 +1737,72 @@ def parse_args(argv=None):
         args.sweep_norms = [PAPER, DEFAULT]
         args.lr_norms = ['BN', 'GN', PAPER, DEFAULT]
         args.measure, args.measure_bn, args.top_lr_seeds = 3, 2, 2
+        args.precise_batches, args.precise_samples = [32, 2], 64
     return args
+
+
+def build_precise_grid(args) -> list[dict]:
+    jobs = []
+    for seed in range(args.seeds):
+        for b in args.precise_batches:
+            for label in args.precise_norms:
+                if b == LARGEST_BATCH and is_cbn(label):
+                    continue  # k = 1: BN
+                jobs.append(dict(group='precise', label=label, task='lowres', arch='cnn',
+                                 norm=spec_for(label, b), batch=b, lr=lr_for(b, args.base_lr),
+                                 base_lr=args.base_lr, seed=seed, samples=args.samples,
+                                 wd=5e-4, measure=0, precise_samples=args.precise_samples))
+    return jobs
+
+
+PRECISE_BEGIN = '<!-- small-batch-precise:begin (tools/small_batch_study.py --precise) -->'
+PRECISE_END = '<!-- small-batch-precise:end -->'
+
+
+def render_precise(results, args, wall, meta) -> str:
+    lines = [f"Generated by `{meta['command']}` on {meta['when']} ({meta['machine']}); "
+             f'wall time {wall / 60:.1f} min (load average at start {meta["load_start"]}).', '',
+             f'SmallCNN on 4x4 digits, every norm swapped, {args.samples} training images '
+             f'seen, base lr {args.base_lr} (linear scaling), {args.seeds} seeds (mean ± std). '
+             'Test accuracy of the same trained weights with three sources of inference '
+             'statistics: the running average of the batch statistics (BN\'s rule), of the '
+             'pooled window statistics (CBN\'s default), and recomputed after training from '
+             f'{args.precise_samples} training images at the training batch size with the '
+             'weights fixed (`cbn_plugin.recompute_statistics`: every CBN layer pools k '
+             'batches as in training; for BN this is PreciseBN).', '',
+             '| norm | batch | from batch | from window | recomputed (precise) |',
+             '|---|---|---|---|---|']
+    for label in args.precise_norms:
+        for b in args.precise_batches:
+            rs = [r for r in results if r['cfg']['label'] == label and r['cfg']['batch'] == b]
+            if not rs:
+                continue
+            window = rs[0]['cfg']['norm'].get('window', 1)
+            name = display(label) + (f', k={window}' if is_cbn(label) else '')
+            lines.append(f"| {name} | {b} | {_fmt([r['acc'] for r in rs])} | "
+                         + (f"{_fmt([r['acc_window'] for r in rs])} | " if is_cbn(label)
+                            else '- | ')
+                         + f"{_fmt([r.get('acc_precise', float('nan')) for r in rs])} |")
+    return '\n'.join(lines)
+
+
+def precise_main(args, meta) -> list:
+    jobs = build_precise_grid(args)
+    print(f'{len(jobs)} runs, {args.workers} workers', flush=True)
+    results, wall = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
+                             cache=args.cache)
+    meta['load_end'] = ' '.join(f'{v:.1f}' for v in os.getloadavg())
+    (args.out_dir / 'small_batch_precise.json').write_text(json.dumps(
+        dict(meta=meta, wall_s=wall, runs=results), indent=1, default=float) + '\n')
+    block = render_precise(results, args, wall, meta)
+    write_md(args.out_dir / 'small_batch_precise.md', block, PRECISE_BEGIN, PRECISE_END,
+             intro='# Recomputed inference statistics at small batch\n\n'
+                   'Whether statistics recomputed after training (PreciseBN for BN; every '
+                   'CBN layer pooling its window of k batches, as training normalised with) '
+                   'beat the running averages the layers keep. Everything between the '
+                   'markers is written by the command it names.\n\n')
+    print(block)
+    return results
 
 
 def main(argv=None):
@@ -1720,6 +1813,8 @@ def main(argv=None):
         sys.argv[1:] if argv is None else argv),
         when=time.strftime('%Y-%m-%d %H:%M'), load_start=load(),
         machine=f'{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}')
+    if args.precise:
+        return precise_main(args, meta)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         meta, wall, results = saved['meta'], saved['wall_s'], saved['runs']
