@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from test_distributed import CBN_CONFIG, DUMP_HOOK, SYNC_CONFIG, launch
-from test_resume import Tool, same_tree
-from test_resume_unseeded import EXACT_KEYS, unseeded_config
+from helpers import EXACT_KEYS, Tool, same_tree
+from test_resume_unseeded import unseeded_config
 from tiny_coco import scalars, write_tiny_coco
 
 WORLD = 2

@@ -34,11 +34,9 @@ import re
 import pytest
 import torch
 
-from test_resume import FASTER, Tool, same_tree
-from tiny_coco import derived_config, train_records, write_tiny_coco
+from helpers import EXACT_KEYS, FASTER, Tool, same_tree
+from tiny_coco import narrow_config, train_records, write_tiny_coco
 
-EXACT_KEYS = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'acc',
-              'grad_norm', 'lr', 'cbn_window', 'cbn_mean_shift', 'cbn_negative_fraction')
 WORKER_WARNING = 'WeightsOnlyCheckpointHook: train_dataloader.persistent_workers=True'
 NUM_IMAGES = 6  # 3 iterations of 2 images per epoch: 720 possible epoch orders
 
@@ -49,20 +47,7 @@ def unseeded_config(data: dict, workers: int = 0, persistent: bool = False, base
 
     ``extra``: config lines added at the end (hooks, imports).
     """
-    text = derived_config(base, data, image=64, val_indices=2, model="""\
-        model = dict(
-            backbone=dict(depth=18, base_channels=16, init_cfg=None),
-            neck=dict(in_channels=[16, 32, 64, 128], out_channels=32),
-            rpn_head=dict(in_channels=32, feat_channels=32),
-            roi_head=dict(
-                bbox_roi_extractor=dict(out_channels=32, roi_layer=dict(sampling_ratio=2)),
-                bbox_head=dict(in_channels=32, conv_out_channels=32, fc_out_channels=64,
-                               num_classes=2)),
-            train_cfg=dict(rpn=dict(sampler=dict(num=64)),
-                           rpn_proposal=dict(nms_pre=100, max_per_img=100),
-                           rcnn=dict(sampler=dict(num=32))),
-            test_cfg=dict(rpn=dict(nms_pre=100, max_per_img=100), rcnn=dict(max_per_img=20)))
-    """, extra=f"""\
+    text = narrow_config(base, data, extra=f"""\
         custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
         train_cfg = dict(max_epochs=2, val_interval=10)
         default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))

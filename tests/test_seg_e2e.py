@@ -23,10 +23,7 @@ with ``default_scope='mmseg'`` from the MMSegmentation base. Then:
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch.nn as nn
@@ -35,10 +32,10 @@ from mmengine.utils.dl_utils.parrots_wrapper import SyncBatchNorm
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import cbn_plugin
+from helpers import REPO, run_tool
 from tiny_coco import scalars
 from tiny_seg import write_tiny_seg
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'cbn_seg'
 STEM = 'fcn_r50-d8-{}_4xb2-40k_cityscapes-512x1024.py'
 CBN_CONFIG = CONFIGS / STEM.format('cbn')
@@ -120,14 +117,6 @@ def tiny_config(data: dict, extra: str = '') -> str:
         custom_hooks = [dict(type='CBNHook', burn_in_iters={BURN_IN})]
         randomness = dict(seed=0)
     """) + textwrap.dedent(extra)
-
-
-def run_tool(*args, timeout=300) -> str:
-    out = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
-                         text=True, timeout=timeout)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, f'{args[0]} exited {out.returncode}:\n{log[-6000:]}'
-    return log
 
 
 def miou(log: str) -> float:
