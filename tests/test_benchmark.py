@@ -10,7 +10,7 @@ from torch import nn
 import cbn_plugin
 from oracle import sgd_in_lockstep
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'))
 import benchmark  # noqa: E402
 
 

@@ -23,8 +23,8 @@ iteration, 2 processes: 2 iterations per epoch and process. Checked:
   the same mAP as the validation at the end of training;
 - the CPU setup helper and the Slurm/MPI environment translation
   (``cbn_plugin.engine.launch``, unit level), and ``tools/slurm_*.sh`` build the documented ``srun`` command;
-- ``tools/measure_comm.py`` runs (2 gloo processes, tiny maps) and counts the
-  all-reduce payloads ``docs/scaling.md`` documents.
+- ``tools/analysis_tools/measure_comm.py`` runs (2 gloo processes, tiny maps) and counts
+  the all-reduce payloads ``docs/scaling.md`` documents.
 
 Each rank's CBN state is dumped after training by a tiny hook
 (``DumpCBNStateHook``, written next to the config and imported through
@@ -390,11 +390,13 @@ def test_slurm_scripts_call_srun(tmp_path, script):
 
 
 def test_measure_comm_counts_the_documented_payloads(tmp_path):
-    """``tools/measure_comm.py`` (2 gloo processes, tiny maps): the all-reduce sizes it counts
-    are ``1 + 2C`` (+ ``P + |W|`` when compensating) forward and ``2C`` backward."""
+    """``tools/analysis_tools/measure_comm.py`` (2 gloo processes, tiny maps): the all-reduce
+    sizes it counts are ``1 + 2C`` (+ ``P + |W|`` when compensating) forward and ``2C``
+    backward."""
     out = tmp_path / 'comm.json'
-    run = subprocess.run([sys.executable, str(REPO / 'tools' / 'measure_comm.py'), '--image', '32',
-                          '32', '--rois', '1', '--warmup', '2', '--repeats', '1',
+    tool = REPO / 'tools' / 'analysis_tools' / 'measure_comm.py'
+    run = subprocess.run([sys.executable, str(tool),
+                          '--image', '32', '32', '--rois', '1', '--warmup', '2', '--repeats', '1',
                           '--no-ddp-reference', '--out', str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]

@@ -1,4 +1,5 @@
-"""tools/small_batch_study.py: the statistics-error analysis against oracles, and a tiny run.
+"""tools/analysis_tools/small_batch_study.py: the statistics-error analysis against oracles,
+and a tiny run.
 
 The analysis pushes the window's old raw batches through the current network. On a
 single conv followed by CBN the paper's truncation is exact, so the answers are known in
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tools'))
+TOOL = REPO / 'tools' / 'analysis_tools' / 'small_batch_study.py'
+sys.path.insert(0, str(TOOL.parent))
 
 import small_batch_study as sbs  # noqa: E402
 
@@ -217,7 +219,7 @@ def test_probe_running_stats_follow_the_layers_rule(source):
 def test_tiny_study_end_to_end(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'small_batch_study.py'), '--tiny',
+        [sys.executable, str(TOOL), '--tiny',
          '--workers', '1', '--out-dir', str(tmp_path)],
         capture_output=True, text=True, timeout=400)
     elapsed = time.perf_counter() - start
@@ -268,7 +270,7 @@ def test_tiny_study_end_to_end(tmp_path):
     # re-rendering from the json reproduces the generated block
     block = md.split(sbs.DOC_BEGIN)[1].split(sbs.DOC_END)[0]
     proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'small_batch_study.py'), '--from-json',
+        [sys.executable, str(TOOL), '--from-json',
          str(tmp_path / 'small_batch.json'), '--out-dir', str(tmp_path)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -279,7 +281,7 @@ def test_tiny_study_end_to_end(tmp_path):
 def test_precise_statistics_pipeline(tmp_path):
     """--precise: the same weights evaluated with recomputed statistics, every run."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / 'tools' / 'small_batch_study.py'), '--precise', '--tiny',
+        [sys.executable, str(TOOL), '--precise', '--tiny',
          '--workers', '1', '--out-dir', str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,9 +18,10 @@ the true window statistics. It also compares the conv-weight gradient of each of
 backwards (computed by the layer itself, on a copy of the network loaded from the
 state_dict with ``stats_backward`` set) and of BN at the batch alone with large-batch BN's.
 
-    .venv/bin/python tools/small_batch_study.py            # full study -> docs/small_batch*
-    .venv/bin/python tools/small_batch_study.py --tiny --out-dir /tmp/sb   # seconds
-    .venv/bin/python tools/small_batch_study.py --from-json docs/small_batch.json  # re-render
+    .venv/bin/python tools/analysis_tools/small_batch_study.py   # full study -> docs/small_batch*
+    .venv/bin/python tools/analysis_tools/small_batch_study.py --tiny --out-dir /tmp/sb  # seconds
+    .venv/bin/python tools/analysis_tools/small_batch_study.py \
+        --from-json docs/small_batch.json                          # re-render
 
 The full run writes ``docs/small_batch.json`` (every run, every measurement),
 ``docs/small_batch.png`` (accuracy vs batch), ``docs/small_batch_errors.png`` (statistics
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import cbn_plugin  # noqa: E402
@@ -52,7 +53,8 @@ from cbn_plugin import functional as CF  # noqa: E402
 from cbn_plugin.layer import MODES  # noqa: E402
 from cbn_plugin.layer import CrossIterationBatchNorm2d as CBN  # noqa: E402
 
-DOC_BEGIN = '<!-- small-batch:begin (written by tools/small_batch_study.py; do not edit) -->'
+DOC_BEGIN = ('<!-- small-batch:begin (written by tools/analysis_tools/small_batch_study.py; '
+             'do not edit) -->')
 DOC_END = '<!-- small-batch:end -->'
 LARGEST_BATCH = 32
 EPS = 1e-5
@@ -1755,7 +1757,8 @@ def build_precise_grid(args) -> list[dict]:
     return jobs
 
 
-PRECISE_BEGIN = '<!-- small-batch-precise:begin (tools/small_batch_study.py --precise) -->'
+PRECISE_BEGIN = ('<!-- small-batch-precise:begin '
+                 '(tools/analysis_tools/small_batch_study.py --precise) -->')
 PRECISE_END = '<!-- small-batch-precise:end -->'
 
 
@@ -1809,7 +1812,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     load = lambda: ' '.join(f'{v:.1f}' for v in os.getloadavg())  # noqa: E731
-    meta = dict(command='python tools/small_batch_study.py ' + ' '.join(
+    meta = dict(command='python tools/analysis_tools/small_batch_study.py ' + ' '.join(
         sys.argv[1:] if argv is None else argv),
         when=time.strftime('%Y-%m-%d %H:%M'), load_start=load(),
         machine=f'{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}')

@@ -25,9 +25,9 @@ the feature-map sizes, which are shrunk by default (``--image``, ``--rois``)
 so that a CPU run takes about a minute: the differences in milliseconds carry
 over to real sizes on the same interconnect, the ratios do not.
 
-    .venv/bin/python tools/measure_comm.py                  # spawns 2 CPU processes (gloo)
-    .venv/bin/python tools/measure_comm.py --out docs/scaling_comm.json
-    torchrun --nproc_per_node 8 tools/measure_comm.py --backend nccl --device cuda
+    .venv/bin/python tools/analysis_tools/measure_comm.py   # spawns 2 CPU processes (gloo)
+    .venv/bin/python tools/analysis_tools/measure_comm.py --out docs/scaling_comm.json
+    torchrun --nproc_per_node 8 tools/analysis_tools/measure_comm.py --backend nccl --device cuda
     # several nodes: torchrun --nnodes N --node_rank R --master_addr A ... (same arguments)
 
 Prints Markdown tables (``docs/scaling.md`` quotes two runs).
@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import cbn_plugin  # noqa: E402

@@ -5,9 +5,9 @@ interleaved repeat by repeat and the median is reported, so machine load
 drifts hit all of them alike. Writes ``docs/benchmarks.md`` and
 ``docs/benchmarks.json``.
 
-    .venv/bin/python tools/benchmark.py                  # everything, CPU
-    .venv/bin/python tools/benchmark.py --parts layer    # one part
-    .venv/bin/python tools/benchmark.py --device cuda    # on a GPU
+    .venv/bin/python tools/analysis_tools/benchmark.py                  # everything, CPU
+    .venv/bin/python tools/analysis_tools/benchmark.py --parts layer    # one part
+    .venv/bin/python tools/analysis_tools/benchmark.py --device cuda    # on a GPU
 
 Parts:
 1. layer: conv + norm, forward and backward, at FPN and box-head shapes.
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import cbn_plugin  # noqa: E402
@@ -558,7 +558,8 @@ def main(argv=None):
     if args.peak_rss_of:
         return peak_rss_child(args)
     device = torch.device(args.device)
-    results = dict(command='python tools/benchmark.py ' + ' '.join(argv or sys.argv[1:]),
+    results = dict(command='python tools/analysis_tools/benchmark.py '
+                   + ' '.join(argv or sys.argv[1:]),
                    date=time.strftime('%Y-%m-%d %H:%M'), machine=machine(device))
     if 'layer' in args.parts:
         print('layer part', flush=True)
