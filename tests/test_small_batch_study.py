@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'analysis_tools' / 'small_batch_study.py'
 sys.path.insert(0, str(TOOL.parent))
 
-import small_batch_study as sbs  # noqa: E402
+import small_batch as sbs  # noqa: E402
 
 import cbn_plugin  # noqa: E402
 
