@@ -412,7 +412,7 @@ class _PooledBatchNorm(torch.autograd.Function):
     ``(gamma / sigma) g + a x + b`` per channel: BN's fused backward gives
     ``sum g x_hat`` and ``sum g`` in one pass, two ``addcmul`` passes give
     the rest (BN's own backward makes two passes; the autograd-ops version
-    of the same maths about six; ``tools/benchmark.py`` measures all three).
+    of the same maths about six; ``tools/analysis_tools/benchmark.py`` measures all three).
     """
 
     @staticmethod
