@@ -112,9 +112,9 @@ class ExactOracle:
 class TwoLayer(nn.Module):
     """conv -> CBN -> relu -> conv -> CBN; optionally a conv bias and a grouped conv."""
 
-    def __init__(self, conv_bias=False, groups=1, **cbn):
+    def __init__(self, conv_bias=False, groups=1, dilation=1, **cbn):
         super().__init__()
-        self.conv1 = nn.Conv2d(4, 6, 3, padding=1, bias=conv_bias)
+        self.conv1 = nn.Conv2d(4, 6, 3, padding=dilation, dilation=dilation, bias=conv_bias)
         self.bn1 = CBN(6, **cbn)
         self.conv2 = nn.Conv2d(6, 4, 3, stride=2, padding=1, groups=groups, bias=conv_bias)
         self.bn2 = CBN(4, **cbn)
@@ -124,10 +124,11 @@ class TwoLayer(nn.Module):
 
 
 def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1, steps=10,
-        lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle):
+        lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle, dilation=1):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = TwoLayer(conv_bias, groups, window_size=window_size, rho=rho, variance_rule=rule,
+    model = TwoLayer(conv_bias, groups, dilation, window_size=window_size, rho=rho,
+                     variance_rule=rule,
                      compensation=compensation, stats_backward=backward).double()
     with torch.no_grad():
         for bn in (model.bn1, model.bn2):
@@ -176,6 +177,7 @@ def test_exact_backward_matches_brute_force(window_size, rho, rule, compensation
 def test_exact_backward_conv_bias_and_groups(compensation):
     run(4, 1.0, 'clamp', compensation, conv_bias=True, groups=2)
     run(3, 0.5, 'exclude', compensation, conv_bias=True, groups=2, seed=1)
+    run(3, 1.0, 'clamp', compensation, conv_bias=True, dilation=2, seed=2)
 
 
 @pytest.mark.parametrize('compensation', ['mu_nu', 'var'])
