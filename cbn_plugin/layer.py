@@ -426,7 +426,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Past entries moved to the current weights: ``(mean, var, valid)``, ``J x C``.
 
         Computed once per step and position: the weights do not change within a
-        step, and later calls may already have overwritten the oldest slot.
+        step (records join the window only at ``step()``).
         """
         c = self.num_features
         ages = self.ring.ages(position, max_ages)
@@ -519,32 +519,29 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # checkpoint. A checkpoint without window state (a BN checkpoint, or one
         # from before the first step) resets the window: statistics of other
         # weights cannot be compensated to the loaded ones.
-        version = local_metadata.get('version')
-        if (version is None or version < 3) and isinstance(
-                state_dict.get(prefix + 'window_filled'), Tensor) \
-                and prefix + 'window_valid' not in state_dict:
-            # Version 2 kept only finite steps: every filled slot is valid.
-            old = StepRing(self.window_size - 1)
-            old.load(state_dict[prefix + 'window_next'], state_dict[prefix + 'window_filled'])
-            state_dict[prefix + 'window_valid'] = old.filled_mask(
-                old.positions, state_dict[prefix + 'window_filled'].device)
-        elif isinstance(state_dict.get(prefix + 'window_filled'), Tensor) \
-                and prefix + 'window_valid' not in state_dict:
-            error_msgs.append(f'{prefix}window_valid is missing from a version-{version} CBN '
-                              'state that has a window (a damaged or hand-edited state_dict)')
+        # The host mirrors: the one time they are read from tensors.
+        steps = state_dict.get(prefix + 'num_steps')
+        batches = state_dict.get(prefix + 'num_batches_tracked')
+        filled = state_dict.get(prefix + 'window_filled')
+        self._steps = int(steps) if isinstance(steps, Tensor) else 0
+        self._batches = int(batches) if isinstance(batches, Tensor) else 0
+        self.ring.load(state_dict.get(prefix + 'window_next'), filled)
+        if isinstance(filled, Tensor) and prefix + 'window_valid' not in state_dict:
+            version = local_metadata.get('version')
+            if version is None or version < 3:
+                # Version 2 kept only finite steps: every filled slot is valid.
+                state_dict[prefix + 'window_valid'] = self.ring.filled_mask(
+                    self.ring.positions, filled.device)
+            else:
+                error_msgs.append(f'{prefix}window_valid is missing from a version-{version} '
+                                  'CBN state that has a window (a damaged or hand-edited '
+                                  'state_dict)')
         for name in WINDOW_BUFFERS:
             incoming = state_dict.get(prefix + name)
             if incoming is None:
                 setattr(self, name, None)
             elif isinstance(incoming, Tensor):
                 setattr(self, name, torch.empty_like(incoming, device=self._state_device()))
-        # The host mirrors: the one time they are read from tensors.
-        steps = state_dict.get(prefix + 'num_steps')
-        batches = state_dict.get(prefix + 'num_batches_tracked')
-        self._steps = int(steps) if isinstance(steps, Tensor) else 0
-        self._batches = int(batches) if isinstance(batches, Tensor) else 0
-        self.ring.load(state_dict.get(prefix + 'window_next'),
-                       state_dict.get(prefix + 'window_filled'))
         self._reset_step_state()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
