@@ -1,12 +1,17 @@
-"""What several test files share: the toy CBN model and data, a tiny Runner, the tools.
+"""What several test files share: the toy CBN model and data, a tiny Runner, the tools
+(one process and the distributed launchers), the unseeded resume config and the
+checkpoint comparison.
 
 The COCO-format data and the configs derived from the real ones are in
-``tiny_coco.py``; fixtures are in ``conftest.py``.
+``tiny_coco.py``; the float64 brute force of the compensated backward in
+``exact_oracle.py``; fixtures are in ``conftest.py``. Test files import from
+these modules, never from each other.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +25,11 @@ from torch.utils.data import Dataset
 
 import cbn_plugin
 import cbn_plugin.engine  # noqa: F401  (registers WeightsOnlyCheckpointHook)
+from tiny_coco import narrow_config
 
 REPO = Path(__file__).resolve().parents[1]
 FASTER = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
+FASTER_SYNC = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-synccbn_1x_coco.py'
 MASK = REPO / 'configs' / 'cbn' / 'mask-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
 # Logged per iteration, and exactly reproducible (unlike time, data_time, eta).
 EXACT_KEYS = ('loss', 'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'acc',
@@ -147,6 +154,79 @@ class Tool:
         return log
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, *args, tmp: Path, timeout: int = 400) -> str:
+    """``bash tools/<script> args`` with this interpreter on a free port; the log."""
+    env = dict(os.environ, PYTHON=sys.executable, PORT=str(free_port()),
+               PYTHONPATH=os.pathsep.join([str(tmp), os.environ.get('PYTHONPATH', '')]))
+    env.pop('CUDA_VISIBLE_DEVICES', None)
+    out = subprocess.run(['bash', str(REPO / 'tools' / script), *map(str, args)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, f'{script} exited {out.returncode}:\n{log[-8000:]}'
+    return log
+
+
+# Source of ``cbn_rank_dump.py``, written next to the config of a ``launch``ed run and
+# imported through ``custom_imports``: ``DumpCBNStateHook(out)`` saves each rank's
+# CBN state to ``out/rank<r>.pth`` after training.
+DUMP_HOOK = '''\
+"""Save this rank's CBN layer state (and a parameter checksum) after training."""
+import torch
+from mmengine.dist import get_rank, get_world_size
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from cbn_plugin import cbn_layers
+
+
+@HOOKS.register_module()
+class DumpCBNStateHook(Hook):
+    def __init__(self, out):
+        self.out = out
+
+    def after_train(self, runner):
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        layers = {}
+        for name, layer in cbn_layers(model):
+            state = {k: v.detach().clone() for k, v in layer.named_buffers()}
+            state['burn_in_steps'] = layer.burn_in_steps
+            layers[name] = state
+        params = {name: p.detach().clone() for name, p in model.named_parameters()
+                  if name.startswith(('neck.fpn_convs.0.', 'roi_head.bbox_head.shared_convs.3.'))}
+        torch.save(dict(layers=layers, params=params, world_size=get_world_size(),
+                        wrapper=type(runner.model).__name__,
+                        loader_len=len(runner.train_dataloader)),
+                   f'{self.out}/rank{get_rank()}.pth')
+'''
+
+
+# ---------------------------------------------------------------- resume runs, checkpoints
+def unseeded_config(data: dict, workers: int = 0, persistent: bool = False, base=FASTER,
+                    extra: str = '') -> str:
+    """The real CBN config ``base``, tiny, no ``randomness`` at all (as MMDetection's default).
+
+    ``extra``: config lines added at the end (hooks, imports).
+    """
+    text = narrow_config(base, data, extra=f"""\
+        custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
+        train_cfg = dict(max_epochs=2, val_interval=10)
+        default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
+    """) + extra
+    loader = 'train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,'
+    assert loader in text
+    text = text.replace(loader, f'train_dataloader = dict(batch_size=2, num_workers={workers}, '
+                                f'persistent_workers={persistent},')
+    assert 'randomness' not in text and 'seed=' not in text
+    return text
+
+
 def same_tree(a, b) -> bool:
     """Bit-exact equality of nested tensors, dicts, lists and plain values (types too)."""
     if isinstance(a, torch.Tensor):
@@ -157,3 +237,13 @@ def same_tree(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same_tree, a, b))
     return type(a) is type(b) and a == b
+
+
+def differing(got: dict, want: dict) -> list[str]:
+    """Keys of the checkpoint (``state_dict`` entries one by one) that are not bit-identical."""
+    bad = [k for k, v in want['state_dict'].items()
+           if k not in got['state_dict'] or not torch.equal(got['state_dict'][k], v)]
+    for key in ('optimizer', 'param_schedulers', 'rng_state'):
+        if not same_tree(got[key], want[key]):
+            bad.append(key)
+    return bad

@@ -28,8 +28,7 @@ import pytest
 import torch
 
 from cbn_plugin.engine import check_checkpoint_file
-from helpers import Tool
-from test_resume_unseeded import differing, unseeded_config
+from helpers import Tool, differing, unseeded_config
 from tiny_coco import write_tiny_coco
 
 SLOW_SAVE = """\

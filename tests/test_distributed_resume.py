@@ -30,9 +30,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_distributed import CBN_CONFIG, DUMP_HOOK, SYNC_CONFIG, launch
-from helpers import EXACT_KEYS, Tool, same_tree
-from test_resume_unseeded import unseeded_config
+from helpers import (DUMP_HOOK, EXACT_KEYS, FASTER, FASTER_SYNC, Tool, launch, same_tree,
+                     unseeded_config)
 from tiny_coco import scalars, write_tiny_coco
 
 WORLD = 2
@@ -70,12 +69,12 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def cbn(tmp_path_factory, data):
-    return run_pair(tmp_path_factory.mktemp('dist_resume_cbn'), data, CBN_CONFIG)
+    return run_pair(tmp_path_factory.mktemp('dist_resume_cbn'), data, FASTER)
 
 
 @pytest.fixture(scope='module')
 def sync(tmp_path_factory, data):
-    return run_pair(tmp_path_factory.mktemp('dist_resume_sync'), data, SYNC_CONFIG)
+    return run_pair(tmp_path_factory.mktemp('dist_resume_sync'), data, FASTER_SYNC)
 
 
 def check_exact(run: dict) -> None:

@@ -7,8 +7,8 @@ from torch import nn
 
 import cbn_plugin
 from cbn_plugin import CBN
+from exact_oracle import ExactOracle
 from oracle import OracleCBN, sgd_in_lockstep
-from test_exact_backward import ExactOracle
 
 
 def shared_head(per_call_windows, window_size=3, mode='paper'):

@@ -38,43 +38,10 @@ from torch import nn
 import cbn_plugin
 from cbn_plugin.hook import CBNHook
 from cbn_plugin.precise_bn import PreciseCBNHook, recompute_statistics
-from helpers import REPO, ToyData, ToyNet, tiny_runner
+from helpers import REPO, ToyData, ToyNet, tiny_runner, unseeded_config
+from precise_net import make_batches, make_net
 
 pytestmark = pytest.mark.usefixtures('keep_default_scope')
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.norm1 = cbn_plugin.CBN(4, window_size=3)
-        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
-        self.norm2 = nn.BatchNorm2d(5)
-        self.conv3 = nn.Conv2d(5, 6, 1)
-        self.norm3 = cbn_plugin.CBN(6, window_size=2)
-        self.drop = nn.Dropout(0.0)  # mode changes are visible on it
-
-    def forward(self, x):
-        x = torch.relu(self.norm1(self.conv1(x)))
-        x = torch.relu(self.norm2(self.conv2(x)))
-        return self.drop(torch.relu(self.norm3(self.conv3(x))))
-
-
-def make_net():
-    torch.manual_seed(0)
-    net = Net().double()
-    with torch.no_grad():
-        for norm in (net.norm1, net.norm2, net.norm3):
-            norm.weight.uniform_(0.5, 2.0)
-            norm.bias.uniform_(-1, 1)
-    return net
-
-
-def make_batches(n=9, size=2):
-    g = torch.Generator().manual_seed(1)
-    # Per-batch offsets: the batches differ, so pooling k of them matters.
-    return [torch.randn(size, 3, 5, 5, generator=g, dtype=torch.float64) * 2
-            + torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64) for _ in range(n)]
 
 
 def brute_force(net, batches, windows):
@@ -256,7 +223,6 @@ def test_precise_cbn_hook_in_a_runner(tmp_path):
 
 # ---------------------------------------------------------------- the tool
 def test_tool_on_a_trained_detector(tmp_path):
-    from test_resume_unseeded import unseeded_config
     from tiny_coco import write_tiny_coco
     data = write_tiny_coco(tmp_path / 'coco', num_images=6, seed=3)
     config = tmp_path / 'cbn.py'
@@ -291,7 +257,7 @@ import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 import cbn_plugin
 from cbn_plugin.precise_bn import recompute_statistics
-from test_precise_bn import Net, make_batches, make_net
+from precise_net import make_batches, make_net
 
 rank = int(sys.argv[1])
 dist.init_process_group('gloo', init_method='file://' + {store!r}, rank=rank, world_size=2)

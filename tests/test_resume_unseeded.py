@@ -34,44 +34,15 @@ import re
 import pytest
 import torch
 
-from helpers import EXACT_KEYS, FASTER, Tool, same_tree
-from tiny_coco import narrow_config, train_records, write_tiny_coco
+from helpers import EXACT_KEYS, Tool, differing, unseeded_config
+from tiny_coco import train_records, write_tiny_coco
 
 WORKER_WARNING = 'WeightsOnlyCheckpointHook: train_dataloader.persistent_workers=True'
 NUM_IMAGES = 6  # 3 iterations of 2 images per epoch: 720 possible epoch orders
 
 
-def unseeded_config(data: dict, workers: int = 0, persistent: bool = False, base=FASTER,
-                    extra: str = '') -> str:
-    """The real CBN config ``base``, tiny, no ``randomness`` at all (as MMDetection's default).
-
-    ``extra``: config lines added at the end (hooks, imports).
-    """
-    text = narrow_config(base, data, extra=f"""\
-        custom_hooks = [dict(type='CBNHook', burn_in_iters=1)]
-        train_cfg = dict(max_epochs=2, val_interval=10)
-        default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
-    """) + extra
-    loader = 'train_dataloader = dict(batch_size=2, num_workers=0, persistent_workers=False,'
-    assert loader in text
-    text = text.replace(loader, f'train_dataloader = dict(batch_size=2, num_workers={workers}, '
-                                f'persistent_workers={persistent},')
-    assert 'randomness' not in text and 'seed=' not in text
-    return text
-
-
 def epoch_2(work_dir) -> dict:
     return torch.load(work_dir / 'epoch_2.pth')  # weights_only=True
-
-
-def differing(got: dict, want: dict) -> list[str]:
-    """Keys of the checkpoint (``state_dict`` entries one by one) that are not bit-identical."""
-    bad = [k for k, v in want['state_dict'].items()
-           if k not in got['state_dict'] or not torch.equal(got['state_dict'][k], v)]
-    for key in ('optimizer', 'param_schedulers', 'rng_state'):
-        if not same_tree(got[key], want[key]):
-            bad.append(key)
-    return bad
 
 
 def seed_of(log: str) -> int:

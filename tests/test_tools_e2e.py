@@ -12,23 +12,26 @@ pretrained weights) and ``--cfg-options`` (the burn-in, overridden inside the
   ``vis_data/scalars.json``) and every logged loss is finite;
 - the checkpoint loads with plain ``torch.load(path)`` (``weights_only=True``)
   in a fresh process that never imports the plugin;
-- ``tools/test.py`` evaluates it and prints COCO bbox mAP, the same numbers
-  as the validation at the end of training (the checkpoint round trip is
-  exact);
+- ``tools/test.py`` evaluates it and prints COCO bbox mAP: the numbers
+  pycocotools gives for the predictions it dumps (``--out``) against the
+  annotation file, and the same numbers as the validation at the end of
+  training (the checkpoint round trip is exact);
 - ``tools/train.py --resume CKPT`` continues at the saved epoch and iteration
   without re-running the burn-in;
 - the Mask R-CNN CBN config trains (CBN in the mask head too) and evaluates
   bbox and segm mAP;
 - ``tools/dist_*.sh`` build the documented ``torch.distributed.run`` command.
 
-The model is untrained: mAP is near 0 and only has to be a number. The whole
-module takes about 1.5 minutes on 2 idle CPU cores (an R50-FPN step at 128 px
-is under a second there; several times that when the cores are shared).
+The model is barely trained: its mAP (about 0.01) is no target, so it is
+checked against a recomputation, not a floor. The whole module takes about
+1.5 minutes on 2 idle CPU cores (an R50-FPN step at 128 px is under a second
+there; several times that when the cores are shared).
 """
 from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from pathlib import Path
 import pytest
 
 from helpers import FASTER, MASK, REPO, run_tool
-from tiny_coco import coco_map, derived_config, scalars
+from tiny_coco import coco_map, derived_config, recomputed_map, scalars
 
 BURN_IN = 2        # iterations of plain BN
 ITERS_PER_EPOCH = 2  # 4 images, batch 2
@@ -62,11 +65,12 @@ def faster(tmp_path_factory, tiny_coco_set):
     assert FASTER.exists(), f'{FASTER} is missing'
     tmp = tmp_path_factory.mktemp('faster')
     config = tmp / 'tiny_faster-rcnn_cbn.py'
-    config.write_text(tiny_config(FASTER, tiny_coco_set(4)))
+    data = tiny_coco_set(4)
+    config.write_text(tiny_config(FASTER, data))
     work_dir = tmp / 'work'
     log = run_tool('tools/train.py', config, '--work-dir', work_dir, '--cfg-options',
                    *HOOK_OVERRIDE, 'train_cfg.max_epochs=2')
-    return dict(config=config, work_dir=work_dir, log=log, tmp=tmp)
+    return dict(config=config, work_dir=work_dir, log=log, tmp=tmp, data=data)
 
 
 def test_train_activates_window_after_burn_in(faster):
@@ -112,10 +116,16 @@ def test_test_tool_prints_bbox_map(faster):
                    '--work-dir', work_dir, '--out', preds)
     assert re.search(r'coco/bbox_mAP: -?\d+\.\d+', log), log[-3000:]
     numbers = coco_map(log)
-    assert all(-1 <= float(v) <= 1 for v in numbers.split())
+    # The printed mAP is that of the predictions on this data: recomputed from the dumped
+    # predictions (every image) with pycocotools against the annotation file. The tiny
+    # run learns no stable mAP, so no floor is asserted on it; this equality fails when
+    # the evaluation misreads the predictions, the images or the ground truth.
+    with open(preds, 'rb') as f:
+        predictions = pickle.load(f)
+    assert sorted(p['img_id'] for p in predictions) == [1, 2, 3, 4]
+    assert recomputed_map(predictions, faster['data']) == numbers
     # The same weights the final validation of training used: the same numbers.
     assert numbers == coco_map(faster['log'])
-    assert preds.stat().st_size > 0
 
 
 def test_resume_continues_training(faster):

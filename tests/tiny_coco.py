@@ -17,7 +17,8 @@ Run as a script to write one: ``python tests/tiny_coco.py OUT_DIR``.
 For the tests that run the real tools on it: :func:`derived_config` (the text
 of a config whose ``_base_`` is a real config, shrunk to this set on CPU),
 :func:`train_records`/:func:`scalars` (the training records of
-``vis_data/scalars.json``) and :func:`coco_map` (the mAP numbers in a log).
+``vis_data/scalars.json``), :func:`coco_map` (the mAP numbers in a log) and
+:func:`recomputed_map` (the same numbers, recomputed from dumped predictions).
 """
 from __future__ import annotations
 
@@ -222,6 +223,47 @@ def coco_map(log: str, kind: str = 'bbox') -> str:
     found = re.findall(rf'{kind}_mAP_copypaste: ([-0-9. ]+)', log)
     assert found, f'no COCO {kind} mAP in the log:\n{log[-3000:]}'
     return found[-1].strip()
+
+
+def recomputed_map(predictions: list, data: dict) -> str:
+    """The COCO bbox mAP of ``predictions`` recomputed here, as :func:`coco_map` reads it.
+
+    ``predictions``: what mmdet's ``DumpDetResults`` writes (``tools/test.py
+    --out``): one dict per image with ``img_id`` and ``pred_instances``
+    (``bboxes`` x1 y1 x2 y2 in the original image, ``scores``, ``labels``).
+    They are converted here (label ``i`` is the category named
+    ``data['classes'][i]`` in the annotation file; boxes to x y w h) and
+    evaluated by pycocotools' ``COCOeval`` with its default parameters against
+    the annotation file of ``data`` (every image in it, as mmdet's
+    ``CocoMetric`` does). mmdet evaluates with ``maxDets`` (100, 300, 1000),
+    pycocotools' default summary uses 100: the same numbers with at most 100
+    detections per image (checked). Returns the six summary APs as mmdet's
+    ``bbox_mAP_copypaste`` line prints them (3 decimals).
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO(str(Path(data['root']) / data['ann_file']))
+        category = {c['name']: c['id'] for c in gt.loadCats(gt.getCatIds())}
+        category_of = [category[name] for name in data['classes']]
+        detections = []
+        for sample in predictions:
+            pred = sample['pred_instances']
+            boxes, scores = pred['bboxes'].tolist(), pred['scores'].tolist()
+            assert len(boxes) <= 100, len(boxes)
+            for (x1, y1, x2, y2), score, label in zip(boxes, scores, pred['labels'].tolist()):
+                detections.append(dict(image_id=sample['img_id'], bbox=[x1, y1, x2 - x1, y2 - y1],
+                                       score=score, category_id=category_of[label]))
+        assert detections, 'no detections to evaluate'
+        evaluation = COCOeval(gt, gt.loadRes(detections), 'bbox')
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return ' '.join(f'{v:.3f}' for v in evaluation.stats[:6])
 
 
 if __name__ == '__main__':
