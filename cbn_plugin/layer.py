@@ -239,6 +239,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self.window_filled[position] = self.ring.filled[position]
         self._reset_step_state()
 
+    def discard_step(self) -> None:
+        """Forget this step's forward calls without recording them.
+
+        For a forward repeated within one optimizer step as if it were the step's
+        first (gradcheck, a probe): the window is left as it is.
+        """
+        self._reset_step_state()
+
     def past_entries(self, position: int = 0) -> PastEntries | None:
         """The past entries this step pools at call ``position``; ``None`` before its first call."""
         return self._past.get(position)
@@ -589,6 +597,20 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         self.process_group = process_group
         self._warned = False
         self._shift = None
+
+    @property
+    def stats_shift(self) -> Tensor | None:
+        """The shift of the all-reduced sums: the previous global mean (``None`` before
+        the first synchronised forward). Rank-local state that a checkpoint must carry
+        for a bit-exact resume (``cbn_plugin.engine`` does)."""
+        return self._shift
+
+    @stats_shift.setter
+    def stats_shift(self, value: Tensor | None) -> None:
+        if value is not None and tuple(value.shape) != (self.num_features,):
+            raise ValueError(f'{self._describe()}: stats_shift must have shape '
+                             f'({self.num_features},), got {tuple(value.shape)}')
+        self._shift = value
 
     def _group(self):
         import torch.distributed as dist

@@ -107,3 +107,12 @@ def test_input_must_be_4d():
 def test_hook_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CBNHook(**kwargs)
+
+
+def test_sync_shift_must_match_the_channels():
+    layer = cbn_plugin.SyncCrossIterationBatchNorm2d(4)
+    assert layer.stats_shift is None
+    with pytest.raises(ValueError, match=r'stats_shift must have shape \(4,\), got \(3,\)'):
+        layer.stats_shift = torch.zeros(3)
+    layer.stats_shift = torch.ones(4)
+    assert torch.equal(layer.stats_shift, torch.ones(4))

@@ -165,7 +165,7 @@ def test_gradcheck_layer_compensated_backward():
         del conv.weight
         conv.weight = w
         try:
-            bn._reset_step_state()
+            bn.discard_step()
             return (model(inp) * target).sum()
         finally:
             del conv.weight

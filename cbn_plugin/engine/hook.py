@@ -255,7 +255,7 @@ class WeightsOnlyCheckpointHook(Hook):
             for name, module in model.named_modules():
                 if isinstance(module, SyncCrossIterationBatchNorm2d) and name in shifts:
                     device = module._state_device()
-                    module._shift = shifts[name].to(device)
+                    module.stats_shift = shifts[name].to(device)
         if not self.restore_rng:
             return
         loop = runner.train_loop

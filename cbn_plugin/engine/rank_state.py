@@ -60,10 +60,9 @@ def rank_local_buffers(model) -> dict[str, torch.Tensor]:
 def sync_shifts(model) -> dict[str, torch.Tensor]:
     """SyncCBN's shift (the previous global mean; the same on every rank), by layer name."""
     from ..layer import SyncCrossIterationBatchNorm2d
-    return {name: m._shift.detach().to('cpu', copy=True)
+    return {name: m.stats_shift.detach().to('cpu', copy=True)
             for name, m in unwrap_model(model).named_modules()
-            if isinstance(m, SyncCrossIterationBatchNorm2d) and getattr(m, '_shift', None)
-            is not None}
+            if isinstance(m, SyncCrossIterationBatchNorm2d) and m.stats_shift is not None}
 
 
 def gather_to_writer(local: dict) -> list | None:
