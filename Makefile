@@ -14,20 +14,18 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The detection demo (docs/demo.md): CBN Faster R-CNN on handwritten digits.
+# The detection demo (docs/demo.md): a Faster R-CNN with CBN in every norm layer trained
+# from scratch at 1 image per step on handwritten digits, beside the committed comparison.
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-# Every demo config (BN, GN, naive CBN, CBN, CBN with sampled derivatives s=2 and s=4); rewrites docs/demo.md's table and docs/demo_compare.png.
+# The comparison the demo prints (docs/small_batch_detection.md): BN, GN, naive CBN, CBN
+# (paper, defaults) at 1 image per step, BN at the large batch, gradient accumulation;
+# 2 seeds, 2 processes of one torch thread (about 50 min on 2 idle cores). To resume an
+# interrupted comparison: make demo-compare COMPARE_ARGS=--reuse
 .PHONY: demo-compare
 demo-compare: $(STAMP)
-	$(PY) tools/demo.py --compare
+	$(PY) tools/analysis_tools/small_batch_detection.py $(COMPARE_ARGS)
 
 clean-venv:
 	rm -rf .venv
-
-# The small-batch detection study (docs/small_batch_detection.md): every norm layer of the
-# digits Faster R-CNN at 1 image per step against BN at 8 (about 80-90 min on 2 idle cores).
-.PHONY: small-batch-det
-small-batch-det: $(STAMP)
-	$(PY) tools/analysis_tools/small_batch_detection.py

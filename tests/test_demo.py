@@ -1,13 +1,13 @@
-"""The embedded detection demo: its dataset generator, configs and a 2-iteration run.
+"""The detection demo: its dataset generator, configs, and `make demo`'s code path.
 
-The run goes through ``tools/demo.py`` itself (a subprocess, the code path of
-``make demo``), only with a tiny dataset and schedule.
+The runs go through ``tools/demo.py`` itself (a subprocess, the code path of
+``make demo``) in the small-batch study's ``--tiny`` setting.
 """
 from __future__ import annotations
 
 import filecmp
 import json
-import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,16 +91,18 @@ def test_split_is_by_source_digit_and_covers_all():
 
 
 @pytest.mark.parametrize('norm', ['bn', 'gn', 'naive-cbn', 'cbn', 'cbn-s2', 'cbn-s4'])
-def test_demo_configs_build_with_the_norm_in_fpn_and_box_head(norm):
+def test_partial_norm_configs_build_with_the_norm_in_fpn_and_box_head(norm):
+    """configs/demo/: the earlier demo's detector (the norm in FPN and box head only),
+    trainable with tools/train.py; the small-batch configs build on its base."""
     import cbn_plugin  # noqa: F401
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from torch import nn
     from torch.nn.modules.batchnorm import _BatchNorm
-    import demo
     register_all_modules()  # default scope 'mmdet', as the configs say
-    cfg = Config.fromfile(str(demo.config_path(norm)))
+    cfg = Config.fromfile(str(REPO / 'configs' / 'demo' /
+                              f'faster-rcnn_r18-w32_fpn_4conv1fc-{norm}_digits.py'))
     assert cfg.train_dataloader.batch_size == 2
     assert cfg.model.backbone.init_cfg is None
     model = MODELS.build(cfg.model)
@@ -123,55 +125,56 @@ def test_demo_configs_build_with_the_norm_in_fpn_and_box_head(norm):
         assert strides == {dict(s2=2, s4=4).get(norm[4:], 1)}
 
 
-def test_demo_trains_two_iterations_and_evaluates(tmp_path):
-    """``make demo``'s code path with 2 iterations on a 4-image set."""
-    cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--max-iters', '2',
-           '--num-train', '4', '--num-val', '2', '--log-interval', '1',
-           '--data-root', str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work')]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+def _run(cmd, timeout=600):
+    out = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, capture_output=True,
+                         text=True, timeout=timeout)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    assert 'data: wrote' in log
-    assert 'Iter(train) [1/2]' in log and 'Iter(train) [2/2]' in log
-    assert 'cbn_window' in log  # the CBN config ran with CBNHook
-    assert 'coco/bbox_mAP_50' in log  # mmdet's CocoMetric ran on val
-    table = log[log.index('norm (FPN + box head)'):].splitlines()
-    row = table[1].split()
-    assert row[0] == 'CBN' and row[1] == '2'
-    assert all(math.isfinite(float(v)) for v in row[2:5])
-    # The demo records what it wrote, so a later run with the same arguments reuses it.
-    manifest = json.loads((tmp_path / 'data' / 'demo_manifest.json').read_text())
-    assert manifest['num_train'] == 4 and manifest['num_val'] == 2
+    return log
 
 
-def test_demo_compare_writes_table_and_plot(tmp_path):
-    """``make demo-compare``'s code path, two norms, 2 iterations, into a scratch docs dir."""
-    docs = tmp_path / 'docs'
-    docs.mkdir()
-    (docs / 'demo.md').write_text('# Demo\n\nhand-written text\n\n'
-                                  '<!-- demo-compare:begin (written by tools/demo.py --compare; '
-                                  'do not edit) -->\nold\n<!-- demo-compare:end -->\n\ntail\n')
-    cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--compare', '--norms', 'bn', 'cbn',
-           '--max-iters', '2', '--num-train', '4', '--num-val', '2',
-           '--data-root', str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work'),
-           '--docs-dir', str(docs)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    text = (docs / 'demo.md').read_text()
-    assert 'hand-written text' in text and text.rstrip().endswith('tail')
-    assert '\nold\n' not in text and '| BN | 2 |' in text and '| CBN | 2 |' in text
-    assert (docs / 'demo_compare.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    saved = tmp_path / 'work' / 'compare_results.json'
-    run = json.loads(saved.read_text())
-    assert [r['norm'] for r in run['results']] == ['bn', 'cbn']
-    assert all(len(r['losses']) == 2 for r in run['results'])
-    assert run['command'].startswith('python tools/demo.py --compare --norms bn cbn')
-    # Re-rendering the saved run (no training) writes the same section.
-    (docs / 'demo_compare.png').unlink()
-    (docs / 'demo.md').write_text(text.replace('| BN | 2 |', '| edited |'))
-    cmd = [sys.executable, str(REPO / 'tools' / 'demo.py'), '--from-json', str(saved),
-           '--docs-dir', str(docs)]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert (docs / 'demo.md').read_text() == text
-    assert (docs / 'demo_compare.png').is_file()
+@pytest.fixture(scope='module')
+def tiny_committed(tmp_path_factory):
+    """A committed comparison in the study's --tiny setting (BN and CBN at 1 image, BN at
+    the large batch), as `make demo-compare` writes one in the real setting."""
+    root = tmp_path_factory.mktemp('demo')
+    _run(['tools/analysis_tools/small_batch_detection.py', '--tiny', '--workers', '1',
+          '--rows', 'bn-large', 'bn', 'cbn', '--out-dir', root / 'docs',
+          '--data-root', root / 'data', '--work-dir', root / 'study'])
+    return root
+
+
+def test_demo_reproduces_the_committed_row_and_prints_the_others(tiny_committed):
+    """`make demo`'s code path (tools/demo.py, a subprocess) in the study's --tiny setting:
+    it trains the CBN-defaults row, and its mAP is the committed seed-0 run's, printed
+    beside the committed rows with the command that regenerates them."""
+    root = tiny_committed
+    run = json.loads((root / 'docs' / 'small_batch_detection.json').read_text())
+    committed = {r['job']['row']: r for r in run['results']}
+    log = _run(['tools/demo.py', '--tiny', '--committed',
+                root / 'docs' / 'small_batch_detection.json', '--data-root', root / 'data',
+                '--work-dir', root / 'demo'])
+    lines = log[log.index('COCO box mAP on'):].splitlines()
+    cells = [re.split(r'\s{2,}', line) for line in lines[2:]
+             if line.startswith(('this run ', 'committed '))]
+    table = {f'{c[0]}|{c[1]}': c for c in cells}
+    mine = json.loads((root / 'demo' / 'cbn_b1x1_s0' / 'result.json').read_text())
+    assert mine['job']['norm'] == committed['cbn']['job']['norm']
+    # One torch thread, the same seed and job: the same run, loss for loss (the tiny
+    # setting's mAP is 0, the loss curve is what tells runs apart).
+    assert mine['loss_curve'] == committed['cbn']['loss_curve']
+    assert mine['mAP'] == committed['cbn']['mAP']
+    assert f'(this run: {mine["mAP"]:.3f})' in log
+    assert f'{mine["mAP"]:.3f}' in table['this run|CBN (new defaults)']
+    for row, r in committed.items():
+        assert f'{r["mAP"]:.3f}' in table[f'committed|{r["job"]["label"]}'], row
+    assert 'make demo-compare' in log and run['command'] in log
+
+
+def test_demo_does_not_compare_another_setting(tiny_committed, tmp_path):
+    """The real committed comparison ran the full setting: a --tiny run is not set beside it."""
+    log = _run(['tools/demo.py', '--tiny', '--row', 'bn', '--data-root',
+                tiny_committed / 'data', '--work-dir', tmp_path])
+    assert 'ran another setting' in log and 'not compared' in log
+    assert 'committed  ' not in log
+    assert json.loads((tmp_path / 'bn_b1x1_s0' / 'result.json').read_text())['status'] == 'ok'

@@ -79,6 +79,15 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
     assert jobs['naive-cbn']['norm']['cbn_args'] == dict(rho=0.0, window_size=4)
 
 
+def test_a_row_that_repeats_another_runs_once(sbd):
+    rows = list(sbd.ROWS)
+    assert sbd.distinct_rows(rows, _setting(sbd, large=8, small=1)) == (rows, {})
+    kept, repeats = sbd.distinct_rows(rows, _setting(sbd, large=4, small=1))
+    assert repeats == {'bn-4': 'bn-large'} and kept == [r for r in rows if r != 'bn-4']
+    kept, repeats = sbd.distinct_rows(rows, _setting(sbd, large=8, small=4))
+    assert repeats == {'bn-4': 'bn'}
+
+
 def test_summary_mean_and_spread(sbd):
     def res(row, seed, m, m50):
         return dict(job=dict(row=row, label=row, batch=1, accum=1, norm=dict(kind='bn'),
@@ -107,7 +116,10 @@ def test_tiny_comparison_end_to_end(sbd, tmp_path):
     sbd.main(['--tiny', '--workers', '0', '--out-dir', str(out), '--data-root',
               str(tmp_path / 'data'), '--work-dir', str(tmp_path / 'work'), '--rows', *rows])
     run = json.loads((out / sbd.RESULTS_JSON).read_text())
-    assert [r['job']['row'] for r in run['results']] == rows
+    # --tiny's large batch is 4: 'BN, 4 images' would repeat 'BN, large batch'
+    kept, repeats = sbd.distinct_rows(rows, run['setting'])
+    assert repeats == ({'bn-4': 'bn-large'} if 'bn-4' in rows else {})
+    assert run['rows'] == kept and [r['job']['row'] for r in run['results']] == kept
     for r in run['results']:
         job = r['job']
         _check_run(r, job)
@@ -121,7 +133,7 @@ def test_tiny_comparison_end_to_end(sbd, tmp_path):
             assert r['cbn'] is None
     doc = (out / sbd.DOC).read_text()
     block = doc.split(sbd.DOC_BEGIN)[1].split(sbd.DOC_END)[0]
-    for row in rows:
+    for row in kept:
         assert f'| {sbd.ROWS[row]["label"]} |' in block
     assert run['command'] in block and sbd.PLOT in block
     assert (out / sbd.PLOT).stat().st_size > 1000

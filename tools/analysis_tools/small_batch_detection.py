@@ -75,11 +75,32 @@ ROWS = {
     'cbn': dict(label='CBN (new defaults)', kind='cbn', batch='small', cbn={},
                 needs=('mode',)),
     'bn-4': dict(label='BN, 4 images', kind='bn', batch=4),
+    'bn-2': dict(label='BN, 2 images', kind='bn', batch=2),
     'bn-accum': dict(label='BN, 1 x 4 accumulated', kind='bn', batch=1, accum=4),
     'cbn-accum': dict(label='CBN (new defaults), 1 x 4 accumulated', kind='cbn', batch=1,
                       accum=4, cbn={}, needs=('mode',)),
 }
 DEFAULT_ROWS = list(ROWS)
+
+
+def distinct_rows(rows: list[str], setting: dict) -> tuple[list[str], dict[str, str]]:
+    """``rows`` without those that would train exactly an earlier row's runs (with
+    ``--large 4``, 'BN, 4 images' is 'BN, large batch'); and which row each one repeats."""
+    def what(row):
+        r = ROWS[row]
+        batch = setting['small'] if r['batch'] == 'small' else setting['large'] \
+            if r['batch'] == 'large' else r['batch']
+        return json.dumps([r['kind'], batch, r.get('accum', 1), r.get('cbn')], sort_keys=True)
+
+    kept, repeats, seen = [], {}, {}
+    for row in rows:
+        key = what(row)
+        if key in seen:
+            repeats[row] = seen[key]
+        else:
+            seen[key] = row
+            kept.append(row)
+    return kept, repeats
 GN_GROUPS = 8
 
 
@@ -95,8 +116,8 @@ def layer_supports(option: str) -> bool:
 # The knobs that define a setting: data (canvas size, counts, difficulty), model width and
 # the training budget (images seen, learning rate per image).
 SETTING_DEFAULTS = dict(size=128, num_train=1600, num_val=300, digits=[3, 6], digit_px=None,
-                        clutter=[3, 8], width=32, images=4000, lr_per_image=0.01,
-                        warmup=0.05, burn_in=0.1, data_seed=0, large=8, small=1)
+                        clutter=[3, 8], width=32, images=2400, lr_per_image=0.01,
+                        warmup=0.05, burn_in=0.1, data_seed=0, large=4, small=1)
 
 
 def setting_from_args(args) -> dict:
@@ -705,18 +726,22 @@ def main(argv=None):
         raise SystemExit(f'the installed CBN layer lacks {missing}: rows '
                          f'{[r for r in args.rows if ROWS[r].get("needs")]} need the new CBN '
                          'modes; pass --rows without them')
+    rows, repeats = distinct_rows(args.rows, setting)
+    for row, same in repeats.items():
+        print(f'row {row!r} trains the same runs as {same!r} in this setting: run once',
+              flush=True)
     jobs = [make_job(row, setting, seed, data_root, args.work_dir / 'compare')
-            for seed in args.seeds for row in args.rows]
+            for seed in args.seeds for row in rows]
     print(f'{len(jobs)} runs, {args.workers} at a time; setting: {setting_name(setting)}',
           flush=True)
     results = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
                        reuse=args.reuse)
-    run = dict(meta, setting=setting, rows=args.rows, seeds=args.seeds, workers=args.workers,
+    run = dict(meta, setting=setting, rows=rows, seeds=args.seeds, workers=args.workers,
                wall_s=time.perf_counter() - t0, load_end=_load(), results=results)
     (out_dir / RESULTS_JSON).write_text(json.dumps(run, indent=1, default=float) + '\n')
     plot(run, out_dir / PLOT)
     write_block(doc, DOC_BEGIN, DOC_END, render(run), title)
-    print(summary_table(summarise(results, args.rows)))
+    print(summary_table(summarise(results, rows)))
     bad = [r['job']['label'] for r in results if r['status'] != 'ok']
     if bad:
         print(f'runs that did not finish: {bad}', flush=True)
