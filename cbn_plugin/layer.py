@@ -466,7 +466,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return PastEntries(mean, var, valid)
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:
-        k1, c = self.window_size - 1, self.num_features
+        k1, c = self.ring.slots, self.num_features
         like = record.mean
         shapes = {'window_mean': (c,), 'window_var': (c,)}
         if record.grad_mean is not None:
