@@ -560,7 +560,7 @@ def probe_table(probes: list[dict]) -> str:
             else:
                 mAP_text = _f(mAP)
             drop = (large - mAP) * 100 if b != s['large'] else float('nan')
-            rows.append((setting_name(s), b, rs[0]['iters'], f'{s["lr_per_image"] * b:.4g}',
+            rows.append((f'{setting_name(s)}, large {s["large"]}', b, rs[0]['iters'], f'{s["lr_per_image"] * b:.4g}',
                          len(rs),
                          mAP_text, _f(_stats([r['mAP50'] for r in rs])[0]),
                          _f(drop, 1) if b != s['large'] else '-',
