@@ -100,6 +100,27 @@ def test_summary_mean_and_spread(sbd):
     assert rows[1]['finished'] == 0 and 'fails' in sbd.summary_table(rows)
 
 
+def test_goals_are_checked_on_the_table(sbd):
+    def res(row, seed, m, batch=1, accum=1):
+        return dict(job=dict(row=row, label=sbd.ROWS[row]['label'], batch=batch, accum=accum,
+                             norm=dict(kind='bn'), seed=seed), mAP=m, mAP50=m, wall_s=1.0,
+                    final_loss=1.0, lr=0.01, iters=5, status='ok')
+
+    def check(cbn, gn, accum):
+        results = [res('bn-large', 0, 0.50, 4), res('bn-large', 1, 0.52, 4), res('cbn', 0, cbn),
+                   res('gn', 0, gn), res('bn', 0, 0.40), res('cbn-accum', 0, accum, 1, 4),
+                   res('cbn-accum', 1, accum + 0.005, 1, 4)]
+        rows = ['bn-large', 'cbn', 'gn', 'bn', 'cbn-accum']
+        return sbd.goals(sbd.summarise(results, rows), dict(large=4))
+
+    first, second = check(cbn=0.505, gn=0.50, accum=0.50)
+    assert '-0.5 against BN, large batch' in first and first.endswith(': met.')
+    assert 'minus BN at 4 images' in second and second.endswith(': met.')
+    assert check(cbn=0.495, gn=0.48, accum=0.50)[0].endswith('not met.')  # 1.5 under BN
+    assert check(cbn=0.52, gn=0.53, accum=0.50)[0].endswith('not met.')   # behind GN
+    assert check(cbn=0.52, gn=0.50, accum=0.47)[1].endswith('not met.')   # 4 points off
+
+
 def _check_run(result, job):
     assert result['status'] == 'ok', result['status']
     assert 0.0 <= result['mAP'] <= 1.0 and 0.0 <= result['mAP50'] <= 1.0
