@@ -68,7 +68,8 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
         assert cfg.optim_wrapper.get('accumulative_counts', 1) == job['accum'], row
         if job['norm']['kind'] == 'cbn':
             # the window spans the large batch: k steps of per_step images
-            assert job['norm']['cbn_args']['window_size'] == max(2, 8 // per_step), row
+            assert job['norm']['cbn_args']['window_size'] == \
+                sbd.ROWS[row].get('window', max(2, 8 // per_step)), row
             assert [h.type for h in cfg.custom_hooks] == ['CBNHook']
         else:
             assert not cfg.get('custom_hooks'), row
@@ -80,12 +81,16 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
 
 
 def test_a_row_that_repeats_another_runs_once(sbd):
-    rows = list(sbd.ROWS)
+    rows = list(sbd.DEFAULT_ROWS)
     assert sbd.distinct_rows(rows, _setting(sbd, large=8, small=1)) == (rows, {})
     kept, repeats = sbd.distinct_rows(rows, _setting(sbd, large=4, small=1))
     assert repeats == {'bn-4': 'bn-large'} and kept == [r for r in rows if r != 'bn-4']
     kept, repeats = sbd.distinct_rows(rows, _setting(sbd, large=8, small=4))
     assert repeats == {'bn-4': 'bn'}
+    # a fixed window: the same run as the default row where that row's window is the same
+    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k8'], _setting(sbd, large=32))[1] == \
+        {'cbn-accum-k8': 'cbn-accum'}
+    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k8'], _setting(sbd, large=4))[1] == {}
 
 
 def test_summary_mean_and_spread(sbd):
@@ -130,7 +135,7 @@ def _check_run(result, job):
 
 
 def test_tiny_comparison_end_to_end(sbd, tmp_path):
-    rows = [r for r in sbd.ROWS
+    rows = [r for r in sbd.DEFAULT_ROWS
             if all(sbd.layer_supports(opt) for opt in sbd.ROWS[r].get('needs', ()))]
     assert {'bn-large', 'bn', 'gn', 'naive-cbn', 'bn-accum'} <= set(rows)
     out = tmp_path / 'docs'

@@ -79,8 +79,14 @@ ROWS = {
     'bn-accum': dict(label='BN, 1 x 4 accumulated', kind='bn', batch=1, accum=4),
     'cbn-accum': dict(label='CBN (new defaults), 1 x 4 accumulated', kind='cbn', batch=1,
                       accum=4, cbn={}, needs=('mode',)),
+    # Not in the default comparison: the accumulation row with a longer window (k steps of
+    # 4 images), to see whether pooling more past steps closes its gap to BN at 4 images.
+    'cbn-accum-k4': dict(label='CBN (new defaults), 1 x 4 accumulated, k=4', kind='cbn',
+                         batch=1, accum=4, cbn={}, window=4, needs=('mode',)),
+    'cbn-accum-k8': dict(label='CBN (new defaults), 1 x 4 accumulated, k=8', kind='cbn',
+                         batch=1, accum=4, cbn={}, window=8, needs=('mode',)),
 }
-DEFAULT_ROWS = list(ROWS)
+DEFAULT_ROWS = [row for row in ROWS if 'window' not in ROWS[row]]
 
 
 def distinct_rows(rows: list[str], setting: dict) -> tuple[list[str], dict[str, str]]:
@@ -90,7 +96,11 @@ def distinct_rows(rows: list[str], setting: dict) -> tuple[list[str], dict[str, 
         r = ROWS[row]
         batch = setting['small'] if r['batch'] == 'small' else setting['large'] \
             if r['batch'] == 'large' else r['batch']
-        return json.dumps([r['kind'], batch, r.get('accum', 1), r.get('cbn')], sort_keys=True)
+        per_step = batch * r.get('accum', 1)
+        window = r.get('window', max(2, setting['large'] // per_step)) \
+            if r['kind'] == 'cbn' else None
+        return json.dumps([r['kind'], batch, r.get('accum', 1), r.get('cbn'), window],
+                          sort_keys=True)
 
     kept, repeats, seen = [], {}, {}
     for row in rows:
@@ -180,7 +190,7 @@ def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Pat
     per_step = batch * accum
     spec = dict(kind=r['kind'])
     if r['kind'] == 'cbn':
-        window = max(2, setting['large'] // per_step)
+        window = r.get('window', max(2, setting['large'] // per_step))
         spec['cbn_args'] = dict(r['cbn'], window_size=window)
     return dict(group=group, row=row, label=r['label'], seed=seed, batch=batch, accum=accum,
                 images_per_step=per_step, setting=setting, norm=spec,
