@@ -121,8 +121,9 @@ def test_goals_are_checked_on_the_table(sbd):
     first, second = check(cbn=0.505, gn=0.50, accum=0.50)
     assert '-0.5 against BN, large batch' in first and first.endswith(': met.')
     assert 'minus BN at 4 images' in second and second.endswith(': met.')
-    assert check(cbn=0.495, gn=0.48, accum=0.50)[0].endswith('not met.')  # 1.5 under BN
-    assert check(cbn=0.52, gn=0.53, accum=0.50)[0].endswith('not met.')   # behind GN
+    assert check(cbn=0.495, gn=0.48, accum=0.50)[0].endswith(
+        'not met (more than 1 point under BN, large batch).')
+    assert check(cbn=0.52, gn=0.53, accum=0.50)[0].endswith('not met (not ahead of GN).')
     assert check(cbn=0.52, gn=0.50, accum=0.47)[1].endswith('not met.')   # 4 points off
 
 
