@@ -64,6 +64,18 @@ from .layer import CrossIterationBatchNorm2d
 __all__ = ['recompute_statistics', 'PreciseCBNHook', 'default_forward']
 
 
+WINDOW_NONE = "each CBN layer's window_size"
+
+
+def _check_count(name: str, value, owner: str = '', none_means: str | None = None) -> None:
+    """``value`` must be an integer >= 1 (or ``None`` where ``none_means`` says what it is)."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = f'None ({none_means}) or an integer >= 1' if none_means else 'an integer >= 1'
+        raise ValueError(f'{owner}{name} must be {allowed}, got {value!r}')
+
+
 def default_forward(model: nn.Module, batch) -> None:
     """One training forward of ``batch``: ``model(batch)`` for a tensor; for an
     MMEngine model ``model.data_preprocessor(batch, True)`` and ``mode='loss'``
@@ -179,12 +191,8 @@ def recompute_statistics(model: nn.Module, batches: Iterable, num_batches: int,
     batches run out before N.
     """
     from mmengine.model import is_model_wrapper
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f'num_batches must be an integer >= 1, got {num_batches!r}')
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                               or window < 1):
-        raise ValueError(f'window must be None (each CBN layer\'s window_size) or an integer '
-                         f'>= 1, got {window!r}')
+    _check_count('num_batches', num_batches)
+    _check_count('window', window, none_means=WINDOW_NONE)
     forward = default_forward if forward is None else forward
     module = model.module if is_model_wrapper(model) else model
     modes = {m: m.training for m in module.modules()}
@@ -268,12 +276,8 @@ class PreciseCBNHook(Hook):
     def __init__(self, num_batches: int = 200, interval: int = 1,
                  window: int | None = None) -> None:
         for name, value in dict(num_batches=num_batches, interval=interval).items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f'PreciseCBNHook {name} must be an integer >= 1, got {value!r}')
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
-                                   or window < 1):
-            raise ValueError(f'PreciseCBNHook window must be None or an integer >= 1, '
-                             f'got {window!r}')
+            _check_count(name, value, owner='PreciseCBNHook ')
+        _check_count('window', window, owner='PreciseCBNHook ', none_means=WINDOW_NONE)
         self.num_batches, self.interval, self.window = num_batches, interval, window
 
     def _run(self, runner) -> None:

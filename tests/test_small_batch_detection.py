@@ -116,7 +116,7 @@ def test_goals_are_checked_on_the_table(sbd):
                    res('gn', 0, gn), res('bn', 0, 0.40), res('cbn-accum', 0, accum, 1, 4),
                    res('cbn-accum', 1, accum + 0.005, 1, 4)]
         rows = ['bn-large', 'cbn', 'gn', 'bn', 'cbn-accum']
-        return sbd.goals(sbd.summarise(results, rows), dict(large=4))
+        return sbd.goals(sbd.summarise(results, rows), _setting(sbd, large=4, small=1))
 
     first, second = check(cbn=0.505, gn=0.50, accum=0.50)
     assert '-0.5 against BN, large batch' in first and first.endswith(': met.')

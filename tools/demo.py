@@ -6,7 +6,7 @@
    (``tools/make_digits_det.py``: scikit-learn's real 8x8 digits on cluttered 128-px
    canvases, 10 classes, train/val split by source digit) unless it is there;
 2. trains the study's Faster R-CNN R18-w32-FPN from scratch with CBN (the defaults,
-   window 8) in *every* norm layer at 1 image per optimizer step: the ``cbn`` row of
+   window 4) in *every* norm layer at 1 image per optimizer step: the ``cbn`` row of
    ``tools/analysis_tools/small_batch_detection.py``, seed 0, one torch thread;
 3. validates it (COCO box mAP on the val canvases, unseen digits) and prints its mAP
    beside the committed rows of that study (``docs/small_batch_detection.json``): BN at
@@ -110,9 +110,7 @@ def main(argv=None) -> dict:
     print(f'training: {label}, {per_step} image(s) per step, every norm layer of a '
           f'Faster R-CNN R18-w32-FPN from scratch, {setting["images"]} images seen, '
           f'one torch thread', flush=True)
-    result = study.run_one(job)
-    Path(job['work_dir']).mkdir(parents=True, exist_ok=True)
-    (Path(job['work_dir']) / 'result.json').write_text(json.dumps(result, default=float) + '\n')
+    [result] = study.run_jobs([job], workers=0)  # in this process; writes result.json
     rows, source = committed_rows(study, args.committed, setting)
     print(f'\nCOCO box mAP on {setting["num_val"]} val canvases of unseen digits '
           f'({study.setting_name(setting)}):\n')
