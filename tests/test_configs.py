@@ -8,7 +8,7 @@ pretrained weights can be downloaded), then the built model is walked to
 check that the norm under study sits exactly where the authors put it (8 FPN
 ConvModules, 4 box-head convs, 4 mask-head convs), and nowhere else outside
 the backbone, and that the training settings are the authors' COCO ones
-(reference doc, section 3).
+(the "Setting" table of ``configs/cbn/README.md``).
 """
 from __future__ import annotations
 
