@@ -3,7 +3,7 @@
 No mmcv/mmdet import here: everything takes and returns tensors, so it can be
 tested against brute-force references and reused by any framework.
 
-Notation (see ``shared/docs/cbn-reference.md``): a conv with weight ``W``
+Notation (``docs/algorithm.md``): a conv with weight ``W``
 (``C x P'`` once flattened, ``P' = Cin/groups * kh * kw``) and optional bias
 ``b`` produces ``x``; per channel the statistics are the mean ``mu`` and the
 *biased* variance ``var`` over the ``m = N*H*W`` positions.
@@ -42,8 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-VARIANCE_RULES = ('clamp', 'exclude')
-COMPENSATIONS = ('mu_nu', 'var')
+from .options import COMPENSATIONS, VARIANCE_RULES  # noqa: F401  (re-exported)
 
 
 class SlotStats(NamedTuple):
@@ -93,9 +92,9 @@ def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
     full one on CPU.)
     """
     kh, kw = conv.weight.shape[2:]
-    total = inp.sum(0)
     if (kh, kw) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(padding) == (0, 0):
-        return total.sum(dim=(1, 2)).view(conv.groups, -1)  # a 1x1 patch is a pixel
+        return inp.sum(dim=(0, 2, 3)).view(conv.groups, -1)  # a 1x1 patch is a pixel
+    total = inp.sum(0)
     ph, pw = padding
     total = F.pad(total, (pw, pw, ph, ph))
     (sh, sw), (dh, dw), (ho, wo) = conv.stride, conv.dilation, out_hw
@@ -103,6 +102,21 @@ def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
                   j * dw:j * dw + sw * (wo - 1) + 1:sw].sum(dim=(1, 2))
             for i in range(kh) for j in range(kw)]
     return torch.stack(sums, dim=1).reshape(conv.groups, -1)
+
+
+def _weight_grad(inp: Tensor, grad_out: Tensor, conv: torch.nn.Conv2d, stride, padding) -> Tensor:
+    """``sum_i grad_out_i p_i``: one weight-gradient convolution, ``C x P'`` (contiguous).
+
+    The conv's own weight stands in for its shape (only the weight gradient is
+    asked for); any memory format in, a contiguous row per channel out.
+    """
+    weight = conv.weight
+    if weight.dtype != inp.dtype:
+        weight = weight.to(inp.dtype)
+    grad = torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, None, stride, padding, conv.dilation, False, [0, 0],
+        conv.groups, (False, True, False))[1]
+    return grad.contiguous().view(grad.shape[0], -1)
 
 
 def _centre_patches_(grad: Tensor, residual: Tensor, patch_mean: Tensor,
@@ -115,6 +129,8 @@ def _centre_patches_(grad: Tensor, residual: Tensor, patch_mean: Tensor,
     """
     groups = patch_mean.shape[0]
     c = grad.shape[0]
+    if groups == 1:
+        return grad.addmm_(residual.view(c, 1), patch_mean, beta=alpha, alpha=-alpha)
     grad.view(groups, c // groups, -1).baddbmm_(
         residual.view(groups, -1, 1), patch_mean.unsqueeze(1), beta=alpha, alpha=-alpha)
     return grad
@@ -135,8 +151,8 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
 
     Returns ``(grad_mean, grad_var)``: the mean input patch per group
     (``groups x P'``) and ``dvar/dW`` (``C x P'``). One weight-gradient
-    convolution with ``C`` output channels plus one with a single channel on
-    the batch-summed input; no autograd graph.
+    convolution with ``C`` output channels plus a sum of the batch-summed
+    input; no autograd graph. Any memory format.
 
     ``stride > 1`` estimates ``dvar/dW`` from one output position in
     ``stride^2`` (that many times cheaper; the statistics and the mean patch
@@ -148,11 +164,11 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     ``stride^2``-th sample.
     """
     dtype = mean.dtype
-    inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
-    out = conv_output.detach().to(dtype)
+    inp, padding = _conv_geometry(conv_input.to(dtype), conv)  # (called under no_grad)
+    out = conv_output.to(dtype)
     n, c, h, w = out.shape
-    grad_mean = _patch_sum(inp, padding, conv, (h, w)) / (n * h * w)
-    conv_stride = conv.stride
+    grad_mean = _patch_sum(inp, padding, conv, (h, w)).div_(n * h * w)
+    conv_stride = tuple(conv.stride)
     if stride > 1 and n > h * w:
         out, inp = out[::stride * stride], inp[::stride * stride]
     elif stride > 1:
@@ -160,14 +176,14 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
         out = out[:, :, ::stride, ::stride]
         conv_stride = tuple(s * stride for s in conv.stride)
     sampled = out.shape[0] * out.shape[2] * out.shape[3]
-    centred = torch.addcmul(mean.view(1, c, 1, 1) * (-2.0 / sampled), out,
-                            out.new_tensor(2.0 / sampled))
-    grad_var = torch.nn.grad.conv2d_weight(
-        inp, conv.weight.shape, centred, conv_stride, padding, conv.dilation, conv.groups)
+    centred = out - mean.view(1, c, 1, 1)
+    grad_var = _weight_grad(inp, centred, conv, conv_stride, tuple(padding))
     # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
     # large input patches it would break <grad_var, W> = 2 var. Subtracting it
-    # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead.
-    grad_var = _centre_patches_(grad_var.view(c, -1), centred.sum(dim=(0, 2, 3)), grad_mean)
+    # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead;
+    # the same pass scales by 2/m.
+    grad_var = _centre_patches_(grad_var, centred.sum(dim=(0, 2, 3)), grad_mean,
+                                2.0 / sampled)
     if stride > 1:
         weight = conv.weight.detach().to(dtype).flatten(1)
         gap = 2.0 * var - _row_dot(grad_var, weight)
@@ -192,9 +208,7 @@ def shifted_sums(x: Tensor, shift: Tensor, conv_input: Tensor | None,
     if conv is not None:
         inp, padding = _conv_geometry(conv_input.detach().to(dtype), conv)
         parts.append(_patch_sum(inp, padding, conv, (h, w)).flatten())
-        parts.append(torch.nn.grad.conv2d_weight(
-            inp, conv.weight.shape, centred, conv.stride, padding, conv.dilation,
-            conv.groups).flatten())
+        parts.append(_weight_grad(inp, centred, conv, tuple(conv.stride), tuple(padding)).flatten())
     return torch.cat(parts)
 
 
@@ -225,13 +239,17 @@ def stats_from_sums(sums: Tensor, shift: Tensor, groups: int = 1) -> SlotStats:
 def all_finite(stats: SlotStats) -> Tensor:
     """Whether every statistic and derivative of a record is finite: a 0-dim bool tensor.
 
-    Stays on the device (no host read). A sum is NaN or infinite as soon as
-    one term is, and costs one read of each tensor, where ``isfinite(t).all()``
-    builds two temporaries of ``t``'s size. (A sum can also overflow: such a
-    record is dropped, as it should be.)
+    Stays on the device (no host read). A norm is NaN or infinite as soon as
+    one entry is: one fused norm per tensor, then one check. (A norm can also
+    overflow: such a record is dropped, as it should be.)
     """
-    sums = torch.stack([t.sum() for t in stats[1:] if t is not None])
-    return torch.isfinite(sums).all()
+    norms = torch._foreach_norm([t for t in stats[1:] if t is not None], 1)
+    return is_finite(torch.stack(norms).sum())
+
+
+def is_finite(t: Tensor) -> Tensor:
+    """``isfinite(t)`` in two ops (``t - t`` is 0 exactly where ``t`` is finite), not four."""
+    return (t - t) == 0
 
 
 def select_stats(condition: Tensor, a: SlotStats, b: SlotStats) -> SlotStats:
@@ -242,6 +260,12 @@ def select_stats(condition: Tensor, a: SlotStats, b: SlotStats) -> SlotStats:
     return SlotStats(count, pick(a.mean, b.mean),
                      pick(a.var, b.var), pick(a.grad_mean, b.grad_mean),
                      pick(a.grad_var, b.grad_var))
+
+
+def zero_stats(stats: SlotStats) -> SlotStats:
+    """A record of the same count and shapes, all zeros (stands in for a non-finite one)."""
+    return SlotStats(stats.count, *(None if t is None else torch.zeros_like(t)
+                                    for t in stats[1:]))
 
 
 def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:
@@ -400,34 +424,223 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     return mean, var, count
 
 
+class WindowEntries(NamedTuple):
+    """The ring of past steps at one call position, as stored: ``K`` slots in ring order.
+
+    ``mean``/``var``: ``K x C``; ``grad_mean``: ``K x groups x P'`` and
+    ``grad_var``: ``K x C x P'`` (``None`` without compensation); ``use``:
+    ``K x 1`` bool, the slot holds a finite step inside the active window.
+    Order does not matter to the pool: a sum over the used slots.
+    """
+    mean: Tensor
+    var: Tensor
+    grad_mean: Tensor | None
+    grad_var: Tensor | None
+    use: Tensor
+
+
+class PooledStats(NamedTuple):
+    """What ``pool_compensated`` returns: the pooled ``mean``/``var`` (``C``), ``count``
+    (``C``: entries pooled, the step's counting 1), and per slot (``K x C``) the
+    compensated ``past_mean``/``past_var`` (before the variance rule) and ``pooled``,
+    which entries the pool took."""
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+    past_mean: Tensor
+    past_var: Tensor
+    pooled: Tensor
+
+
+def _patch_dot(grad_mean: Tensor, weight: Tensor) -> Tensor:
+    """``<p_bar_k, W_c>`` for every slot ``k`` and channel ``c``: ``K x C``.
+
+    ``grad_mean``: ``K x groups x P'``; ``weight``: ``C x P'``. One matrix
+    product (one batched product per group for grouped convs).
+    """
+    k, groups, p = grad_mean.shape
+    if groups == 1:
+        return torch.mm(grad_mean.view(k, p), weight.t())
+    c = weight.shape[0]
+    return torch.bmm(grad_mean.transpose(0, 1), weight.view(groups, c // groups, p)
+                     .transpose(1, 2)).transpose(0, 1).reshape(k, c)
+
+
+def _patch_outer_(out: Tensor, coef: Tensor, grad_mean: Tensor) -> Tensor:
+    """``out += sum_k coef[k, c] p_bar[k, g(c)]``, ``C x P'`` (the transpose of ``_patch_dot``)."""
+    k, groups, p = grad_mean.shape
+    if groups == 1:
+        return out.addmm_(coef.t(), grad_mean.view(k, p))
+    c = coef.shape[1]
+    out.view(groups, c // groups, p).baddbmm_(coef.view(k, groups, c // groups).permute(1, 2, 0),
+                                              grad_mean.transpose(0, 1))
+    return out
+
+
+class _CompensatedPool(torch.autograd.Function):
+    """Compensate every slot of the window, apply the variance rule, pool: few large ops.
+
+    Forward: each slot's ``(mean, var)`` moved to the current conv weight
+    (``compensate``, for all ``K`` slots at once), the variance rule, then the
+    pooled statistics of the step's entry and the used slots,
+    ``mean = (m_s + sum_k m_k) / n`` and ``var = (v_s + (m_s - mean)^2 + sum_k
+    (v_k + (m_k - mean)^2)) / n``. The step's entry is a constant here (its
+    gradient reaches ``x`` analytically in ``_PooledBatchNorm``).
+
+    Backward (only when the weight is an input that requires grad: the
+    compensated backward): the exact derivative of the pooled statistics in
+    the conv weight and bias, through the compensated slots (coefficient
+    ``rho``) and, under several calls per step, through the step's earlier
+    calls (entries taken with the current weight, coefficient 1). From the
+    stored derivatives alone: one ``C x K`` by ``K x P'`` product for the
+    mean patches and one ``K x C x P'`` product-sum for ``dvar/dW``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, step_mean, step_var, entries, earlier, rho, compensation,
+                rule):
+        dtype = step_mean.dtype
+        m_old, v_old = entries.mean, entries.var
+        d_mean = None
+        if rho != 0 and entries.grad_mean is not None:
+            w = weight.to(dtype).flatten(1)
+            proj_mean = _patch_dot(entries.grad_mean, w)
+            if bias is not None:
+                proj_mean.add_(bias.to(dtype))
+            proj_var = _row_dot(entries.grad_var, w)
+            mean = torch.lerp(m_old, proj_mean, rho)
+            # <dvar/dW, W_old> = 2 var_old: the step along W_t - W_old needs no old weight.
+            var = (proj_var.sub_(v_old) if rho == 1.0
+                   else torch.add(v_old, proj_var, alpha=rho).sub_(v_old, alpha=2.0 * rho))
+            if compensation == 'mu_nu':
+                d_mean = proj_mean.sub_(m_old)
+                var.addcmul_(d_mean, d_mean, value=-rho * rho)
+        else:
+            mean, var = m_old, v_old
+        # A dropped entry may be non-finite: it is replaced by 0 before any
+        # arithmetic, so that no NaN reaches the pool or the gradient.
+        pooled = is_finite(mean + var).logical_and_(entries.use)
+        if rule == 'clamp':
+            pooled_var = var.clamp_min(0)
+        else:
+            pooled.logical_and_(var >= 0)
+            pooled_var = var
+        alpha = pooled.to(dtype)
+        count = alpha.sum(0).add_(1)
+        mean_z = torch.where(pooled, mean, alpha)
+        total = mean_z.sum(0).add_(step_mean).div_(count)
+        dev = (mean_z - total).mul_(alpha)
+        spread = torch.where(pooled, pooled_var, alpha).addcmul_(dev, dev).sum(0)
+        step_dev = step_mean - total
+        var_p = torch.addcmul(step_var, step_dev, step_dev).add_(spread).div_(count)
+        ctx.set_materialize_grads(False)
+        if ctx.needs_input_grad[0]:
+            # Entries on the clamp carry no gradient through their variance.
+            live = alpha if rule == 'exclude' else alpha * (var > 0)
+            ctx.save_for_backward(count, alpha, dev, live, step_dev)
+            # (mu, nu): the slots' d_mu, zeros where not pooled (no NaN in the backward).
+            ctx.d_mean = None if d_mean is None else torch.where(pooled, d_mean, alpha)
+            ctx.entries, ctx.earlier = entries, earlier
+            ctx.rho, ctx.weight_meta = rho, (weight.shape, weight.dtype)
+            ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(count, mean, var, pooled)
+        return total, var_p, count, mean, var, pooled
+
+    @staticmethod
+    def backward(ctx, g_mean, g_var, *_):
+        count, alpha, dev, live, step_dev = ctx.saved_tensors
+        entries, earlier, rho = ctx.entries, ctx.earlier, ctx.rho
+        g_mean = g_mean.to(alpha.dtype).div(count)     # dL/dmean / n
+        g_var = g_var.to(alpha.dtype).div(count)       # dL/dvar / n
+        # Per slot: dmean/dm_k = 1/n, dvar/dm_k = 2 (m_k - mean)/n, dvar/dv_k = 1/n.
+        coef_patch = torch.addcmul(alpha * g_mean, dev, g_var, value=2.0).mul_(rho)
+        coef_var = live.mul(g_var)
+        if rho != 1.0:
+            coef_var.mul_(rho)
+        if ctx.d_mean is not None:  # (mu, nu): var_c - rho^2 d^2, d = <p_bar, W> + b - m_old
+            coef_patch.addcmul_(ctx.d_mean, coef_var, value=-2.0 * rho)
+        grad_w = (entries.grad_var * coef_var.unsqueeze(-1)).sum(0)
+        _patch_outer_(grad_w, coef_patch, entries.grad_mean)
+        grad_b = coef_patch.sum(0)
+        if earlier is not None:
+            # The step's earlier calls, merged with this one (weight ``share`` for
+            # this call): entries of the current weight, derivative 1.
+            share = earlier.share
+            g_step = torch.addcmul(g_mean, step_dev, g_var, value=2.0)
+            coef_e = torch.addcmul(g_step, earlier.mean - earlier.step_mean, g_var,
+                                   value=2.0).mul_(1.0 - share)
+            coef_ev = g_var * (1.0 - share)
+            _patch_outer_(grad_w, coef_e.unsqueeze(0), earlier.grad_mean.unsqueeze(0))
+            grad_w.addcmul_(earlier.grad_var, coef_ev.unsqueeze(1))
+            grad_b.add_(coef_e)
+        shape, dtype = ctx.weight_meta
+        grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
+        return grad_w.view(shape).to(dtype), grad_b, None, None, None, None, None, None, None
+
+
+class EarlierCalls(NamedTuple):
+    """This step's earlier calls at one position, for the compensated backward.
+
+    ``mean``/``grad_mean``/``grad_var``: their merged mean and derivatives; ``step_mean``: the mean of the whole step so far (earlier
+    calls and this one); ``share``: this call's share of the step's positions.
+    """
+    mean: Tensor
+    grad_mean: Tensor
+    grad_var: Tensor
+    step_mean: Tensor
+    share: float | Tensor
+
+
+def pool_compensated(step_mean: Tensor, step_var: Tensor, entries: WindowEntries,
+                     weight: Tensor | None, bias: Tensor | None, rho: float,
+                     compensation: str, rule: str, differentiable: bool = False,
+                     earlier: EarlierCalls | None = None) -> PooledStats:
+    """Pool the step's statistics with the window's slots, compensated to ``weight``.
+
+    ``differentiable``: the pooled statistics are functions of the conv's
+    ``weight`` and ``bias`` (the compensated backward); otherwise constants.
+    """
+    device = step_mean.device.type
+    if torch.is_autocast_enabled(device):  # the statistics stay in their own dtype
+        with torch.autocast(device, enabled=False):
+            return pool_compensated(step_mean, step_var, entries, weight, bias, rho,
+                                    compensation, rule, differentiable, earlier)
+    if differentiable:
+        return PooledStats(*_CompensatedPool.apply(weight, bias, step_mean, step_var, entries,
+                                                   earlier, float(rho), compensation, rule))
+    with torch.no_grad():
+        return PooledStats(*_CompensatedPool.apply(
+            None if weight is None else weight.detach(), None if bias is None else bias.detach(),
+            step_mean, step_var, entries, None, float(rho), compensation, rule))
+
+
 class _PooledBatchNorm(torch.autograd.Function):
     """BN's fused kernels with pooled statistics, and the exact gradient through this call's.
 
     Forward: ``gamma (x - mean) / sqrt(var + eps) + beta`` with the pooled
     ``(mean, var)``, BN's inference kernel (one pass, eps inside the sqrt).
-    Backward: the pooled statistics depend on this call's batch mean ``mu_c``
-    and variance only, each with per-channel weight ``w`` (1/k for a full
-    window, times this call's share of the step's positions), and
-    ``d var / d mu_c = 2 w (mu_c - mean)``. So the input gradient is
-    ``(gamma / sigma) g + a x + b`` per channel: BN's fused backward gives
-    ``sum g x_hat`` and ``sum g`` in one pass, two ``addcmul`` passes give
-    the rest (BN's own backward makes two passes; the autograd-ops version
-    of the same maths about six; ``tools/analysis_tools/benchmark.py`` measures all three).
+    Backward: the pooled statistics depend on this call's batch mean and
+    variance, each with per-channel weight ``w`` (1/k for a full window, times
+    this call's share of the step's positions). Through them the input
+    gradient is BN's training backward with the correction terms scaled by
+    ``w``: ``(gamma / sigma) (g - w mean(g) - w x_hat mean(g x_hat))`` (this
+    call's own mean cancels out). BN's fused backward gives ``sum g`` and
+    ``sum g x_hat`` in one pass, two ``addcmul`` passes give the rest.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, mean_call, stat_weight, eps, count, group):
-        ctx.save_for_backward(x, weight, mean, var, mean_call, stat_weight)
+    def forward(ctx, x, weight, bias, mean, var, stat_weight, eps, count, group):
+        ctx.save_for_backward(x, weight, mean, var, stat_weight)
         ctx.eps, ctx.count, ctx.group = eps, count, group
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, var, mean_call, stat_weight = ctx.saved_tensors
-        gamma = weight if weight is not None else torch.ones_like(mean)
+        x, weight, mean, var, stat_weight = ctx.saved_tensors
+        invstd = torch.rsqrt(var + ctx.eps)
         # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
         _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad, x, gamma, mean, var, None, None, False, ctx.eps, [False, True, True])
+            grad, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
         total_g, total_g_xhat = sum_g, sum_g_xhat
         if ctx.group is not None:
             # The statistics were over every device's positions: so is their gradient
@@ -435,53 +648,48 @@ class _PooledBatchNorm(torch.autograd.Function):
             totals = torch.cat([sum_g, sum_g_xhat])
             torch.distributed.all_reduce(totals, group=ctx.group)
             total_g, total_g_xhat = totals.chunk(2)
-        invstd = torch.rsqrt(var + ctx.eps)
-        d_mean = -gamma * invstd * total_g
-        d_var = -0.5 * gamma * invstd * invstd * total_g_xhat
-        d_var_call = stat_weight * d_var
-        d_mean_call = stat_weight * (d_mean + 2.0 * d_var * (mean_call - mean))
-        m = ctx.count
-        slope = 2.0 * d_var_call / m
-        offset = d_mean_call / m - slope * mean_call
+        scale = invstd if weight is None else weight * invstd        # gamma / sigma
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        # grad_x = (gamma / sigma) g + slope x + offset, per channel: two passes.
+        # grad_x = scale g + slope x + offset, per channel: two passes over x.
+        coef = (scale * stat_weight).div_(ctx.count)
+        slope = (coef * total_g_xhat).mul_(invstd).neg_()
+        offset = torch.addcmul(coef * total_g, slope, mean).neg_()
         grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
-        grad_x.addcmul_(grad, (gamma * invstd).view(shape))
+        grad_x.addcmul_(grad, scale.view(shape))
         needs = ctx.needs_input_grad
         grad_mean = grad_var = None
         if needs[3] or needs[4]:
             # Pooled statistics that carry gradient (past entries as functions of
             # the current conv weight): this device's own gradient, like any
             # parameter gradient under DDP; the all-reduced one above is for x.
-            if ctx.group is None:
-                grad_mean, grad_var = d_mean, d_var
-            else:
-                grad_mean = -gamma * invstd * sum_g
-                grad_var = -0.5 * gamma * invstd * invstd * sum_g_xhat
+            grad_mean = torch.mul(scale, sum_g).neg_()
+            grad_var = (scale * sum_g_xhat).mul_(invstd).mul_(-0.5)
         return (grad_x, sum_g_xhat if needs[1] else None, sum_g if needs[2] else None,
-                grad_mean, grad_var, None, None, None, None, None)
+                grad_mean, grad_var, None, None, None, None)
 
 
-def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, mean_call: Tensor,
-                      stat_weight: Tensor, weight: Tensor | None, bias: Tensor | None,
-                      eps: float, count: int | None = None, group=None) -> Tensor:
+def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, stat_weight: Tensor,
+                      weight: Tensor | None, bias: Tensor | None, eps: float,
+                      count: int | Tensor | None = None, group=None) -> Tensor:
     """Normalise ``x`` with pooled statistics, with the gradient through this call's.
 
-    ``mean``/``var``: the pooled statistics; ``mean_call``: this call's batch
-    mean; ``stat_weight``: per channel, the weight of this call's statistics in
-    the pool. The gradient through this call's statistics is analytic; the
-    pooled ``mean``/``var`` pass gradient on only where they carry it for
-    other reasons (``compensated_entries``), never back into this call's. ``count``: positions behind
-    this call's statistics (all devices' with ``group``, whose backward then
-    sums the statistics' gradient across the group). Computed in the
-    statistics' dtype, returned in ``x``'s.
+    ``mean``/``var``: the pooled statistics; ``stat_weight``: per channel, the
+    weight of this call's statistics in the pool (``share / n``; 1 gives BN's
+    training backward with the pooled statistics). The gradient through this
+    call's statistics is analytic; the pooled ``mean``/``var`` pass gradient
+    on only where they carry it for other reasons (``pool_compensated``),
+    never back into this call's. ``count``: positions behind this call's
+    statistics (all devices' with ``group``, whose backward then sums the
+    statistics' gradient across the group). Computed in the statistics'
+    dtype, returned in ``x``'s.
     """
     dtype = mean.dtype
     count = x.numel() // x.shape[1] if count is None else count
-    params = [p if p is None else p.to(dtype) for p in (weight, bias)]
-    y = _PooledBatchNorm.apply(x.to(dtype), *params, mean, var, mean_call, stat_weight, eps,
-                               count, group)
-    return y.to(x.dtype)
+    if weight is not None and weight.dtype != dtype:
+        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    y = _PooledBatchNorm.apply(x if x.dtype == dtype else x.to(dtype), weight, bias, mean, var,
+                               stat_weight, eps, count, group)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def active_window(step: int, window_size: int, burn_in: int = 0, ramp: int = 0) -> int:

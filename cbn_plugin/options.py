@@ -43,12 +43,12 @@ def check_number(name: str, value, low: float = 0.0, high: float = math.inf,
           and not math.isnan(value) and (value > low if open_low else value >= low)
           and math.isfinite(value) and value <= high)
     if not ok:
-        left = '(' if open_low else '['
-        span = f'> {low}' if high == math.inf and open_low else (
-            f'>= {low}' if high == math.inf else f'in {left}{low}, {high}]')
+        if high == math.inf:
+            span = f'> {low:g}' if open_low else f'a number >= {low:g}'
+        else:
+            span = f"a number in {'(' if open_low else '['}{low:g}, {high:g}]"
         hint = f' ({meaning})' if meaning else ''
-        raise ValueError(f'{_prefix(owner)}{name} must be a finite number {span}{hint}, '
-                         f'got {value!r}')
+        raise ValueError(f'{_prefix(owner)}{name} must be {span}{hint}, got {value!r}')
     return float(value)
 
 

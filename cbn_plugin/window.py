@@ -1,16 +1,34 @@
-"""The ring of past steps behind a CBN layer: its positions, kept on the host.
+"""The window of past steps behind a CBN layer: its positions, entries and records.
 
-The entries themselves are the layer's buffers (``window_mean``, ...), so they
-are saved with the model; this object owns the index arithmetic and mirrors
-the ring's positions on the host. A training step then reads nothing back
-from the device: on a GPU every ``int(tensor)`` waits for the device's queue
-to drain. The mirror is written from the buffers once, when a checkpoint is
-loaded (``load``).
+The entries are the layer's buffers (``window_mean``, ...), so they move,
+save and gather with the model like any buffer; ``CrossIterationWindow``
+owns their layout, writes a step's record into them, hands the pool the
+slots it reads, and upgrades old states. The ring's positions are mirrored
+on the host (``StepRing``): a training step reads nothing back from the
+device (on a GPU every ``int(tensor)`` waits for the device's queue to
+drain), and the forward does not read them at all: it pools every slot with
+a mask, so a compiled model sees the same graph at every step.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import functional as CF
+
+# Persistent window state, ``None`` (absent from the state_dict) until used.
+# S call positions (1 unless ``per_call_windows``), K = k-1 past steps.
+WINDOW_BUFFERS = (
+    'num_steps',         # int64 scalar: optimizer steps seen (the layer's clock)
+    'window_next',       # int64 S: ring slot the next step is written to
+    'window_filled',     # int64 S: number of valid past steps
+    'window_mean',       # S x K x C
+    'window_var',        # S x K x C (biased)
+    'window_grad_mean',  # S x K x groups x P'  (mean input patch)
+    'window_grad_var',   # S x K x C x P'       (dvar/dW)
+    'window_valid',      # bool S x K: the slot holds a step with finite statistics
+)
+ENTRY_BUFFERS = ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
 
 
 class StepRing:
@@ -25,7 +43,7 @@ class StepRing:
         self.slots = slots
         self.next: list[int] = []
         self.filled: list[int] = []
-        self._indices: dict[tuple, Tensor] = {}
+        self._masks: dict[tuple, Tensor] = {}
 
     @property
     def positions(self) -> int:
@@ -41,7 +59,7 @@ class StepRing:
         """Take the positions from the buffers of a loaded state (one read, at load time)."""
         self.next = [] if next_slots is None else [int(v) for v in next_slots.tolist()]
         self.filled = [] if filled is None else [int(v) for v in filled.tolist()]
-        self._indices.clear()
+        self._masks.clear()
 
     def ages(self, position: int, most: int) -> int:
         """How many past steps position ``position`` pools, at most ``most``."""
@@ -52,16 +70,18 @@ class StepRing:
         newest = self.next[position] - 1
         return tuple((newest - a) % self.slots for a in range(ages))
 
-    def index(self, position: int, ages: int, device: torch.device) -> Tensor:
-        """``newest_first`` as an index tensor, made once per distinct value.
+    def recent_mask(self, position: int, ages: int, device: torch.device) -> Tensor:
+        """``slots x 1`` bool: the ``ages`` newest slots (a window ramping up).
 
-        A fresh index tensor is a host-to-device copy, which from pageable
-        memory waits for the device; there are at most ``slots^2`` of them.
+        Made once per distinct value: a fresh tensor from host values is a
+        host-to-device copy, which from pageable memory waits for the device.
         """
         key = (self.newest_first(position, ages), str(device))
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        return self._indices[key]
+        if key not in self._masks:
+            mask = torch.zeros(self.slots, 1, dtype=torch.bool)
+            mask[list(key[0])] = True
+            self._masks[key] = mask.to(device)
+        return self._masks[key]
 
     def advance(self, position: int) -> None:
         """The step just written at ``position`` becomes the newest."""
@@ -69,9 +89,149 @@ class StepRing:
         self.filled[position] = min(self.filled[position] + 1, self.slots)
 
     def filled_mask(self, positions: int, device: torch.device) -> Tensor:
-        """``positions x slots`` bool: which slots hold a step (for upgrading old states)."""
+        """``positions x slots`` bool: which slots hold a step."""
         mask = torch.zeros(positions, self.slots, dtype=torch.bool)
         for p in range(positions):
             for slot in self.newest_first(p, self.filled[p]):
                 mask[p, slot] = True
         return mask.to(device)
+
+
+class CrossIterationWindow:
+    """The last ``slots`` steps' records of one layer, per call position.
+
+    ``buffers``: the layer's buffer mapping, in which the entries live (and
+    are replaced when the layer moves, loads or allocates). Slot views are
+    cached per buffer object, so writing a record and reading a position's
+    slots cost one op per tensor, not an indexing chain.
+    """
+
+    def __init__(self, buffers: dict, slots: int) -> None:
+        self._buffers = buffers
+        self.ring = StepRing(slots)
+        self._views: dict[tuple, Tensor] = {}
+
+    @property
+    def slots(self) -> int:
+        return self.ring.slots
+
+    def _view(self, name: str, *index: int) -> Tensor:
+        """``buffers[name][index]``, made once per buffer object."""
+        base = self._buffers[name]
+        key = (name, index)
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not base:
+            view = base
+            for i in index:
+                view = view[i]
+            cached = self._views[key] = (base, view if name != 'window_valid' or len(index) > 1
+                                         else view.unsqueeze(1))
+        return cached[1]
+
+    def ages(self, position: int, most: int) -> int:
+        """How many past steps ``position`` pools when it may pool ``most``."""
+        return self.ring.ages(position, most)
+
+    def entries(self, position: int, most: int, like: CF.SlotStats) -> CF.WindowEntries:
+        """The slots ``position`` pools, in ring order, with a mask of those in use.
+
+        ``most``: the active window's past steps (fewer than the ring holds
+        while the window ramps up). ``like``: this step's record (shapes for
+        a position that has no slots yet).
+        """
+        if self._buffers['window_mean'] is None or position >= self.ring.positions:
+            c = like.mean.shape[0]
+            empty = like.mean.new_zeros(0, c)
+            grads = (None, None) if like.grad_mean is None else (
+                like.grad_mean.new_zeros((0,) + tuple(like.grad_mean.shape)),
+                like.grad_var.new_zeros((0,) + tuple(like.grad_var.shape)))
+            return CF.WindowEntries(empty, empty, *grads, empty.bool().view(0, 1))
+        use = self._view('window_valid', position)
+        if most < self.ring.filled[position]:
+            use = use & self.ring.recent_mask(position, most, use.device)
+        grads = (None, None)
+        if like.grad_mean is not None and self._buffers['window_grad_mean'] is not None:
+            grads = (self._view('window_grad_mean', position),
+                     self._view('window_grad_var', position))
+        return CF.WindowEntries(self._view('window_mean', position),
+                                self._view('window_var', position), *grads, use)
+
+    def write(self, position: int, record: CF.SlotStats, finite: Tensor) -> None:
+        """Write a step's record into the slot of its oldest step, and advance the ring.
+
+        A record that is not finite is written as zeros and marked invalid: on
+        the device, in the same single pass as a copy.
+        """
+        if self._buffers['window_mean'] is None or position >= self._buffers['window_mean'].shape[0]:
+            self._allocate(position + 1, record)
+        slot = self.ring.next[position]
+        zero = record.mean.new_zeros(())
+        fields = [('window_mean', record.mean), ('window_var', record.var)]
+        if record.grad_mean is not None:
+            fields += [('window_grad_mean', record.grad_mean),
+                       ('window_grad_var', record.grad_var)]
+        for name, value in fields:
+            torch.where(finite, value, zero, out=self._view(name, position, slot))
+        self._view('window_valid', position, slot).copy_(finite)
+        self.ring.advance(position)
+        # Python ints written into the buffers: no read back.
+        self._view('window_next', position).fill_(self.ring.next[position])
+        self._view('window_filled', position).fill_(self.ring.filled[position])
+
+    def _allocate(self, positions: int, record: CF.SlotStats) -> None:
+        k1, c = self.slots, record.mean.shape[0]
+        like = record.mean
+        shapes = {'window_mean': (c,), 'window_var': (c,)}
+        if record.grad_mean is not None:
+            shapes['window_grad_mean'] = tuple(record.grad_mean.shape)
+            shapes['window_grad_var'] = tuple(record.grad_var.shape)
+        current = self._buffers['window_mean']
+        old = current.shape[0] if current is not None else 0
+        for name, shape in shapes.items():
+            fresh = like.new_zeros((positions - old, k1) + shape)
+            current = self._buffers[name]
+            self._buffers[name] = fresh if current is None else torch.cat([current, fresh])
+        for name, shape, dtype in (('window_next', (), torch.long),
+                                   ('window_filled', (), torch.long),
+                                   ('window_valid', (k1,), torch.bool)):
+            fresh = torch.zeros((positions - old,) + shape, dtype=dtype, device=like.device)
+            current = self._buffers[name]
+            self._buffers[name] = fresh if current is None else torch.cat([current, fresh])
+        self.ring.grow(positions)
+
+    def load(self, state_dict: dict, prefix: str, version: int | None, device: torch.device,
+             error_msgs: list) -> None:
+        """Shape the buffers after a loaded state and take the ring from it.
+
+        Window buffers have data-dependent shapes: taken from the checkpoint.
+        A checkpoint without window state (a BN checkpoint, or one from before
+        the first step) resets the window: statistics of other weights cannot
+        be compensated to the loaded ones. Version 2 states had no
+        ``window_valid`` (they kept only finite steps: every filled slot is
+        valid); a slot that is not filled is never valid.
+        """
+        filled = state_dict.get(prefix + 'window_filled')
+        self.ring.load(state_dict.get(prefix + 'window_next'), filled)
+        if isinstance(filled, Tensor):
+            mask = self.ring.filled_mask(self.ring.positions, filled.device)
+            valid = state_dict.get(prefix + 'window_valid')
+            if valid is None and (version is None or version < 3):
+                state_dict[prefix + 'window_valid'] = mask
+            elif valid is None:
+                error_msgs.append(f'{prefix}window_valid is missing from a version-{version} '
+                                  'CBN state that has a window (a damaged or hand-edited '
+                                  'state_dict)')
+            elif isinstance(valid, Tensor) and valid.shape == mask.shape:
+                state_dict[prefix + 'window_valid'] = valid.to(mask.device) & mask
+        for name in WINDOW_BUFFERS:
+            incoming = state_dict.get(prefix + name)
+            if incoming is None:
+                self._buffers[name] = None
+            elif isinstance(incoming, Tensor):
+                self._buffers[name] = torch.empty_like(incoming, device=device)
+        self._views.clear()
+
+    def numel(self) -> int:
+        """Numbers held by the entries (the memory the window costs)."""
+        return sum(self._buffers[n].numel() for n in ENTRY_BUFFERS
+                   if self._buffers[n] is not None)

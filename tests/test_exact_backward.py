@@ -35,7 +35,8 @@ class TwoLayer(nn.Module):
 
 
 def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1, steps=10,
-        lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle, dilation=1):
+        lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle, dilation=1,
+        track_diagnostics=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = TwoLayer(conv_bias, groups, dilation, window_size=window_size, rho=rho,
@@ -46,6 +47,7 @@ def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1
             bn.weight.add_(0.3 * torch.randn(bn.weight.shape, generator=gen, dtype=torch.float64))
             bn.bias.add_(0.3 * torch.randn(bn.bias.shape, generator=gen, dtype=torch.float64))
     cbn_plugin.bind(model, logger=None)
+    model.bn1.track_diagnostics = model.bn2.track_diagnostics = track_diagnostics
     ref = copy.deepcopy(model)
     o1 = oracle_cls(ref.conv1, ref.bn1.weight, ref.bn1.bias, window_size, rho, rule, compensation)
     o2 = oracle_cls(ref.conv2, ref.bn2.weight, ref.bn2.bias, window_size, rho, rule, compensation)
@@ -99,9 +101,16 @@ def test_exact_backward_gradient_accumulation(compensation):
 
 def test_exact_backward_sees_negative_entries():
     """The runs above exercise the variance rule: some compensated entries are negative."""
-    model = run(4, 1.0, 'clamp', 'mu_nu', lr=0.6, steps=8)
+    model = run(4, 1.0, 'clamp', 'mu_nu', lr=0.6, steps=8, track_diagnostics=True)
     assert float(model.bn2.diagnostics['negative_fraction']) + float(
         model.bn1.diagnostics['negative_fraction']) > 0
+    # Not tracked: the figures cost nothing and are absent.
+    model.bn1.track_diagnostics = False
+    model.bn1.train()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    model(x).sum().backward()
+    cbn_plugin.step(model)
+    assert 'negative_fraction' not in model.bn1.diagnostics
 
 
 class DetachedPastOracle(ExactOracle):

@@ -241,7 +241,7 @@ def test_version_2_state_is_upgraded_on_load():
     fresh.load_state_dict(old)
     layer = fresh[1]
     assert layer.window_valid.tolist() == [[True, True, False]]
-    assert (layer.steps_done, layer.ring.next, layer.ring.filled) == (2, [2], [2])
+    assert (layer.steps_done, layer.window.ring.next, layer.window.ring.filled) == (2, [2], [2])
     x = torch.randn(2, 3, 5, 5)
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
     # A version-3 state without window_valid is damaged, not old: refused.
