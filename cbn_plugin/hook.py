@@ -106,7 +106,6 @@ class CBNHook(Hook):
         self.ramp_iters, self.pairs = ramp_iters, pairs
         self._step_hook = None
         self._layers = []
-        self._diag_sum, self._diag_count = None, 0  # device sums between two log lines
 
     def _schedule_in_steps(self, runner) -> tuple[int, int, int]:
         accumulate = getattr(runner.optim_wrapper, '_accumulative_counts', 1)
@@ -146,33 +145,35 @@ class CBNHook(Hook):
         self._step_hook = runner.optim_wrapper.optimizer.register_step_post_hook(
             lambda *_: step(model))
 
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        """Accumulate the layers' diagnostics on the device; log them with the losses.
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        """The layers compute their window figures only on the iterations the logger writes."""
+        track = bool(self._layers) and self._logs_now(runner, batch_idx)
+        for layer in self._layers:
+            layer.track_diagnostics = track
 
-        Reading a tensor waits for the device's queue, so the sums are read
-        only on the iterations the logger writes (its ``interval``), as the
-        mean over the iterations since the last one.
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        """Log the window figures with the losses, on the iterations the logger writes.
+
+        Reading a tensor waits for the device's queue, and computing the
+        figures costs ops in every layer: both happen only on those
+        iterations (the figures are that iteration's).
         """
         if not self._layers:
             return
+        hub = runner.message_hub
         windows, shifts, negatives = [], [], []
         for layer in self._layers:
             diag = layer.diagnostics
-            windows.append(diag.pop('window', 1))
+            windows.append(diag.get('window', 1))
             if 'mean_shift' in diag:
-                shifts.append(diag.pop('mean_shift'))
-                negatives.append(diag.pop('negative_fraction'))
-        hub = runner.message_hub
+                shifts.append(diag['mean_shift'])
+                negatives.append(diag['negative_fraction'])
         hub.update_scalar('train/cbn_window', sum(windows) / len(windows))  # host numbers
-        if shifts:
-            means = torch.stack([torch.stack(shifts).mean(), torch.stack(negatives).mean()])
-            self._diag_sum = means if self._diag_sum is None else self._diag_sum + means
-            self._diag_count += 1
-        if self._diag_sum is not None and self._logs_now(runner, batch_idx):
-            shift, negative = (self._diag_sum / self._diag_count).tolist()
+        if shifts and self._logs_now(runner, batch_idx):
+            shift, negative = torch.stack([torch.stack(shifts).mean(),
+                                           torch.stack(negatives).mean()]).tolist()
             hub.update_scalar('train/cbn_mean_shift', shift)
             hub.update_scalar('train/cbn_negative_fraction', negative)
-            self._diag_sum, self._diag_count = None, 0
 
     def _logs_now(self, runner, batch_idx: int) -> bool:
         """Whether the logger hook writes this iteration (mmengine's LoggerHook rule)."""

@@ -155,13 +155,18 @@ def test_hook_reads_diagnostics_only_when_the_logger_writes():
     runner = _FakeRunner(interval=4, length=100)
     train_steps(model, opt, 4)
     logged = []
+    computed = []
     for batch_idx in range(4, 12):
+        hook.before_train_iter(runner, batch_idx)
         train_steps(model, opt, 1)
+        computed.append('mean_shift' in model.bn1.diagnostics)
         with trapped_host_reads() as calls:
             hook.after_train_iter(runner, batch_idx)
         runner.iter += 1
         logged.append((batch_idx, len(calls)))
-    # LoggerHook writes after batch 7 and 11 (every 4th): the only reads, one each.
+    # LoggerHook writes after batch 7 and 11 (every 4th): the only reads, one each,
+    # and the only steps whose layers computed the figures.
     assert logged == [(b, 1 if (b + 1) % 4 == 0 else 0) for b in range(4, 12)]
+    assert computed == [(b + 1) % 4 == 0 for b in range(4, 12)]
     shift = runner.message_hub.get_scalar('train/cbn_mean_shift').current()
     assert shift > 0
