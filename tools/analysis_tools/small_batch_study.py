@@ -53,8 +53,9 @@ from small_batch.grid import (  # noqa: E402
 from small_batch.models import ARCHS  # noqa: E402
 from small_batch.plots import plot_accuracy, plot_errors  # noqa: E402
 from small_batch.report import (  # noqa: E402
-    PRECISE_BEGIN, PRECISE_END, render, render_precise, write_md)
+    DOC_BEGIN, DOC_END, PRECISE_BEGIN, PRECISE_END, render, render_precise)
 from small_batch.runner import _key, run_jobs  # noqa: E402
+from study_markdown import write_block  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -137,12 +138,12 @@ def precise_main(args, meta) -> list:
     (args.out_dir / 'small_batch_precise.json').write_text(json.dumps(
         dict(meta=meta, wall_s=wall, runs=results), indent=1, default=float) + '\n')
     block = render_precise(results, args, wall, meta)
-    write_md(args.out_dir / 'small_batch_precise.md', block, PRECISE_BEGIN, PRECISE_END,
-             intro='# Recomputed inference statistics at small batch\n\n'
-                   'Whether statistics recomputed after training (PreciseBN for BN; every '
-                   'CBN layer pooling its window of k batches, as training normalised with) '
-                   'beat the running averages the layers keep. Everything between the '
-                   'markers is written by the command it names.\n\n')
+    write_block(args.out_dir / 'small_batch_precise.md', PRECISE_BEGIN, PRECISE_END, block,
+                '# Recomputed inference statistics at small batch\n\n'
+                'Whether statistics recomputed after training (PreciseBN for BN; every '
+                'CBN layer pooling its window of k batches, as training normalised with) '
+                'beat the running averages the layers keep. Everything between the '
+                'markers is written by the command it names.\n')
     print(block)
     return results
 
@@ -177,7 +178,8 @@ def main(argv=None):
     block = render(results, args, wall, meta)
     plot_accuracy(results, args, args.out_dir / 'small_batch.png')
     plot_errors(results, args, args.out_dir / 'small_batch_errors.png')
-    write_md(args.out_dir / 'small_batch.md', block)
+    write_block(args.out_dir / 'small_batch.md', DOC_BEGIN, DOC_END, block,
+                '# Small-batch study\n')
     print(block)
     print(f'wall time {wall:.0f}s', flush=True)
     return results

@@ -3,7 +3,8 @@
 ``data``: the digits tasks; ``models``: the networks and the norm each row swaps in; ``probe``:
 the statistics-error and gradient analysis; ``grid``: the rows and the runs; ``runner``:
 training a run, worker processes and the resumable cache; ``report``: tables and the generated
-markdown; ``plots``: the figures. The names below are the ones the tests and the command use.
+markdown (through ``study_markdown``, which the detection study shares); ``plots``: the
+figures. The names below are the ones the tests and the command use.
 """
 import sys
 from pathlib import Path
@@ -19,5 +20,5 @@ from .grid import (  # noqa: E402,F401
 from .models import ARCHS, SmallCNN, cbn_kwargs, make_norm  # noqa: E402,F401
 from .probe import NormProbe, gradient_fidelity  # noqa: E402,F401
 from .report import (  # noqa: E402,F401
-    DOC_BEGIN, DOC_END, PRECISE_BEGIN, PRECISE_END, render, write_md)
-from .runner import _key, evaluate, precise_accuracy, run_jobs, train_run  # noqa: E402,F401
+    DOC_BEGIN, DOC_END, PRECISE_BEGIN, PRECISE_END, render)
+from .runner import evaluate, precise_accuracy, run_jobs, train_run  # noqa: E402,F401

@@ -2,9 +2,8 @@
 ``docs/small_batch.md`` and ``docs/small_batch_precise.md``."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+from study_markdown import md_table
 
 from .grid import LARGEST_BATCH, NORMS, PAPER, PLAIN, display, is_cbn, lr_for, spec_for, window_for
 from .models import LAYER_DEFAULTS
@@ -55,10 +54,9 @@ def accuracy_rows(results, group, labels, batches, window_stats=False):
     return rows
 
 
-def md_table(header, rows):
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join([name] + list(cells)) + ' |' for name, cells in rows]
-    return '\n'.join(lines)
+def named_table(header, rows):
+    """A table of ``(row name, [cells])`` rows, the form the functions here build."""
+    return md_table(header, [(name, *cells) for name, cells in rows])
 
 
 def _analysis_mean(rs, key, layer=None):
@@ -172,7 +170,7 @@ def lr_table(results, args):
             rows.append((f'{display(label)}, batch {b}{k}', cells))
     header = ['norm, batch'] + [f'base lr {base:g} (lr at batch 2: {lr_for(2, base):g})'
                                 for base in args.sweep_base_lrs]
-    return md_table(header, rows)
+    return named_table(header, rows)
 
 
 ESTIMATES = (('current', 'current batch alone (BN)'), ('naive', 'naive pooling (rho=0)'),
@@ -202,7 +200,7 @@ def error_tables(results, group, label, batches):
     if rows:
         header = ['batch (window) layer'] + [n for _, n in ESTIMATES] + [
             'true window vs population', 'current vs population', 'CBN vs population']
-        lines.append(md_table(header, rows))
+        lines.append(named_table(header, rows))
     return '\n'.join(lines)
 
 
@@ -249,7 +247,7 @@ def entry_table(results, group, label, batches):
               'var bias: stored / (mu,nu) / var-form', 'var abs err: stored / (mu,nu) / var-form',
               'd_mu^2', 'd_mu^2 share of (mu,nu) under-estimate',
               '% negative: (mu,nu) / var-form', '% of negatives fixed by var-form']
-    return md_table(header, rows)
+    return named_table(header, rows)
 
 
 def sweep_tables(results, args):
@@ -305,7 +303,7 @@ def sweep_tables(results, args):
                               for r in rs])
             bn_rows.append(('BN', ['1', f'{lr_for(b, base):g}', '', '', '', '', f'{cos:+.3f}',
                                    f'{growth:.2f}', '']))
-    return md_table(header_acc, rows_acc), md_table(header_err, rows_err + bn_rows)
+    return named_table(header_acc, rows_acc), named_table(header_err, rows_err + bn_rows)
 
 
 def _fidelity_cell(rs):
@@ -326,7 +324,7 @@ def fidelity_table(results, group, labels, batches):
                  for b in batches if b < LARGEST_BATCH]
         if any(cells):
             rows.append((f'trained with {display(label)}', cells))
-    return md_table(['run'] + [f'batch {b} (k={window_for(b)})' for b in batches
+    return named_table(['run'] + [f'batch {b} (k={window_for(b)})' for b in batches
                                if b < LARGEST_BATCH], rows)
 
 
@@ -345,7 +343,7 @@ def radial_table(results, group, labels, batches):
                               for r in rs])
             cells.append(f'{cos:+.3f} ({growth:.2f})')
         rows.append((display(label), cells))
-    return md_table(['norm'] + [f'batch {b}' for b in batches], rows)
+    return named_table(['norm'] + [f'batch {b}' for b in batches], rows)
 
 
 def running_error_rows(results, group, labels, batches):
@@ -379,9 +377,9 @@ def loss_rows(results, group, labels, batches):
 def group_tables(results, group, labels, batches) -> list[str]:
     """Markdown lines: a group's accuracy (both running statistics) and final-loss tables."""
     header = ['norm'] + [f'batch {b}' for b in batches]
-    return [md_table(header, accuracy_rows(results, group, labels, batches, True)), '',
+    return [named_table(header, accuracy_rows(results, group, labels, batches, True)), '',
             'Final training loss:', '',
-            md_table(header, loss_rows(results, group, labels, batches)), '']
+            named_table(header, loss_rows(results, group, labels, batches)), '']
 
 
 def failures(results):
@@ -518,7 +516,7 @@ def render(results, args, wall, meta) -> str:
         f'and BN at batch 32 with {args.top_lr_seeds} seeds, mean), and >= BN at the same batch '
         'at every batch.',
         '',
-        md_table(header, rows),
+        named_table(header, rows),
         '',
         '### Headline numbers',
         '',
@@ -526,7 +524,7 @@ def render(results, args, wall, meta) -> str:
         '',
         '### Raw 8x8 digits (section 6\'s data): BN at small batch',
         '',
-        md_table(['norm'] + [f'batch {b}' for b in args.raw_batches],
+        named_table(['norm'] + [f'batch {b}' for b in args.raw_batches],
                  accuracy_rows(results, 'raw', ['BN'], args.raw_batches)),
         '',
         '### Test accuracy, digits at 4x4 (SmallCNN, every norm swapped)',
@@ -534,18 +532,18 @@ def render(results, args, wall, meta) -> str:
         'At batch 32 every CBN row with k = 32 / batch has k = 1, i.e. is BN (one shared '
         'run).',
         '',
-        md_table(b_hdr, accuracy_rows(results, 'main', args.norms, args.batches, True)),
+        named_table(b_hdr, accuracy_rows(results, 'main', args.norms, args.batches, True)),
         '',
         'Final training loss (mean of the last 10 % of steps, training-mode forward):',
         '',
-        md_table(b_hdr, loss_rows(results, 'main', args.norms, args.batches)),
+        named_table(b_hdr, loss_rows(results, 'main', args.norms, args.batches)),
         '',
         'Inference statistics: how far the final running statistics are from the '
         'statistics each layer actually receives at test time (512 training images through '
         'the eval-mode network), `mean error / std error` as in the analysis below, mean '
         'over the layers:',
         '',
-        md_table(b_hdr, running_error_rows(results, 'main', args.norms, args.batches)),
+        named_table(b_hdr, running_error_rows(results, 'main', args.norms, args.batches)),
         '',
     ]
     lr_tab = lr_table(results, args)
@@ -576,7 +574,7 @@ def render(results, args, wall, meta) -> str:
             *group_tables(results, 'second', args.second_norms, args.second_batches),
             'The goal, in this setting (points):',
             '',
-            md_table(h2, rows2),
+            named_table(h2, rows2),
             '',
         ]
     parts += [
@@ -650,20 +648,6 @@ def render(results, args, wall, meta) -> str:
     parts += ['![accuracy vs batch](small_batch.png)', '',
               '![statistics error vs window and lr](small_batch_errors.png)']
     return '\n'.join(parts)
-
-
-def write_md(path: Path, block: str, begin: str = DOC_BEGIN, end: str = DOC_END,
-             intro: str = '# Small-batch study\n\n'):
-    """Replace the generated block between ``begin`` and ``end`` (``intro`` + block if new)."""
-    text = path.read_text() if path.is_file() else ''
-    new = f'{begin}\n{block}\n{end}'
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = head + new + tail
-    else:
-        text = (text or intro) + new + '\n'
-    path.write_text(text)
 
 
 PRECISE_BEGIN = ('<!-- small-batch-precise:begin '
