@@ -140,8 +140,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # Schedule, set by CBNHook from the config (set_schedule); the step
         # counter it is compared with is a (persistent) buffer, so resume
         # needs nothing else.
-        self.burn_in_steps = 0
-        self.ramp_steps = 0
+        self._schedule = (0, 0)  # (burn-in steps, ramp steps)
         for name in WINDOW_BUFFERS:
             self.register_buffer(name, None)
         self.window = CrossIterationWindow(self._buffers, window_size - 1)
@@ -158,13 +157,42 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._records = 0           # records written (host)
         self._last: dict[int, _StepCall] = {}
         self._reset_step_state()
+        self._refresh_phase()
 
     def set_schedule(self, burn_in_steps: int = 0, ramp_steps: int = 0) -> None:
         """Plain BN for the first ``burn_in_steps`` optimizer steps, then the window
         (all at once, or grown linearly over ``ramp_steps`` steps)."""
         check_int('burn_in_steps', burn_in_steps, 0, self._describe() + ':')
         check_int('ramp_steps', ramp_steps, 0, self._describe() + ':')
-        self.burn_in_steps, self.ramp_steps = burn_in_steps, ramp_steps
+        self._schedule = (burn_in_steps, ramp_steps)
+        self._refresh_phase()
+
+    @property
+    def burn_in_steps(self) -> int:
+        return self._schedule[0]
+
+    @burn_in_steps.setter
+    def burn_in_steps(self, value: int) -> None:
+        self.set_schedule(value, self._schedule[1])
+
+    @property
+    def ramp_steps(self) -> int:
+        return self._schedule[1]
+
+    @ramp_steps.setter
+    def ramp_steps(self, value: int) -> None:
+        self.set_schedule(self._schedule[0], value)
+
+    def _refresh_phase(self) -> None:
+        """What the forward branches on, on the host: the steps pooled now, 0 while
+        the layer is plain BN (burn-in before recording starts).
+
+        It changes a bounded number of times (burn-in, ramp, full window), never
+        with the step count itself: a compiled model compiles a bounded number
+        of graphs however long it trains.
+        """
+        recording = self._steps >= CF.recording_starts(self.window_size, self.burn_in_steps)
+        self._window_now = self._active_window() if recording else 0
 
     # ------------------------------------------------------------------ binding
     @property
@@ -203,6 +231,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
         self.num_steps.add_(1)
         self._steps += 1
+        self._refresh_phase()
         if self.window_size > 1:
             for position, call in self._calls.items():
                 finite = CF.all_finite(call.record) if call.finite is None else call.finite
@@ -312,14 +341,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return self._traced_forward(x)
         self._check_input_dim(x)
         conv_io, self._conv_io = self._conv_io, None
-        if not self._window_in_use() or \
-                self._steps < CF.recording_starts(self.window_size, self.burn_in_steps):
+        if not self._window_in_use() or self._window_now == 0:
             return self._batch_norm(x)
         group = self._group()
         if x.shape[0] == 0 and group is None:
             return self._empty(x)
         position = self._call_index if self.per_call_windows else 0
-        window = self._active_window()
+        window = self._window_now
         # 1. this call's statistics (and their derivatives in the conv weight)
         current = self._current(x, conv_io, derivatives=self.compensates, group=group)
         count = current.count
@@ -402,7 +430,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _empty(self, x: Tensor) -> Tensor:
         """No positions (a RoI head without RoIs): an empty output, with a (zero)
-        gradient for the parameters, and nothing recorded, as BN."""
+        gradient for the parameters; the batch counted and nothing else changed, as BN."""
+        if self.training and self.track_running_stats:
+            self._momentum_factor()
         shape = (1, -1, 1, 1)
         out = x * (self.weight.view(shape) if self.weight is not None else 1.0)
         return out + self.bias.view(shape) if self.bias is not None else out
@@ -452,8 +482,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _momentum_factor(self) -> float:
         """BN's bookkeeping: count the batch, return the running-average factor."""
         self.num_batches_tracked.add_(1)
-        self._batches += 1
         if self.momentum is None:  # cumulative moving average (the host mirror: no read)
+            # Counted only here: a host count that changes every step would make
+            # a compiled model recompile every step.
+            self._batches += 1
             return 1.0 / self._batches
         return self.momentum
 
@@ -516,6 +548,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                          self._state_device(), error_msgs)
         self._reset_step_state()
         self._last = {}
+        self._refresh_phase()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
