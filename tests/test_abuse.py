@@ -3,7 +3,6 @@
 A bounded, seeded fuzz over hostile inputs and weight changes, plus torch.compile.
 """
 import copy
-import time
 
 import pytest
 import torch
@@ -43,14 +42,15 @@ def assert_finite_state(layer):
             assert torch.isfinite(value).all(), name
 
 
+# A fixed number of seeded cases (every run checks the same ones, on any machine): both
+# kernel sizes, both running-statistics sources, a single-value batch every fifth case.
+FUZZ_CASES = 60
+
+
 @pytest.mark.parametrize('rule', ['clamp', 'exclude'])
 def test_fuzz_inputs_and_weight_jumps(rule):
     gen = torch.Generator().manual_seed(0)
-    deadline = time.monotonic() + 20
-    cases = 0
-    for case in range(60):
-        if time.monotonic() > deadline:
-            break
+    for case in range(FUZZ_CASES):
         torch.manual_seed(case)
         k = int(torch.randint(2, 6, (1,), generator=gen))
         kernel = [1, 3][case % 2]
@@ -89,8 +89,6 @@ def test_fuzz_inputs_and_weight_jumps(rule):
                     p.grad = None
             cbn_plugin.step(model)
             assert_finite_state(model[1])
-        cases += 1
-    assert cases >= 10
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
