@@ -285,7 +285,7 @@ def normalisation_part(args, device):
                 mean_cur, var_cur = CF.batch_stats(x)
                 valid = torch.ones_like(past_mean, dtype=torch.bool)
                 mean, var, pooled = CF.pool_window(mean_cur, var_cur, past_mean, past_var, valid)
-            y = CF.pooled_batch_norm(x, mean, var, mean_cur, 1.0 / pooled, weight, bias, 1e-5)
+            y = CF.pooled_batch_norm(x, mean, var, 1.0 / pooled, weight, bias, 1e-5)
             y.backward(grad)
 
         def composite():
