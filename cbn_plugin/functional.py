@@ -638,9 +638,11 @@ class _PooledBatchNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, var, stat_weight = ctx.saved_tensors
         invstd = torch.rsqrt(var + ctx.eps)
-        # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
-        _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+        if x.numel() == 0:  # an empty batch (BN's CPU kernel would divide by zero)
+            sum_g_xhat, sum_g = mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
+        else:  # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
+            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+                grad, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
         total_g, total_g_xhat = sum_g, sum_g_xhat
         if ctx.group is not None:
             # The statistics were over every device's positions: so is their gradient

@@ -45,17 +45,22 @@ def batches():
         yield x, target
 
 
-def train(model, rank=None, kwargs=None):
+def train(model, rank=None, kwargs=None, empty_step=None):
     """Per step: output, input gradient, parameter gradients (summed over processes).
 
     With the compensated backward, each process's gradient through the past
     entries is its own loss's: summed (DDP averages) they are the full batch's.
+    At ``empty_step`` process 1 has an empty batch (a RoI head without RoIs):
+    the single process then sees process 0's half only.
     """
     log = []
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    for x, target in batches():
+    for step, (x, target) in enumerate(batches()):
         if rank is not None:
-            x, target = x[rank * HALF:(rank + 1) * HALF], target[rank * HALF:(rank + 1) * HALF]
+            end = rank * HALF if (step, rank) == (empty_step, 1) else (rank + 1) * HALF
+            x, target = x[rank * HALF:end], target[rank * HALF:end]
+        elif step == empty_step:
+            x, target = x[:HALF], target[:HALF]
         x = x.clone().requires_grad_(True)
         out = model(x)
         (out * target).sum().backward()
@@ -73,10 +78,11 @@ def train(model, rank=None, kwargs=None):
     return log
 
 
-def worker(rank, store, kwargs, results):
+def worker(rank, store, kwargs, results, empty_step=None):
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
     try:
-        torch.save(train(make(SyncCBN, **kwargs), rank), f'{results}.{rank}')
+        torch.save(train(make(SyncCBN, **kwargs), rank, empty_step=empty_step),
+                   f'{results}.{rank}')
     finally:
         dist.destroy_process_group()
 
@@ -89,10 +95,22 @@ def worker(rank, store, kwargs, results):
                          ids=['cbn', 'cbn-paper', 'cbn-mu_nu-exclude', 'window1-syncbn',
                               'naive-exclude'])
 def test_two_processes_equal_one_with_the_double_batch(tmp_path, kwargs):
-    mp.start_processes(worker, args=(str(tmp_path / 'store'), kwargs, str(tmp_path / 'log')),
-                       nprocs=2, start_method='spawn')
+    two_processes_equal_one(tmp_path, kwargs)
+
+
+@pytest.mark.parametrize('kwargs', [dict(window_size=3), dict(window_size=3, mode='paper')],
+                         ids=['cbn', 'cbn-paper'])
+def test_a_process_with_an_empty_batch_still_joins(tmp_path, kwargs):
+    """Process 1 has no samples at step 3 (its window full): it joins both
+    all-reduces, gets an empty output, and the window stays identical everywhere."""
+    two_processes_equal_one(tmp_path, kwargs, empty_step=3)
+
+
+def two_processes_equal_one(tmp_path, kwargs, empty_step=None):
+    mp.start_processes(worker, args=(str(tmp_path / 'store'), kwargs, str(tmp_path / 'log'),
+                                     empty_step), nprocs=2, start_method='spawn')
     logs = [torch.load(tmp_path / f'log.{rank}') for rank in range(2)]
-    single = train(make(CBN, **kwargs))
+    single = train(make(CBN, **kwargs), empty_step=empty_step)
     for step, expect in enumerate(single):
         for rank, log in enumerate(logs):
             got, part = log[step], slice(rank * HALF, (rank + 1) * HALF)
