@@ -85,7 +85,8 @@ def host_reads_in_steady_state(norm=CBN, calls=1, gen=None, **cbn):
     train_steps(model, opt, window + 1, calls, gen)  # the windows are full
     with trapped_host_reads() as calls_seen:
         train_steps(model, opt, 3, calls, gen)
-    assert model.bn1.past_entries is not None and model.bn1.steps_done == window + 4
+    # The trapped steps pooled the full window (per_call_windows: at every position).
+    assert model.bn1.diagnostics['window'] == window and model.bn1.steps_done == window + 4
     return calls_seen
 
 

@@ -222,10 +222,16 @@ def test_pooled_stats_backward_is_bn_backward_with_the_pooled_statistics():
     handle.remove()
     grad = torch.randn_like(captured['y'])
     dx, = torch.autograd.grad(captured['y'], captured['x'], grad)
+    # The pooled statistics, from the layer's past entries and this batch, pooled here
+    # by the textbook formula (mean of the entries' means; mean variance plus the
+    # spread of the means), per channel over the entries the layer kept.
     mean_past, var_past, valid = bn.past_entries()
-    from cbn_plugin import functional as CF
-    mean_cur, var_cur = CF.batch_stats(captured['x'].detach())
-    mean, var, _ = CF.pool_window(mean_cur, var_cur, mean_past, var_past, valid)
+    x_now = captured['x'].detach()
+    means = torch.cat([x_now.mean(dim=(0, 2, 3))[None], mean_past])
+    variances = torch.cat([x_now.var(dim=(0, 2, 3), unbiased=False)[None], var_past])
+    weights = torch.cat([torch.ones_like(valid[:1]), valid]).double()
+    mean = (weights * means).sum(0) / weights.sum(0)
+    var = (weights * (variances + (means - mean) ** 2)).sum(0) / weights.sum(0)
     expect = torch.ops.aten.native_batch_norm_backward(
         grad, captured['x'].detach(), bn.weight.detach(), None, None, mean,
         torch.rsqrt(var + bn.eps), True, bn.eps, [True, False, False])[0]
