@@ -293,6 +293,54 @@ def merge_stats(a: SlotStats, b: SlotStats) -> SlotStats:
     return SlotStats(total, mean, var, grad_mean, grad_var)
 
 
+def merge_calls(current: SlotStats, before: SlotStats, before_finite: Tensor | None,
+                before_skips: Tensor | None):
+    """This call's statistics merged with the same step's earlier calls.
+
+    Returns ``(statistics to pool, the step's record, whether the record is
+    finite, this call's share of the pooled positions, the earlier calls for
+    the compensated backward or None, the calls left out so far)``. The
+    weights do not change within a step, so the merge is exact. On the
+    device: earlier calls whose statistics are not finite are not pooled, and
+    a call whose statistics are not finite is left out of the record.
+    """
+    before_finite = all_finite(before) if before_finite is None else before_finite
+    finite = all_finite(current)
+    # Zeros for a non-finite side: nothing non-finite reaches the merge's arithmetic.
+    before = select_stats(before_finite, before, zero_stats(before))
+    to_pool = select_stats(before_finite, merge_stats(before, current), current)
+    record = select_stats(finite, to_pool, before)
+    share = current.count / to_pool.count
+    earlier = None
+    if before.grad_mean is not None:
+        earlier = EarlierCalls(before.mean, before.grad_mean, before.grad_var, to_pool.mean,
+                               share)
+    skips = (before_skips if before_skips is not None else (~before_finite).long()) \
+        + (~finite).long()
+    return to_pool, record, finite | before_finite, share, earlier, skips
+
+
+def window_shift(entries: WindowEntries, pooled: PooledStats, eps: float):
+    """``(mean_shift, negative_fraction)`` over the slots in use (0-dim tensors): how far
+    the compensation moved the stored means (in stored standard deviations), and how
+    many compensated variances came out negative."""
+    use = entries.use.expand_as(pooled.past_mean)
+    n = use.sum().clamp_min(1)
+    shift = ((pooled.past_mean - entries.mean).abs()
+             / (entries.var + eps).sqrt()).nan_to_num(0.0, 0.0, 0.0)
+    return (shift * use).sum() / n, ((pooled.past_var < 0) & use).sum() / n
+
+
+def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                   factor: float) -> None:
+    """BN's running average ``running += factor (new - running)``, in place; a channel
+    whose update is not finite keeps its value (its step is zeroed). No host read."""
+    buffers = [running_mean, running_var]
+    steps = torch._foreach_sub([mean.to(running_mean.dtype), var.to(running_var.dtype)],
+                               buffers)
+    torch._foreach_add_(buffers, [s.nan_to_num_(0.0, 0.0, 0.0) for s in steps], alpha=factor)
+
+
 def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
                grad_var: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                rho: float, compensation: str = 'mu_nu') -> tuple[Tensor, Tensor]:

@@ -20,28 +20,8 @@ from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES, STATS_BACKWARD,  # noqa: F401
                       VARIANCE_RULES, check_bool, check_choice, check_int, check_number,
                       resolve_mode)
-from .window import WINDOW_BUFFERS, CrossIterationWindow  # noqa: F401  (re-exported)
-
-
-class PastEntries(NamedTuple):
-    """The past entries one step pools at one call position, newest first (``J x C``).
-
-    ``mean``/``var``: compensated to the current weights, variance rule
-    applied; ``valid``: the entries pooled (the rule may drop some).
-    """
-    mean: Tensor
-    var: Tensor
-    valid: Tensor
-
-
-class _StepCall(NamedTuple):
-    """What a forward of this step left for ``step()`` and the diagnostics, per position."""
-    record: CF.SlotStats       # the step's statistics so far (all its calls)
-    finite: Tensor | None      # whether they are finite (None: not checked yet)
-    pooled: CF.PooledStats | None  # the last pool's slots (mean, var: None)
-    window: int                # steps pooled (the current one included)
-    shift: tuple | None        # (mean_shift, negative_fraction) when diagnostics are tracked
-    skips: Tensor | None = None  # calls left out as not finite (None: one call, see finite)
+from .window import (WINDOW_BUFFERS, CrossIterationWindow, PastEntries,  # noqa: F401
+                     StepCall)
 
 
 class Binding(NamedTuple):
@@ -153,9 +133,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # Window figures (diagnostics) cost a few ops per step: computed only
         # while this is set (CBNHook sets it on the iterations it logs).
         self.track_diagnostics = False
-        self._skipped = None        # minus the finite records written (a device counter)
-        self._records = 0           # records written (host)
-        self._last: dict[int, _StepCall] = {}
         self._reset_step_state()
         self._refresh_phase()
 
@@ -218,32 +195,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _reset_step_state(self) -> None:
         self._conv_io = None
         self._call_index = 0
-        self._calls: dict[int, _StepCall] = {}
 
     def step(self) -> None:
-        """Mark the end of an optimizer step: this step's record joins the window.
-
-        Records are written here, not in the forward: until the backward has
-        run, the graph of a compensated backward reads the oldest slot, the one
-        this step's record replaces.
-        """
+        """Mark the end of an optimizer step: this step's records join the window."""
         if self.num_steps is None:
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
         self.num_steps.add_(1)
         self._steps += 1
         self._refresh_phase()
-        if self.window_size > 1:
-            for position, call in self._calls.items():
-                finite = CF.all_finite(call.record) if call.finite is None else call.finite
-                self.window.write(position, call.record, finite)
-                if self._skipped is None:
-                    self._skipped = torch.zeros((), dtype=torch.long, device=finite.device)
-                if call.skips is None:  # one call: skipped unless finite (one op)
-                    self._skipped.add_(finite, alpha=-1)
-                    self._records += 1
-                else:
-                    self._skipped.add_(call.skips)
-        self._last = self._calls
+        self.window.commit(write=self.window_size > 1)
         self._reset_step_state()
 
     def discard_step(self) -> None:
@@ -252,51 +212,32 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         For a forward repeated within one optimizer step as if it were the step's
         first (gradcheck, a probe): the window is left as it is.
         """
+        self.window.discard()
         self._reset_step_state()
 
     def past_entries(self, position: int = 0) -> PastEntries | None:
         """The past entries this step pools at call ``position``, newest first;
         ``None`` before its first call."""
-        call = self._calls.get(position)
-        if call is None:
-            return None
-        slots = self.past_slots(position)
-        if not slots:
-            empty = call.record.mean.new_zeros(0, self.num_features)
-            return PastEntries(empty, empty, empty.bool())
-        index = torch.tensor(slots, device=call.pooled.past_mean.device)
-        var = call.pooled.past_var[index]
-        if self.variance_rule == 'clamp':
-            var = var.clamp_min(0)
-        return PastEntries(call.pooled.past_mean[index], var, call.pooled.pooled[index])
+        return self.window.past_entries(position, self._active_window() - 1,
+                                        self.variance_rule)
 
     def past_slots(self, position: int = 0) -> tuple[int, ...]:
         """The ring slots this step pools at ``position``, newest first (row j of
         ``past_entries(position)`` is slot ``past_slots(position)[j]``)."""
-        call = self._calls.get(position)
-        if call is None or call.pooled is None:
-            return ()
-        ages = self.window.ages(position, self._active_window() - 1)
-        return self.window.ring.newest_first(position, ages)
+        return self.window.past_slots(position, self._active_window() - 1)
 
     @property
     def diagnostics(self) -> dict:
         """The window figures of the latest forward (this step's, else the last step's),
         read when asked, never in a step.
 
-        ``window``: steps pooled; ``skipped_records``: steps whose statistics
+        ``window``: steps pooled; ``skipped_records``: calls whose statistics
         were not finite (left out of the window); while ``track_diagnostics``
-        is set and the layer compensates, ``mean_shift`` (mean |compensated -
-        stored mean| / stored std over the pooled slots) and
-        ``negative_fraction`` (slots whose compensated variance was negative),
-        as 0-dim tensors.
+        is set and the layer compensates, ``mean_shift`` and
+        ``negative_fraction`` (``functional.window_shift``), 0-dim tensors.
         """
-        skipped = 0 if self._skipped is None else self._skipped + self._records
-        for call in self._calls.values():  # this step's, so far
-            skipped = skipped + (call.skips if call.skips is not None
-                                 else (~CF.all_finite(call.record)).long())
-        found = {'skipped_records': skipped}
-        calls = self._calls or self._last
+        found = {'skipped_records': self.window.skipped_records()}
+        calls = self.window.calls or self.window.last_calls
         if calls:
             found['window'] = max(call.window for call in calls.values())
         shifts = [call.shift for call in calls.values() if call.shift is not None]
@@ -351,26 +292,24 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # 1. this call's statistics (and their derivatives in the conv weight)
         current = self._current(x, conv_io, derivatives=self.compensates, group=group)
         count = current.count
-        earlier = self._calls.get(position)
         ages = self.window.ages(position, window - 1)
-        if earlier is None and ages == 0 and group is None:
+        if position not in self.window.calls and ages == 0 and group is None:
             # Nothing to pool yet: exactly BN (one value per channel: the running statistics).
             out = self._seed_window(x) if count == 1 and window > 1 else self._batch_norm(x)
-            self._calls[position] = _StepCall(current, None, None, 1, None)
+            self.window.keep(position, StepCall(current, None, None, 1, None))
             self._call_index += 1
             return out
         # 2. the step's statistics: this call merged with the step's earlier calls
-        step_stats, record, finite, share, earlier_calls, skips = self._merge_step(current,
-                                                                                   earlier)
-        entries = self.window.entries(position, window - 1, current)
+        step_stats, record, finite, share, earlier, skips = self.window.merge(position, current)
         # 3. the past entries, compensated, pooled with the step's
+        entries = self.window.entries(position, window - 1, current)
         exact = self.stats_backward == 'compensated' and self.compensates
         conv = self.bound_conv
         pooled = CF.pool_compensated(
             step_stats.mean, step_stats.var, entries,
             None if conv is None else conv.weight, None if conv is None else conv.bias,
             self.rho if self.compensates else 0.0, self.compensation, self.variance_rule,
-            differentiable=exact, earlier=earlier_calls if exact else None)
+            differentiable=exact, earlier=earlier if exact else None)
         self._update_running_stats(step_stats, count, pooled)
         # 4. normalise; the gradient reaches x through this call's statistics
         if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's
@@ -380,53 +319,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                            else share / pooled.count)
         out = CF.pooled_batch_norm(x, pooled.mean, pooled.var, stat_weight, self.weight,
                                    self.bias, self.eps, count, group)
-        # Only a forward that succeeded changes the window (at the next step()).
-        shift = self._window_shift(entries, pooled) if self.track_diagnostics else None
+        shift = None
+        if self.track_diagnostics:
+            with torch.no_grad():
+                shift = CF.window_shift(entries, pooled, self.eps)
         # Kept for step() and the diagnostics: no tensor of the autograd graph.
         slots = pooled._replace(mean=None, var=None)
-        self._calls[position] = _StepCall(record, finite, slots, 1 + ages, shift, skips)
+        self.window.keep(position, StepCall(record, finite, slots, 1 + ages, shift, skips))
         self._call_index += 1
         return out
-
-    def _merge_step(self, current: CF.SlotStats, earlier: _StepCall | None):
-        """This call's statistics merged with the step's earlier calls at its position.
-
-        Returns ``(statistics to pool, the step's record, whether the record is
-        finite or None, this call's share of the pooled step's positions, the
-        earlier calls for the compensated backward, the calls left out so far
-        or None)``. The weights do not
-        change within a step, so the merge is exact. On the device: earlier
-        calls whose statistics are not finite are not pooled, and a call whose
-        statistics are not finite is left out of the record.
-        """
-        if earlier is None:
-            return current, current, None, 1.0, None, None
-        before = earlier.record
-        before_finite = CF.all_finite(before) if earlier.finite is None else earlier.finite
-        finite = CF.all_finite(current)
-        # Zeros for a non-finite side: nothing non-finite reaches the merge's arithmetic.
-        before = CF.select_stats(before_finite, before, CF.zero_stats(before))
-        merged = CF.merge_stats(before, current)
-        to_pool = CF.select_stats(before_finite, merged, current)
-        record = CF.select_stats(finite, to_pool, before)
-        share = current.count / to_pool.count
-        earlier_calls = None
-        if before.grad_mean is not None:
-            earlier_calls = CF.EarlierCalls(before.mean, before.grad_mean, before.grad_var,
-                                            to_pool.mean, share)
-        skips = (earlier.skips if earlier.skips is not None else (~before_finite).long()) \
-            + (~finite).long()
-        return to_pool, record, finite | before_finite, share, earlier_calls, skips
-
-    def _window_shift(self, entries: CF.WindowEntries, pooled: CF.PooledStats):
-        """``(mean_shift, negative_fraction)`` over the slots in use (0-dim tensors)."""
-        with torch.no_grad():
-            use = entries.use.expand_as(pooled.past_mean)
-            n = use.sum().clamp_min(1)
-            shift = ((pooled.past_mean - entries.mean).abs()
-                     / (entries.var + self.eps).sqrt()).nan_to_num(0.0, 0.0, 0.0)
-            negative = (pooled.past_var < 0) & use
-            return (shift * use).sum() / n, negative.sum() / n
 
     def _empty(self, x: Tensor) -> Tensor:
         """No positions (a RoI head without RoIs): an empty output, with a (zero)
@@ -528,13 +429,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 total = pooled.count * count
                 mean, var = pooled.mean, pooled.var * total / (total - 1).clamp_min_(1)
-            buffers = [self.running_mean, self.running_var]
-            # running += factor (new - running); a channel whose update is not
-            # finite keeps its value (its step is zeroed).
-            steps = torch._foreach_sub([mean.to(buffers[0].dtype), var.to(buffers[1].dtype)],
-                                       buffers)
-            torch._foreach_add_(buffers, [s.nan_to_num_(0.0, 0.0, 0.0) for s in steps],
-                                alpha=factor)
+            CF.running_update(self.running_mean, self.running_var, mean, var, factor)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -547,7 +442,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window.load(state_dict, prefix, local_metadata.get('version'),
                          self._state_device(), error_msgs)
         self._reset_step_state()
-        self._last = {}
         self._refresh_phase()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

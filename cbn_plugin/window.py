@@ -11,6 +11,8 @@ a mask, so a compiled model sees the same graph at every step.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,27 @@ WINDOW_BUFFERS = (
     'window_valid',      # bool S x K: the slot holds a step with finite statistics
 )
 ENTRY_BUFFERS = ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
+
+
+class PastEntries(NamedTuple):
+    """The past entries one step pools at one call position, newest first (``J x C``).
+
+    ``mean``/``var``: compensated to the current weights, variance rule
+    applied; ``valid``: the entries pooled (the rule may drop some).
+    """
+    mean: Tensor
+    var: Tensor
+    valid: Tensor
+
+
+class StepCall(NamedTuple):
+    """What this step's forwards left at one call position, for ``commit`` and diagnostics."""
+    record: CF.SlotStats       # the step's statistics so far (all its calls)
+    finite: Tensor | None      # whether they are finite (None: not checked yet)
+    pooled: CF.PooledStats | None  # the last pool's slots (mean, var: None); None: not pooled
+    window: int                # steps pooled (the current one included)
+    shift: tuple | None        # (mean_shift, negative_fraction) when diagnostics are tracked
+    skips: Tensor | None = None  # calls left out as not finite (None: one call, see finite)
 
 
 class StepRing:
@@ -98,19 +121,89 @@ class StepRing:
 
 
 class CrossIterationWindow:
-    """The last ``slots`` steps' records of one layer, per call position.
+    """The last ``slots`` steps' records of one layer, per call position, and this step's.
 
     ``buffers``: the layer's buffer mapping, in which the entries live (and
     are replaced when the layer moves, loads or allocates). Slot views are
     cached per buffer object, so writing a record and reading a position's
-    slots cost one op per tensor, not an indexing chain.
+    slots cost one op per tensor, not an indexing chain. This step's calls
+    (``calls``) join the ring at ``commit``, the end of the optimizer step:
+    until the backward has run, the graph of a compensated backward reads
+    the oldest slot, the one a new record replaces.
     """
 
     def __init__(self, buffers: dict, slots: int) -> None:
         self._buffers = buffers
         self.ring = StepRing(slots)
         self._views: dict[tuple, Tensor] = {}
+        self.calls: dict[int, StepCall] = {}       # this step's, per position
+        self.last_calls: dict[int, StepCall] = {}  # the last finished step's
+        self._skipped: Tensor | None = None  # minus the finite single-call records
+        self._records = 0                    # single-call records written
 
+    # ----------------------------------------------------------- this step's calls
+    def merge(self, position: int, current: CF.SlotStats):
+        """This call merged with the step's earlier calls at ``position``
+        (``functional.merge_calls``; its plain values when there are none)."""
+        earlier = self.calls.get(position)
+        if earlier is None:
+            return current, current, None, 1.0, None, None
+        return CF.merge_calls(current, earlier.record, earlier.finite, earlier.skips)
+
+    def keep(self, position: int, call: StepCall) -> None:
+        """Keep a forward's record (only a forward that succeeded changes the window)."""
+        self.calls[position] = call
+
+    def discard(self) -> None:
+        """Forget this step's calls (a forward repeated within a step as if it were its first)."""
+        self.calls = {}
+
+    def commit(self, write: bool) -> None:
+        """The end of an optimizer step: each position's record joins the ring (``write``)."""
+        for position, call in self.calls.items() if write else ():
+            finite = CF.all_finite(call.record) if call.finite is None else call.finite
+            self.write(position, call.record, finite)
+            if self._skipped is None:
+                self._skipped = torch.zeros((), dtype=torch.long, device=finite.device)
+            if call.skips is None:  # one call: skipped unless finite (one op)
+                self._skipped.add_(finite, alpha=-1)
+                self._records += 1
+            else:
+                self._skipped.add_(call.skips)
+        self.last_calls, self.calls = self.calls, {}
+
+    def skipped_records(self):
+        """Calls whose statistics were not finite (left out), this step's included."""
+        skipped = 0 if self._skipped is None else self._skipped + self._records
+        for call in self.calls.values():
+            skipped = skipped + (call.skips if call.skips is not None
+                                 else (~CF.all_finite(call.record)).long())
+        return skipped
+
+    def past_slots(self, position: int, most: int) -> tuple[int, ...]:
+        """The ring slots this step pools at ``position``, newest first."""
+        call = self.calls.get(position)
+        if call is None or call.pooled is None:
+            return ()
+        return self.ring.newest_first(position, self.ring.ages(position, most))
+
+    def past_entries(self, position: int, most: int, rule: str) -> PastEntries | None:
+        """The entries this step pools at ``position``, newest first (row j is slot
+        ``past_slots(position, most)[j]``); ``None`` before its first call."""
+        call = self.calls.get(position)
+        if call is None:
+            return None
+        slots = self.past_slots(position, most)
+        if not slots:
+            empty = call.record.mean.new_zeros(0, call.record.mean.shape[0])
+            return PastEntries(empty, empty, empty.bool())
+        index = torch.tensor(slots, device=call.pooled.past_mean.device)
+        var = call.pooled.past_var[index]
+        return PastEntries(call.pooled.past_mean[index],
+                           var.clamp_min(0) if rule == 'clamp' else var,
+                           call.pooled.pooled[index])
+
+    # ----------------------------------------------------------- the ring
     @property
     def slots(self) -> int:
         return self.ring.slots
@@ -230,6 +323,7 @@ class CrossIterationWindow:
             elif isinstance(incoming, Tensor):
                 self._buffers[name] = torch.empty_like(incoming, device=device)
         self._views.clear()
+        self.calls, self.last_calls = {}, {}
 
     def numel(self) -> int:
         """Numbers held by the entries (the memory the window costs)."""
