@@ -331,6 +331,18 @@ def window_shift(entries: WindowEntries, pooled: PooledStats, eps: float):
     return (shift * use).sum() / n, ((pooled.past_var < 0) & use).sum() / n
 
 
+def running_target(step_mean: Tensor, step_var: Tensor, count, pooled: PooledStats,
+                   source: str) -> tuple[Tensor, Tensor]:
+    """What the running statistics average: the step's batch statistics (``'batch'``,
+    as BN) or the pooled window's (``'window'``), the variance unbiased by the
+    positions behind it. ``count``: an int, or SyncCBN's global count as a tensor."""
+    if source == 'batch':
+        unbias = count / (count - 1) if isinstance(count, Tensor) or count > 1 else 1.0
+        return step_mean, step_var * unbias
+    total = pooled.count * count
+    return pooled.mean, pooled.var * total / (total - 1).clamp_min_(1)
+
+
 def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                    factor: float) -> None:
     """BN's running average ``running += factor (new - running)``, in place; a channel
@@ -740,6 +752,14 @@ def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, stat_weight: Tensor,
     y = _PooledBatchNorm.apply(x if x.dtype == dtype else x.to(dtype), weight, bias, mean, var,
                                stat_weight, eps, count, group)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def empty_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The norm of an empty batch: an empty output that passes a (zero) gradient to
+    the affine parameters, as BN's."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = x * weight.view(shape) if weight is not None else x.clone()
+    return out + bias.view(shape) if bias is not None else out
 
 
 def active_window(step: int, window_size: int, burn_in: int = 0, ramp: int = 0) -> int:

@@ -17,11 +17,10 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional as CF
-from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES, STATS_BACKWARD,  # noqa: F401
-                      VARIANCE_RULES, check_bool, check_choice, check_int, check_number,
-                      resolve_mode)
+from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
+                      STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
 from .window import (WINDOW_BUFFERS, CrossIterationWindow, PastEntries,  # noqa: F401
-                     StepCall)
+                     StepCall, WindowSchedule)
 
 
 class Binding(NamedTuple):
@@ -35,16 +34,13 @@ class Binding(NamedTuple):
 class CrossIterationBatchNorm2d(_BatchNorm):
     """BatchNorm whose statistics pool the last ``window_size`` optimizer steps.
 
-    Version 3 of its state adds ``window_valid``; older states are upgraded
-    on load (every filled slot of an old window held a finite step).
+    Version 3 of its state adds ``window_valid`` (older states are upgraded).
 
     Args beyond ``nn.BatchNorm2d``'s:
         window_size: steps pooled, the current one included (k). 1 is BN.
-        rho: weight of the Taylor compensation, 1.0 for CBN, 0.0 for naive
-            averaging over steps. Must lie in [0, 1].
-        mode: ``'default'`` or ``'paper'``: the preset for
-            ``stats_backward``, ``running_stats`` and ``compensation`` (see
-            ``options.MODES``); each of the three given explicitly overrides it.
+        rho: weight of the Taylor compensation in [0, 1]: 1 is CBN, 0 naive CBN.
+        mode: ``'default'`` or ``'paper'``: presets (``options.MODES``) for the next
+            three; each given explicitly overrides its preset.
         variance_rule: ``'clamp'`` (``max(nu, mu^2)`` per entry) or
             ``'exclude'`` (drop entries with ``nu < mu^2``, the authors' code).
         running_stats: what the running statistics used at inference track:
@@ -62,31 +58,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             and the variance; ``'mu_nu'`` (the paper): on the mean and the
             second moment, which also subtracts ``rho^2 d_mu^2`` from each
             past variance.
-        dvar_stride: 1 computes ``dvar/dW`` exactly (one weight-gradient
-            convolution per step); ``s > 1`` estimates it from one output
-            position in ``s^2``, ``s^2`` times cheaper. The statistics
-            themselves stay exact.
+        dvar_stride: 1 computes ``dvar/dW`` exactly; ``s > 1`` estimates it from one
+            output position in ``s^2`` (``s^2`` times cheaper; statistics exact).
         per_call_windows: when the layer runs several times between two
             optimizer steps, ``False`` pools all calls of a step into that
             step's slot (gradient-accumulation micro-batches, darknet's CmBN);
             ``True`` keeps one window per call position (a head shared over
             FPN levels behaves like one CBN per level).
 
-    A training step reads nothing back from the device (no ``.item()``,
-    ``int(tensor)`` or branch on a tensor) and its forward reads no ring
-    position: every slot is pooled under a mask kept on the device.
-
-    Compensation needs the conv that produces the input: ``cbn_plugin.bind``
-    (or the CBN hook) pairs them; ``cbn_plugin.step`` (or the hook) marks the
-    end of each optimizer step.
-
-    A single value per channel (batch 1 with 1x1 maps) cannot be normalised
-    by its own statistics: with pooled statistics it trains like any batch;
-    on a step whose window is still empty the layer normalises with its
-    running statistics (as in eval mode), leaves them unchanged and only
-    records the step; where it acts as plain BN (burn-in, ``window_size=1``)
-    it raises. An empty batch (no positions: a RoI head without RoIs) gives
-    an empty output and changes no statistics, as BN does.
+    ``cbn_plugin.bind`` (or ``CBNHook``) pairs the layer with the conv producing
+    its input; ``cbn_plugin.step`` (or the hook) marks each optimizer step. A
+    training step reads nothing back from the device and its forward reads no
+    ring position. A single value per channel pools like any batch (on a step
+    with an empty window: running statistics; as plain BN: an error); an empty
+    batch gives an empty output, as BN's (``docs/algorithm.md``).
     """
 
     _version = 3
@@ -97,30 +82,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  running_stats: str | None = None, stats_backward: str | None = None,
                  compensation: str | None = None, dvar_stride: int = 1,
                  per_call_windows: bool = False, device=None, dtype=None) -> None:
-        choices = resolve_mode(mode, 'CBN', running_stats=running_stats,
-                               stats_backward=stats_backward, compensation=compensation)
-        check_int('window_size', window_size, 1, 'CBN', '1 is plain BN')
-        check_number('rho', rho, 0.0, 1.0, 'CBN', '1 = CBN, 0 = naive CBN')
-        check_choice('variance_rule', variance_rule, VARIANCE_RULES, 'CBN')
-        check_choice('running_stats', choices['running_stats'], RUNNING_STATS_SOURCES, 'CBN')
-        check_choice('stats_backward', choices['stats_backward'], STATS_BACKWARD, 'CBN')
-        check_choice('compensation', choices['compensation'], COMPENSATIONS, 'CBN')
-        check_int('dvar_stride', dvar_stride, 1, 'CBN', '1 is exact')
-        check_bool('per_call_windows', per_call_windows, 'CBN')
-        check_number('eps', eps, 0.0, owner='CBN', open_low=True)
+        options = check_layer_options(window_size, rho, variance_rule, mode, running_stats,
+                                      stats_backward, compensation, dvar_stride,
+                                      per_call_windows, eps)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.window_size = window_size
-        self.rho = float(rho)
-        self.variance_rule = variance_rule
-        self.running_stats = choices['running_stats']
-        self.stats_backward = choices['stats_backward']
-        self.compensation = choices['compensation']
-        self.dvar_stride = dvar_stride
-        self.per_call_windows = per_call_windows
-        # Schedule, set by CBNHook from the config (set_schedule); the step
-        # counter it is compared with is a (persistent) buffer, so resume
-        # needs nothing else.
-        self._schedule = (0, 0)  # (burn-in steps, ramp steps)
+        for name, value in options.items():
+            setattr(self, name, value)
         for name in WINDOW_BUFFERS:
             self.register_buffer(name, None)
         self.window = CrossIterationWindow(self._buffers, window_size - 1)
@@ -134,42 +101,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # while this is set (CBNHook sets it on the iterations it logs).
         self.track_diagnostics = False
         self._reset_step_state()
-        self._refresh_phase()
+        self.set_schedule()
 
     def set_schedule(self, burn_in_steps: int = 0, ramp_steps: int = 0) -> None:
         """Plain BN for the first ``burn_in_steps`` optimizer steps, then the window
         (all at once, or grown linearly over ``ramp_steps`` steps)."""
-        check_int('burn_in_steps', burn_in_steps, 0, self._describe() + ':')
-        check_int('ramp_steps', ramp_steps, 0, self._describe() + ':')
-        self._schedule = (burn_in_steps, ramp_steps)
-        self._refresh_phase()
+        self.schedule = WindowSchedule(self.window_size, burn_in_steps, ramp_steps,
+                                       self._describe())
+        # What the forward branches on (see WindowSchedule.phase).
+        self._window_now = self.schedule.phase(self._steps)
 
-    @property
-    def burn_in_steps(self) -> int:
-        return self._schedule[0]
-
-    @burn_in_steps.setter
-    def burn_in_steps(self, value: int) -> None:
-        self.set_schedule(value, self._schedule[1])
-
-    @property
-    def ramp_steps(self) -> int:
-        return self._schedule[1]
-
-    @ramp_steps.setter
-    def ramp_steps(self, value: int) -> None:
-        self.set_schedule(self._schedule[0], value)
-
-    def _refresh_phase(self) -> None:
-        """What the forward branches on, on the host: the steps pooled now, 0 while
-        the layer is plain BN (burn-in before recording starts).
-
-        It changes a bounded number of times (burn-in, ramp, full window), never
-        with the step count itself: a compiled model compiles a bounded number
-        of graphs however long it trains.
-        """
-        recording = self._steps >= CF.recording_starts(self.window_size, self.burn_in_steps)
-        self._window_now = self._active_window() if recording else 0
+    burn_in_steps = property(lambda self: self.schedule.burn_in,
+                             lambda self, value: self.set_schedule(value, self.ramp_steps))
+    ramp_steps = property(lambda self: self.schedule.ramp,
+                          lambda self, value: self.set_schedule(self.burn_in_steps, value))
 
     # ------------------------------------------------------------------ binding
     @property
@@ -202,7 +147,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
         self.num_steps.add_(1)
         self._steps += 1
-        self._refresh_phase()
+        self._window_now = self.schedule.phase(self._steps)
         self.window.commit(write=self.window_size > 1)
         self._reset_step_state()
 
@@ -273,9 +218,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # A frozen conv never changes, and BN is what a frozen layer should be.
         return conv is None or conv.weight.requires_grad
 
-    def _active_window(self, step: int | None = None) -> int:
-        step = self._steps if step is None else step
-        return CF.active_window(step, self.window_size, self.burn_in_steps, self.ramp_steps)
+    def _active_window(self) -> int:
+        return self.schedule.active(self._steps)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
@@ -330,13 +274,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return out
 
     def _empty(self, x: Tensor) -> Tensor:
-        """No positions (a RoI head without RoIs): an empty output, with a (zero)
-        gradient for the parameters; the batch counted and nothing else changed, as BN."""
+        """No positions (a RoI head without RoIs): as BN, the batch counted, nothing else."""
         if self.training and self.track_running_stats:
             self._momentum_factor()
-        shape = (1, -1, 1, 1)
-        out = x * (self.weight.view(shape) if self.weight is not None else 1.0)
-        return out + self.bias.view(shape) if self.bias is not None else out
+        return CF.empty_norm(x, self.weight, self.bias)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
         """Under ``torch.fx`` tracing: the eval-mode function, BN's, with the running statistics."""
@@ -345,6 +286,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'{self._describe()}: torch.fx traces CBN only in eval mode (a training step '
                 'keeps a window across steps); call model.eval() first, or '
                 'cbn_plugin.convert_to_bn(model) for deployment')
+        return self._running_norm(x)
+
+    def _running_norm(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
 
@@ -355,8 +299,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'{self._describe()} got one value per channel (input {tuple(x.shape)}) and '
                 'has no past steps to pool yet nor running statistics to fall back on: use '
                 'track_running_stats=True, or a batch with more than one value per channel')
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
+        return self._running_norm(x)
 
     def _batch_norm(self, x: Tensor) -> Tensor:
         """Plain BN, except that non-finite batch statistics never reach the running ones."""
@@ -376,8 +319,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         mean, var = self.running_mean.clone(), self.running_var.clone()
         out = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
         with torch.no_grad():
-            for buffer, new in ((self.running_mean, mean), (self.running_var, var)):
-                buffer.copy_(torch.where(torch.isfinite(new), new, buffer))
+            torch._foreach_copy_([self.running_mean, self.running_var],
+                                 [torch.where(torch.isfinite(new), new, old) for new, old in
+                                  ((mean, self.running_mean), (var, self.running_var))])
         return out
 
     def _momentum_factor(self) -> float:
@@ -408,28 +352,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _check_conv_io(self, x: Tensor, conv_io) -> None:
         if conv_io is None or conv_io[1] is not x:
             raise RuntimeError(
-                f'{self._describe()} is bound to conv {self._binding.conv_name!r} but its input is not '
-                "that conv's output: the conv must feed the norm directly (bind pairs "
+                f'{self._describe()} is bound to conv {self._binding.conv_name!r} but its input '
+                "is not that conv's output: the conv must feed the norm directly (bind pairs "
                 'conv -> norm; pass pairs= for other layouts, or use rho=0)')
 
     def _update_running_stats(self, step: CF.SlotStats, count, pooled: CF.PooledStats) -> None:
-        """BN's running-statistics update, from the batch or from the window.
-
-        Per channel and without a host sync: a channel whose update is not
-        finite keeps its previous value.
-        """
-        if not self.track_running_stats:
-            return
-        factor = self._momentum_factor()
-        with torch.no_grad():
-            if self.running_stats == 'batch':
-                # count: an int, or SyncCBN's global count as a tensor (never read)
-                unbias = count / (count - 1) if isinstance(count, Tensor) or count > 1 else 1.0
-                mean, var = step.mean, step.var * unbias
-            else:
-                total = pooled.count * count
-                mean, var = pooled.mean, pooled.var * total / (total - 1).clamp_min_(1)
-            CF.running_update(self.running_mean, self.running_var, mean, var, factor)
+        """BN's running-statistics update, from the batch or from the window (no host read)."""
+        if self.track_running_stats:
+            factor = self._momentum_factor()
+            with torch.no_grad():
+                mean, var = CF.running_target(step.mean, step.var, count, pooled,
+                                              self.running_stats)
+                CF.running_update(self.running_mean, self.running_var, mean, var, factor)
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -442,7 +376,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window.load(state_dict, prefix, local_metadata.get('version'),
                          self._state_device(), error_msgs)
         self._reset_step_state()
-        self._refresh_phase()
+        self._window_now = self.schedule.phase(self._steps)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

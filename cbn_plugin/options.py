@@ -69,3 +69,22 @@ def resolve_mode(mode: str, owner: str = 'CBN', **explicit) -> dict:
     check_choice('mode', mode, tuple(MODES), owner)
     return {key: MODES[mode][key] if explicit.get(key) is None else explicit[key]
             for key in MODES[mode]}
+
+
+def check_layer_options(window_size, rho, variance_rule, mode, running_stats, stats_backward,
+                        compensation, dvar_stride, per_call_windows, eps,
+                        owner: str = 'CBN') -> dict:
+    """Every CBN layer argument checked; returns them resolved (the mode's preset filled in)."""
+    choices = resolve_mode(mode, owner, running_stats=running_stats,
+                           stats_backward=stats_backward, compensation=compensation)
+    check_int('window_size', window_size, 1, owner, '1 is plain BN')
+    check_number('rho', rho, 0.0, 1.0, owner, '1 = CBN, 0 = naive CBN')
+    check_choice('variance_rule', variance_rule, VARIANCE_RULES, owner)
+    check_choice('running_stats', choices['running_stats'], RUNNING_STATS_SOURCES, owner)
+    check_choice('stats_backward', choices['stats_backward'], STATS_BACKWARD, owner)
+    check_choice('compensation', choices['compensation'], COMPENSATIONS, owner)
+    check_int('dvar_stride', dvar_stride, 1, owner, '1 is exact')
+    check_bool('per_call_windows', per_call_windows, owner)
+    check_number('eps', eps, 0.0, owner=owner, open_low=True)
+    return dict(window_size=window_size, rho=float(rho), variance_rule=variance_rule,
+                dvar_stride=dvar_stride, per_call_windows=per_call_windows, **choices)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import functional as CF
+from .options import check_int
 
 # Persistent window state, ``None`` (absent from the state_dict) until used.
 # S call positions (1 unless ``per_call_windows``), K = k-1 past steps.
@@ -52,6 +53,34 @@ class StepCall(NamedTuple):
     window: int                # steps pooled (the current one included)
     shift: tuple | None        # (mean_shift, negative_fraction) when diagnostics are tracked
     skips: Tensor | None = None  # calls left out as not finite (None: one call, see finite)
+
+
+class WindowSchedule:
+    """Burn-in and ramp: how many steps a layer pools after ``step`` optimizer steps.
+
+    Set by CBNHook from the config (``set_schedule``); the step counter it is
+    compared with is a persistent buffer, so resume needs nothing else.
+    """
+
+    def __init__(self, window_size: int, burn_in: int = 0, ramp: int = 0, owner: str = '') -> None:
+        self.window_size = window_size
+        self.burn_in = check_int('burn_in_steps', burn_in, 0, owner + ':')
+        self.ramp = check_int('ramp_steps', ramp, 0, owner + ':')
+
+    def active(self, step: int) -> int:
+        """Steps pooled (the current one included) at ``step``."""
+        return CF.active_window(step, self.window_size, self.burn_in, self.ramp)
+
+    def phase(self, step: int) -> int:
+        """What a forward branches on: the steps pooled, 0 while the layer is plain BN
+        and records nothing (burn-in before recording starts).
+
+        It changes a bounded number of times (burn-in, ramp, full window), never
+        with the step count itself: a compiled model compiles a bounded number
+        of graphs however long it trains.
+        """
+        recording = step >= CF.recording_starts(self.window_size, self.burn_in)
+        return self.active(step) if recording else 0
 
 
 class StepRing:
