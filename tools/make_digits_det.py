@@ -27,6 +27,7 @@ Run: ``python tools/make_digits_det.py [--out DIR] [--num-train N] [--num-val N]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -192,6 +193,29 @@ def build(out: str | Path = 'data/digits_det', num_train: int = 1600, num_val: i
                               images=count, boxes=len(annotations),
                               source_digits=len(sources[split]))
     return summary
+
+
+def ensure(root: str | Path, num_train: int = 1600, num_val: int = 300, size: int = 128,
+           seed: int = 0, digits: tuple[int, int] = (3, 6),
+           digit_px: tuple[int, int] = (16, 40), clutter: tuple[int, int] = (3, 8)) -> Path:
+    """The set these arguments describe, under ``root/<size>px_<hash>/``; written unless a
+    set with the same arguments (and generator version) is already there.
+
+    The directory name holds a hash of the arguments and ``manifest.json`` beside the data
+    holds the arguments themselves, so sets of other arguments live side by side (the demo
+    and the small-batch detection study share them)."""
+    key = dict(size=size, num_train=num_train, num_val=num_val, digits=list(digits),
+               digit_px=list(digit_px), clutter=list(clutter), seed=seed,
+               version=FORMAT_VERSION)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(root) / f'{size}px_{digest}'
+    manifest = out / 'manifest.json'
+    if manifest.is_file() and json.loads(manifest.read_text()) == key:
+        return out
+    build(out, num_train=num_train, num_val=num_val, size=size, seed=seed,
+          digits_per_image=tuple(digits), digit_size=tuple(digit_px), clutter=tuple(clutter))
+    manifest.write_text(json.dumps(key, sort_keys=True) + '\n')
+    return out
 
 
 def main(argv=None) -> None:

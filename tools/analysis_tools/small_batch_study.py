@@ -139,7 +139,7 @@ def precise_main(args, meta) -> list:
         dict(meta=meta, wall_s=wall, runs=results), indent=1, default=float) + '\n')
     block = render_precise(results, args, wall, meta)
     write_block(args.out_dir / 'small_batch_precise.md', PRECISE_BEGIN, PRECISE_END, block,
-                '# Recomputed inference statistics at small batch\n\n'
+                'Recomputed inference statistics at small batch',
                 'Whether statistics recomputed after training (PreciseBN for BN; every '
                 'CBN layer pooling its window of k batches, as training normalised with) '
                 'beat the running averages the layers keep. Everything between the '
@@ -178,8 +178,7 @@ def main(argv=None):
     block = render(results, args, wall, meta)
     plot_accuracy(results, args, args.out_dir / 'small_batch.png')
     plot_errors(results, args, args.out_dir / 'small_batch_errors.png')
-    write_block(args.out_dir / 'small_batch.md', DOC_BEGIN, DOC_END, block,
-                '# Small-batch study\n')
+    write_block(args.out_dir / 'small_batch.md', DOC_BEGIN, DOC_END, block, 'Small-batch study')
     print(block)
     print(f'wall time {wall:.0f}s', flush=True)
     return results

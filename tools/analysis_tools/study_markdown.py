@@ -17,13 +17,14 @@ def md_table(header: Sequence, rows: Iterable[Sequence]) -> str:
     return '\n'.join(lines)
 
 
-def write_block(path: Path, begin: str, end: str, block: str, new_page: str) -> None:
+def write_block(path: Path, begin: str, end: str, block: str, title: str,
+                intro: str = '') -> None:
     """Put ``block`` between the ``begin`` and ``end`` markers of ``path``.
 
     An existing block is replaced and the text around it kept; a page without the
-    markers gets them (and the block) appended; a missing page starts with ``new_page``
-    (its title and any prose above the block)."""
-    text = path.read_text() if path.is_file() else new_page
+    markers gets them (and the block) appended; a missing page starts with ``# title``
+    and the paragraph ``intro``."""
+    text = path.read_text() if path.is_file() else f'# {title}\n' + (f'\n{intro}' if intro else '')
     new = f'{begin}\n{block}\n{end}'
     if begin in text and end in text:
         head, rest = text.split(begin, 1)

@@ -1,0 +1,100 @@
+"""The rows of the small-batch detection study and the setting they run in.
+
+A row is a norm (``kind`` plus CBN arguments) at a batch: images per micro-batch and
+micro-batches per optimizer step. A setting is the data, the model width and the training
+budget every row shares. ``training_of`` resolves what a row trains in a setting.
+"""
+from __future__ import annotations
+
+import json
+
+# Each row: the norm (``kind`` plus CBN arguments, the window filled in per batch), the
+# images per micro-batch (``batch``: 'small', 'large' or a number) and the micro-batches
+# per optimizer step (``accum``); a ``window`` fixes CBN's window instead.
+ROWS = {
+    'bn-large': dict(label='BN, large batch', kind='bn', batch='large'),
+    'bn': dict(label='BN', kind='bn', batch='small'),
+    'gn': dict(label='GN', kind='gn', batch='small'),
+    'naive-cbn': dict(label='naive CBN', kind='cbn', batch='small', cbn=dict(rho=0.0)),
+    'cbn-paper': dict(label='CBN (paper)', kind='cbn', batch='small', cbn=dict(mode='paper')),
+    'cbn': dict(label='CBN (new defaults)', kind='cbn', batch='small', cbn={}),
+    'bn-4': dict(label='BN, 4 images', kind='bn', batch=4),
+    'bn-2': dict(label='BN, 2 images', kind='bn', batch=2),
+    'bn-accum': dict(label='BN, 1 x 4 accumulated', kind='bn', batch=1, accum=4),
+    'cbn-accum': dict(label='CBN (new defaults), 1 x 4 accumulated', kind='cbn', batch=1,
+                      accum=4, cbn={}),
+    # Not in the default comparison: the accumulation row with a longer window (k steps of
+    # 4 images), to see whether pooling more past steps closes its gap to BN at 4 images.
+    'cbn-accum-k4': dict(label='CBN (new defaults), 1 x 4 accumulated, k=4', kind='cbn',
+                         batch=1, accum=4, cbn={}, window=4),
+    'cbn-accum-k8': dict(label='CBN (new defaults), 1 x 4 accumulated, k=8', kind='cbn',
+                         batch=1, accum=4, cbn={}, window=8),
+}
+DEFAULT_ROWS = [row for row in ROWS if 'window' not in ROWS[row]]
+
+GN_GROUPS = 8
+
+
+# The knobs that define a setting: data (canvas size, counts, difficulty), model width and
+# the training budget (images seen, learning rate per image).
+SETTING_DEFAULTS = dict(size=128, num_train=1600, num_val=300, digits=[3, 6], digit_px=None,
+                        clutter=[3, 8], width=32, images=2400, lr_per_image=0.01,
+                        warmup=0.05, burn_in=0.1, data_seed=0, large=4, small=1)
+
+
+def setting_from_args(args) -> dict:
+    """The setting of parsed command-line options (``SETTING_DEFAULTS``' names)."""
+    s = {k: getattr(args, k) for k in SETTING_DEFAULTS}
+    if s['digit_px'] is None:  # the demo's 16-40 px at 128 px, scaled with the canvas
+        s['digit_px'] = [max(6, round(16 * s['size'] / 128)), round(40 * s['size'] / 128)]
+    s['digits'], s['clutter'], s['digit_px'] = (list(s['digits']), list(s['clutter']),
+                                                list(s['digit_px']))
+    return s
+
+
+def setting_name(s: dict) -> str:
+    return (f'{s["size"]}px w{s["width"]} {s["images"]} img, digits {s["digits"][0]}-'
+            f'{s["digits"][1]} of {s["digit_px"][0]}-{s["digit_px"][1]}px, clutter '
+            f'{s["clutter"][0]}-{s["clutter"][1]}, train {s["num_train"]}, lr '
+            f'{s["lr_per_image"]:g}/image')
+
+
+def norm_cfg(spec: dict) -> dict:
+    """The ``norm_cfg`` of a row's norm (``training_of(...)['norm']``)."""
+    kind = spec['kind']
+    if kind == 'bn':
+        return dict(type='BN', requires_grad=True)
+    if kind == 'gn':
+        return dict(type='GN', num_groups=GN_GROUPS, requires_grad=True)
+    return dict(type='CBN', requires_grad=True, **spec['cbn_args'])
+
+
+def training_of(row: str, setting: dict) -> dict:
+    """What a row trains in ``setting``: images per micro-batch, micro-batches per step,
+    images per step and the norm (CBN's window spans the large batch unless the row
+    fixes it)."""
+    r = ROWS[row]
+    batch = r['batch']
+    batch = setting['small'] if batch == 'small' else setting['large'] if batch == 'large' \
+        else batch
+    accum = r.get('accum', 1)
+    per_step = batch * accum
+    norm = dict(kind=r['kind'])
+    if r['kind'] == 'cbn':
+        window = r.get('window', max(2, setting['large'] // per_step))
+        norm['cbn_args'] = dict(r['cbn'], window_size=window)
+    return dict(batch=batch, accum=accum, images_per_step=per_step, norm=norm)
+
+
+def distinct_rows(rows: list[str], setting: dict) -> tuple[list[str], dict[str, str]]:
+    """``rows`` without those that would train exactly an earlier row's runs (with
+    ``--large 4``, 'BN, 4 images' is 'BN, large batch'); and which row each one repeats."""
+    kept, repeats, seen = [], {}, {}
+    for row in rows:
+        key = json.dumps(training_of(row, setting), sort_keys=True)
+        if key in seen:
+            repeats[row] = seen[key]
+        else:
+            seen[key] = row
+            kept.append(row)
+    return kept, repeats
