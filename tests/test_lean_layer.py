@@ -193,3 +193,47 @@ def test_steady_state_step_dispatches_few_ops_per_layer():
     cbn = ops_per_layer_step(CBN, window_size=4)
     assert bn == 22
     assert cbn <= 130, cbn
+
+
+# ----------------------------------------------------------------------------- Mask R-CNN
+def test_mask_rcnn_trains_through_an_image_without_annotations():
+    """A CBN mask head gets no RoI on an image without objects (``filter_empty_gt=False``):
+    the step trains on, the mask head records nothing for it, and the next steps pool."""
+    from mmengine.hub import get_config
+    from mmdet.registry import MODELS
+    from mmdet.testing import demo_mm_inputs
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    cfg = get_config('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py').model
+    cfg.backbone.update(depth=18, init_cfg=None, frozen_stages=-1, norm_eval=False)
+    cfg.neck.update(in_channels=[64, 128, 256, 512], out_channels=32)
+    cfg.rpn_head.update(in_channels=32, feat_channels=32)
+    cfg.roi_head.bbox_roi_extractor.update(out_channels=32)
+    cfg.roi_head.mask_roi_extractor.update(out_channels=32)
+    cfg.roi_head.bbox_head.update(in_channels=32, fc_out_channels=64, num_classes=3)
+    cfg.roi_head.mask_head.update(in_channels=32, conv_out_channels=32, num_classes=3,
+                                  norm_cfg=dict(type='CBN', window_size=3))
+    cfg.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
+    cfg.train_cfg.rcnn.sampler.update(num=32)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg)
+    cbn_plugin.bind(model, logger=None)
+    mask_norms = [m for n, m in model.named_modules()
+                  if n.startswith('roi_head.mask_head') and isinstance(m, CBN)]
+    assert len(mask_norms) == 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    recorded = []
+    for objects in (2, 0, 2, 2, 0, 2):
+        batch = demo_mm_inputs(1, (3, 64, 64), num_items=[objects], num_classes=3,
+                               with_mask=True)
+        data = model.data_preprocessor(batch, True)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cbn_plugin.step(model)
+        recorded.append(int(mask_norms[0].window_filled[0]))
+    # Only steps with RoIs are recorded: 1, -, 2, 2 (full: k - 1), -, 2.
+    assert recorded == [1, 1, 2, 2, 2, 2]
+    assert all(torch.isfinite(m.running_var).all() for m in mask_norms)
