@@ -15,6 +15,9 @@ from __future__ import annotations
 import functools
 import os.path as osp
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -349,3 +352,30 @@ def test_cbn_hook_config_builds(detector, norm):
     for hook_cfg in cfg.custom_hooks:
         hook = HOOKS.build(hook_cfg.copy())
         assert type(hook).__name__ == 'CBNHook'
+
+
+@pytest.mark.parametrize('sync_bn, refused', [('torch', True), (None, False)])
+def test_a_sync_bn_config_of_cbn_layers_is_refused_by_train(tmp_path, tiny_coco_set, sync_bn,
+                                                          refused):
+    """mmengine's ``sync_bn`` would replace every BatchNorm subclass, CBN included, by plain
+    SyncBatchNorm: ``tools/train.py`` on the CBN config with ``sync_bn`` stops before the
+    first step and says what to use instead; the same config without it trains."""
+    from helpers import FASTER, REPO
+    from tiny_coco import narrow_config
+    config = tmp_path / 'faster_cbn.py'
+    extra = f'sync_bn = {sync_bn!r}\n' if sync_bn else ''
+    config.write_text(narrow_config(FASTER, tiny_coco_set(4), extra=extra + textwrap.dedent("""\
+        train_cfg = dict(max_epochs=1, val_interval=10)
+        custom_hooks = [dict(type='CBNHook', burn_in_iters=0)]
+        """)))
+    out = subprocess.run([sys.executable, 'tools/train.py', str(config), '--work-dir',
+                          str(tmp_path / 'work')], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    log = out.stdout + out.stderr
+    if refused:
+        assert out.returncode != 0, log[-3000:]
+        assert "sync_bn='torch'" in log and "['CBN'] layers into plain SyncBN" in log, log[-3000:]
+        assert "norm_cfg=dict(type='SyncCBN')" in log
+    else:
+        assert out.returncode == 0, log[-3000:]
+        assert 'CBNHook: burn-in 0 of' in log
