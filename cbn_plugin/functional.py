@@ -324,11 +324,12 @@ def window_shift(entries: WindowEntries, pooled: PooledStats, eps: float):
     """``(mean_shift, negative_fraction)`` over the slots in use (0-dim tensors): how far
     the compensation moved the stored means (in stored standard deviations), and how
     many compensated variances came out negative."""
-    use = entries.use.expand_as(pooled.past_mean)
-    n = use.sum().clamp_min(1)
-    shift = ((pooled.past_mean - entries.mean).abs()
-             / (entries.var + eps).sqrt()).nan_to_num(0.0, 0.0, 0.0)
-    return (shift * use).sum() / n, ((pooled.past_var < 0) & use).sum() / n
+    with torch.no_grad():
+        use = entries.use.expand_as(pooled.past_mean)
+        n = use.sum().clamp_min(1)
+        shift = ((pooled.past_mean - entries.mean).abs()
+                 / (entries.var + eps).sqrt()).nan_to_num(0.0, 0.0, 0.0)
+        return (shift * use).sum() / n, ((pooled.past_var < 0) & use).sum() / n
 
 
 def running_target(step_mean: Tensor, step_var: Tensor, count, pooled: PooledStats,

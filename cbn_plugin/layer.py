@@ -46,18 +46,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         running_stats: what the running statistics used at inference track:
             ``'batch'`` (the current batch, as BN; the paper) or ``'window'``
             (the pooled window statistics; default).
-        stats_backward: how the gradient treats the pooled statistics.
-            ``'compensated'`` (default): the exact gradient of the forward;
-            the compensated past entries are functions of the bound conv's
-            current weight and bias and pass gradient to them.
-            ``'current'`` (the paper, the authors' code): only this batch's
-            statistics carry gradient, at weight 1/k; past entries are
-            constants. ``'pooled'``: BN's backward as if the pooled statistics
-            were this batch's (full weight).
-        compensation: ``'var'`` (default): the first-order step on the mean
-            and the variance; ``'mu_nu'`` (the paper): on the mean and the
-            second moment, which also subtracts ``rho^2 d_mu^2`` from each
-            past variance.
+        stats_backward: ``'compensated'`` (default): the exact gradient of the
+            forward (the compensated past entries pass gradient to the bound
+            conv's weight and bias); ``'current'`` (the paper): only this
+            batch's statistics carry gradient, at weight 1/k; ``'pooled'``:
+            BN's backward as if the pooled statistics were this batch's.
+        compensation: the first-order step on the mean and the variance
+            (``'var'``, default) or on the mean and the second moment
+            (``'mu_nu'``, the paper: also subtracts ``rho^2 d_mu^2``).
         dvar_stride: 1 computes ``dvar/dW`` exactly; ``s > 1`` estimates it from one
             output position in ``s^2`` (``s^2`` times cheaper; statistics exact).
         per_call_windows: when the layer runs several times between two
@@ -65,6 +61,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             step's slot (gradient-accumulation micro-batches, darknet's CmBN);
             ``True`` keeps one window per call position (a head shared over
             FPN levels behaves like one CBN per level).
+        accumulation: with several calls per step pooled into one slot,
+            ``'merge'`` pools each call with the step's earlier calls (the
+            step's statistics so far); ``'own'`` pools each with the past steps
+            only. The step's record merges every call either way.
 
     ``cbn_plugin.bind`` (or ``CBNHook``) pairs the layer with the conv producing
     its input; ``cbn_plugin.step`` (or the hook) marks each optimizer step. A
@@ -81,10 +81,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  rho: float = 1.0, variance_rule: str = 'clamp', mode: str = 'default',
                  running_stats: str | None = None, stats_backward: str | None = None,
                  compensation: str | None = None, dvar_stride: int = 1,
-                 per_call_windows: bool = False, device=None, dtype=None) -> None:
+                 per_call_windows: bool = False, accumulation: str = 'merge', device=None,
+                 dtype=None) -> None:
         options = check_layer_options(window_size, rho, variance_rule, mode, running_stats,
                                       stats_backward, compensation, dvar_stride,
-                                      per_call_windows, eps)
+                                      per_call_windows, eps, accumulation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         for name, value in options.items():
             setattr(self, name, value)
@@ -245,6 +246,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return out
         # 2. the step's statistics: this call merged with the step's earlier calls
         step_stats, record, finite, share, earlier, skips = self.window.merge(position, current)
+        if self.accumulation == 'own':  # this call's own images and the past steps only
+            step_stats, share, earlier = current, 1.0, None
         # 3. the past entries, compensated, pooled with the step's
         entries = self.window.entries(position, window - 1, current)
         exact = self.stats_backward == 'compensated' and self.compensates
@@ -263,13 +266,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                            else share / pooled.count)
         out = CF.pooled_batch_norm(x, pooled.mean, pooled.var, stat_weight, self.weight,
                                    self.bias, self.eps, count, group)
-        shift = None
-        if self.track_diagnostics:
-            with torch.no_grad():
-                shift = CF.window_shift(entries, pooled, self.eps)
+        shift = CF.window_shift(entries, pooled, self.eps) if self.track_diagnostics else None
         # Kept for step() and the diagnostics: no tensor of the autograd graph.
-        slots = pooled._replace(mean=None, var=None)
-        self.window.keep(position, StepCall(record, finite, slots, 1 + ages, shift, skips))
+        self.window.keep(position, StepCall(record, finite, pooled._replace(mean=None, var=None),
+                                            1 + ages, shift, skips))
         self._call_index += 1
         return out
 
@@ -392,7 +392,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return (super().extra_repr() + f', window_size={self.window_size}, rho={self.rho}, '
                 f'variance_rule={self.variance_rule!r}, running_stats={self.running_stats!r}, '
                 f'stats_backward={self.stats_backward!r}, compensation={self.compensation!r}, '
-                f'dvar_stride={self.dvar_stride}, per_call_windows={self.per_call_windows}')
+                f'dvar_stride={self.dvar_stride}, per_call_windows={self.per_call_windows}, '
+                f'accumulation={self.accumulation!r}')
 
 
 from .sync import SyncCrossIterationBatchNorm2d  # noqa: E402,F401  (its home is sync.py)

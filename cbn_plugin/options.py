@@ -12,6 +12,10 @@ VARIANCE_RULES = ('clamp', 'exclude')
 COMPENSATIONS = ('mu_nu', 'var')
 RUNNING_STATS_SOURCES = ('batch', 'window')
 STATS_BACKWARD = ('current', 'pooled', 'compensated')
+# How a call pools the same step's earlier calls (gradient-accumulation micro-batches):
+# 'merge': with them (the step's statistics so far); 'own': not (its own images and the
+# past steps' full records). The step's record merges every call either way.
+ACCUMULATION = ('merge', 'own')
 # Presets for the three choices where this plugin and the paper differ; an
 # argument given explicitly overrides its preset. 'default' is what the
 # small-batch study measured best (docs/small_batch.md); 'paper' is the
@@ -72,7 +76,7 @@ def resolve_mode(mode: str, owner: str = 'CBN', **explicit) -> dict:
 
 
 def check_layer_options(window_size, rho, variance_rule, mode, running_stats, stats_backward,
-                        compensation, dvar_stride, per_call_windows, eps,
+                        compensation, dvar_stride, per_call_windows, eps, accumulation='merge',
                         owner: str = 'CBN') -> dict:
     """Every CBN layer argument checked; returns them resolved (the mode's preset filled in)."""
     choices = resolve_mode(mode, owner, running_stats=running_stats,
@@ -86,5 +90,7 @@ def check_layer_options(window_size, rho, variance_rule, mode, running_stats, st
     check_int('dvar_stride', dvar_stride, 1, owner, '1 is exact')
     check_bool('per_call_windows', per_call_windows, owner)
     check_number('eps', eps, 0.0, owner=owner, open_low=True)
+    check_choice('accumulation', accumulation, ACCUMULATION, owner)
     return dict(window_size=window_size, rho=float(rho), variance_rule=variance_rule,
-                dvar_stride=dvar_stride, per_call_windows=per_call_windows, **choices)
+                dvar_stride=dvar_stride, per_call_windows=per_call_windows,
+                accumulation=accumulation, **choices)

@@ -24,10 +24,11 @@ class ExactOracle:
     """One CBN layer, brute force: the paper's window, differentiated end to end."""
 
     def __init__(self, conv, gamma, beta, window_size, rho, rule, compensation, eps=1e-5,
-                 momentum=0.1):
+                 momentum=0.1, accumulation='merge'):
         self.conv, self.gamma, self.beta = conv, gamma, beta
         self.k, self.rho, self.rule, self.form = window_size, rho, rule, compensation
         self.eps, self.momentum = eps, momentum
+        self.accumulation = accumulation  # 'own': a call pools no earlier call of its step
         self.history = []  # per completed step: (inputs of its calls, weight, bias)
         self.calls = []    # this step's conv inputs so far
         self.running_mean = torch.zeros(gamma.shape, dtype=torch.float64)
@@ -67,7 +68,8 @@ class ExactOracle:
         conv = self.conv
         x = conv(inp)
         # Earlier calls of this step: the current weights, inputs fixed.
-        earlier = [self.conv_with(i, conv.weight, conv.bias) for i in self.calls]
+        earlier = [self.conv_with(i, conv.weight, conv.bias) for i in self.calls
+                   if self.accumulation == 'merge']
         if not self.calls:  # the weights this step's statistics were taken with
             self.weights = (conv.weight.detach().clone(),
                             None if conv.bias is None else conv.bias.detach().clone())

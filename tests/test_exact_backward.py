@@ -36,12 +36,13 @@ class TwoLayer(nn.Module):
 
 def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1, steps=10,
         lr=0.2, seed=0, backward='compensated', oracle_cls=ExactOracle, dilation=1,
-        track_diagnostics=False):
+        track_diagnostics=False, accumulation='merge'):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = TwoLayer(conv_bias, groups, dilation, window_size=window_size, rho=rho,
                      variance_rule=rule,
-                     compensation=compensation, stats_backward=backward).double()
+                     compensation=compensation, stats_backward=backward,
+                     accumulation=accumulation).double()
     with torch.no_grad():
         for bn in (model.bn1, model.bn2):
             bn.weight.add_(0.3 * torch.randn(bn.weight.shape, generator=gen, dtype=torch.float64))
@@ -49,8 +50,10 @@ def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1
     cbn_plugin.bind(model, logger=None)
     model.bn1.track_diagnostics = model.bn2.track_diagnostics = track_diagnostics
     ref = copy.deepcopy(model)
-    o1 = oracle_cls(ref.conv1, ref.bn1.weight, ref.bn1.bias, window_size, rho, rule, compensation)
-    o2 = oracle_cls(ref.conv2, ref.bn2.weight, ref.bn2.bias, window_size, rho, rule, compensation)
+    o1 = oracle_cls(ref.conv1, ref.bn1.weight, ref.bn1.bias, window_size, rho, rule, compensation,
+                    accumulation=accumulation)
+    o2 = oracle_cls(ref.conv2, ref.bn2.weight, ref.bn2.bias, window_size, rho, rule, compensation,
+                    accumulation=accumulation)
     params, ref_params = list(model.parameters()), list(ref.parameters())
     for _ in range(steps):
         for _ in range(calls):
@@ -97,6 +100,26 @@ def test_exact_backward_conv_bias_and_groups(compensation):
 def test_exact_backward_gradient_accumulation(compensation):
     """Three calls per step: the earlier calls' statistics carry their weight gradient too."""
     run(3, 1.0, 'clamp', compensation, conv_bias=True, calls=3, steps=6)
+
+
+@pytest.mark.parametrize('accumulation', ['merge', 'own'])
+def test_exact_backward_four_micro_batches(accumulation):
+    """Four calls per step (1 x 4 accumulation), each way of pooling the step's calls:
+    the backward is the gradient of what the forward computed."""
+    run(4, 1.0, 'clamp', 'var', calls=4, steps=5, accumulation=accumulation)
+    run(3, 0.5, 'exclude', 'mu_nu', conv_bias=True, calls=4, steps=4, seed=1,
+        accumulation=accumulation)
+
+
+def test_oracle_tells_the_accumulation_variants_apart():
+    """Mutation check: the layer pooling the earlier calls is caught by the oracle that
+    does not, and the other way round."""
+    class OwnOracle(ExactOracle):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, 'accumulation': 'own'})
+
+    with pytest.raises(AssertionError):
+        run(3, 1.0, 'clamp', 'var', calls=2, steps=3, oracle_cls=OwnOracle)
 
 
 def test_exact_backward_sees_negative_entries():
