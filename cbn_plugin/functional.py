@@ -30,7 +30,7 @@ every past variance by ``d_mu^2 + dW^T C dW``, the var form by ``dW^T C dW``
 only.
 
 Both are explicit functions of the current conv weight (and bias), so the
-past entries can carry gradient to it (``compensated_entries``): the exact
+past entries can carry gradient to it (``pool_compensated``): the exact
 gradient of the function the layer evaluates, where the paper treats them as
 constants.
 """
@@ -386,65 +386,6 @@ def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
     return mean, var
 
 
-class _CompensatedEntries(torch.autograd.Function):
-    """Compensated entries (``J x C``) as functions of the current conv weight and bias.
-
-    The forward returns the values ``compensate`` computed (once per step);
-    the backward is their exact derivative. With ``d_mu = <p_bar, W> + b -
-    mu_old``: ``dmean/dW_c = rho p_bar``, ``dvar/dW_c = rho dvar/dW_c - 2
-    rho^2 d_mu p_bar`` (the second term in the (mu, nu) form only), and the
-    bias sees the ``p_bar`` coefficients. From the stored derivatives alone:
-    one ``C x J`` by ``J x P'`` product per group for the mean patches and
-    ``J`` in-place passes over ``C x P'`` for ``dvar/dW``; no convolution,
-    no ``|W| x J`` temporary.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, bias, mean, var, d_mean, grad_mean, grad_var, rho, compensation):
-        ctx.save_for_backward(d_mean, grad_mean, grad_var)
-        ctx.rho, ctx.compensation = rho, compensation
-        ctx.weight_meta = (weight.shape, weight.dtype)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return mean.clone(), var.clone()
-
-    @staticmethod
-    def backward(ctx, g_mean, g_var):
-        d_mean, grad_mean, grad_var = ctx.saved_tensors
-        rho = ctx.rho
-        g_mean = g_mean.to(d_mean.dtype)
-        g_var = g_var.to(d_mean.dtype)
-        coef_patch = rho * g_mean           # J x C: coefficient of p_bar
-        if ctx.compensation == 'mu_nu':
-            coef_patch = coef_patch - (2.0 * rho * rho) * d_mean * g_var
-        coef_grad_var = rho * g_var         # J x C: coefficient of dvar/dW
-        j, groups, p = grad_mean.shape
-        c = d_mean.shape[1]
-        # sum_j coef_patch[j, c] p_bar[j, g(c)]: per group (C/g x J) @ (J x P').
-        grad_w = torch.bmm(coef_patch.view(j, groups, c // groups).permute(1, 2, 0),
-                           grad_mean.transpose(0, 1)).reshape(c, p)
-        for jj in range(j):
-            grad_w.addcmul_(grad_var[jj], coef_grad_var[jj].unsqueeze(1))
-        shape, dtype = ctx.weight_meta
-        grad_b = None if ctx.bias_dtype is None else coef_patch.sum(0).to(ctx.bias_dtype)
-        return (grad_w.view(shape).to(dtype), grad_b, None, None, None, None, None, None, None)
-
-
-def compensated_entries(mean: Tensor, var: Tensor, mean_old: Tensor, grad_mean: Tensor,
-                        grad_var: Tensor, weight: Tensor, bias: Tensor | None, rho: float,
-                        compensation: str = 'mu_nu') -> tuple[Tensor, Tensor]:
-    """``compensate``'s ``(mean, var)`` as differentiable functions of ``weight`` and ``bias``.
-
-    ``mean``/``var``: what ``compensate`` returned for these entries (``J x
-    C``), ``mean_old`` the stored means, ``grad_mean``/``grad_var`` the stored
-    derivatives. With ``rho=1`` and ``mean == mean_old`` this is an entry
-    taken with the current weights (an earlier call of the same step): its
-    exact derivative in the conv weight, the input patches held fixed.
-    """
-    d_mean = ((mean - mean_old) / rho).detach() if rho != 0 else torch.zeros_like(mean)
-    return _CompensatedEntries.apply(weight, bias, mean.detach(), var.detach(), d_mean,
-                                     grad_mean, grad_var, float(rho), compensation)
-
-
 def apply_variance_rule(mean: Tensor, var: Tensor, rule: str) -> tuple[Tensor, Tensor, Tensor]:
     """Apply the negative-variance rule to compensated past entries.
 
@@ -471,7 +412,7 @@ def pool_window(mean_cur: Tensor, var_cur: Tensor, mean_past: Tensor, var_past: 
     ``mean(nu_e) - mu_bar^2`` without its cancellation. Returns
     ``(mean, var, count)``; ``pooled_batch_norm`` takes the gradient through
     the current entry analytically, with weight ``1 / count``; past entries
-    that carry gradient (``compensated_entries``) get theirs through autograd.
+    that carry gradient (``pool_compensated``) get theirs through autograd.
     """
     count = valid.sum(0).to(mean_cur.dtype) + 1
     zero = mean_cur.new_zeros(())
@@ -611,8 +552,9 @@ class _CompensatedPool(torch.autograd.Function):
     def backward(ctx, g_mean, g_var, *_):
         count, alpha, dev, live, step_dev = ctx.saved_tensors
         entries, earlier, rho = ctx.entries, ctx.earlier, ctx.rho
-        g_mean = g_mean.to(alpha.dtype).div(count)     # dL/dmean / n
-        g_var = g_var.to(alpha.dtype).div(count)       # dL/dvar / n
+        # dL/dmean / n and dL/dvar / n (an output that got no gradient: zeros)
+        g_mean, g_var = (torch.zeros_like(count) if g is None else g.to(alpha.dtype).div(count)
+                         for g in (g_mean, g_var))
         # Per slot: dmean/dm_k = 1/n, dvar/dm_k = 2 (m_k - mean)/n, dvar/dv_k = 1/n.
         coef_patch = torch.addcmul(alpha * g_mean, dev, g_var, value=2.0).mul_(rho)
         coef_var = live.mul(g_var)

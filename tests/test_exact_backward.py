@@ -153,26 +153,32 @@ def test_oracle_fails_without_the_past_entry_term():
     run(4, 1.0, 'clamp', 'var', backward='current', oracle_cls=DetachedPastOracle)
 
 
-def test_gradcheck_compensated_entries():
+@pytest.mark.parametrize('rule', ['clamp', 'exclude'])
+@pytest.mark.parametrize('form', ['mu_nu', 'var'])
+def test_gradcheck_compensated_pool(form, rule):
+    """The pooled statistics' written-out derivative in the conv weight and bias, grouped
+    conv, slots in and out of use. (A step's earlier calls enter as values taken with the
+    current weight, not recomputed from it here: the brute-force oracle covers them.)"""
     gen = torch.Generator().manual_seed(3)
-    j, groups, cg, p = 3, 2, 3, 5
+    k, groups, cg, p = 3, 2, 3, 5
     c = groups * cg
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    grad_mean, grad_var = rnd(j, groups, p), rnd(j, c, p)
-    mean_old, var_old = rnd(j, c), rnd(j, c).abs()
+    use = torch.tensor([[True], [False], [True]])
+    entries = CF.WindowEntries(rnd(k, c), rnd(k, c).abs() + 0.5, rnd(k, groups, p),
+                               rnd(k, c, p), use)
+    step_mean, step_var = rnd(c), rnd(c).abs() + 0.5
     weight = rnd(c, p).view(c, p, 1, 1).requires_grad_(True)
     bias = rnd(c).requires_grad_(True)
-    for form in ('mu_nu', 'var'):
-        def f(w, b):
-            mean, var = CF.compensate(mean_old, var_old, grad_mean, grad_var, w, b, 0.7, form)
-            return CF.compensated_entries(mean, var, mean_old, grad_mean, grad_var, w, b, 0.7,
-                                          form)
 
-        assert torch.autograd.gradcheck(f, (weight, bias))
+    def f(w, b):
+        pooled = CF.pool_compensated(step_mean, step_var, entries, w, b, 0.7, form, rule,
+                                     differentiable=True)
+        return pooled.mean, pooled.var
 
+    assert torch.autograd.gradcheck(f, (weight, bias))
 
 
 def test_gradcheck_layer_compensated_backward():
