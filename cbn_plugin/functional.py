@@ -510,12 +510,12 @@ class _CompensatedPool(torch.autograd.Function):
             if bias is not None:
                 proj_mean.add_(bias.to(dtype))
             proj_var = _row_dot(entries.grad_var, w)
-            mean = torch.lerp(m_old, proj_mean, rho)
+            mean = proj_mean if rho == 1.0 else torch.lerp(m_old, proj_mean, rho)
             # <dvar/dW, W_old> = 2 var_old: the step along W_t - W_old needs no old weight.
             var = (proj_var.sub_(v_old) if rho == 1.0
                    else torch.add(v_old, proj_var, alpha=rho).sub_(v_old, alpha=2.0 * rho))
             if compensation == 'mu_nu':
-                d_mean = proj_mean.sub_(m_old)
+                d_mean = proj_mean - m_old
                 var.addcmul_(d_mean, d_mean, value=-rho * rho)
         else:
             mean, var = m_old, v_old

@@ -165,6 +165,7 @@ class CrossIterationWindow:
         self._buffers = buffers
         self.ring = StepRing(slots)
         self._views: dict[tuple, Tensor] = {}
+        self._zeros: dict[torch.dtype, Tensor] = {}  # what a non-finite record is written as
         self.calls: dict[int, StepCall] = {}       # this step's, per position
         self.last_calls: dict[int, StepCall] = {}  # the last finished step's
         self._skipped: Tensor | None = None  # minus the finite single-call records
@@ -287,7 +288,9 @@ class CrossIterationWindow:
         if self._buffers['window_mean'] is None or position >= self._buffers['window_mean'].shape[0]:
             self._allocate(position + 1, record)
         slot = self.ring.next[position]
-        zero = record.mean.new_zeros(())
+        zero = self._zeros.get(record.mean.dtype)
+        if zero is None or zero.device != record.mean.device:
+            zero = self._zeros[record.mean.dtype] = record.mean.new_zeros(())
         fields = [('window_mean', record.mean), ('window_var', record.var)]
         if record.grad_mean is not None:
             fields += [('window_grad_mean', record.grad_mean),
