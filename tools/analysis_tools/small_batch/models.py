@@ -15,7 +15,8 @@ EPS = 1e-5
 def _layer_defaults() -> dict:
     """The CBN constructor's defaults, with its ``mode`` preset resolved."""
     params = inspect.signature(CBN.__init__).parameters
-    out = {k: params[k].default for k in ('window_size', 'rho', 'variance_rule')}
+    out = {k: params[k].default for k in ('window_size', 'rho', 'variance_rule',
+                                          'accumulation')}
     out.update(MODES[params['mode'].default])
     return out
 
@@ -23,7 +24,8 @@ def _layer_defaults() -> dict:
 LAYER_DEFAULTS = _layer_defaults()
 # spec key -> CBN argument
 SPEC_ARGS = (('rho', 'rho'), ('backward', 'stats_backward'), ('compensation', 'compensation'),
-             ('running_stats', 'running_stats'), ('variance_rule', 'variance_rule'))
+             ('running_stats', 'running_stats'), ('variance_rule', 'variance_rule'),
+             ('accumulation', 'accumulation'))
 
 
 def cbn_kwargs(spec: dict) -> dict:

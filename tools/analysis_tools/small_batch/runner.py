@@ -39,7 +39,17 @@ def train_run(cfg: dict) -> dict:
     """One training run; returns accuracy, loss, and the measurements.
 
     cfg keys: task, arch, norm (spec), batch, samples, lr, seed, and optionally
-    measure (number of analysis points), wd, burn_in_samples.
+    measure (number of analysis points), wd, burn_in_samples, precise_samples,
+    precise_batch, accumulate.
+
+    ``accumulate`` (gradient accumulation): each optimizer step's ``batch`` images are
+    split into ``accumulate`` equal micro-batches, each its own forward and backward with
+    its loss divided by ``accumulate`` (the step's gradient is the mean over its images,
+    as mmengine's ``accumulative_counts``), then one ``opt.step()`` and one
+    ``cbn_plugin.step``: BN normalises each micro-batch on its own, CBN pools the step's
+    calls into one slot (its ``accumulation`` option says how). Such a run keeps no probe
+    (its emulation of the running statistics assumes one call per step): it is evaluated
+    with the layer's own running statistics.
     """
     torch.set_num_threads(1)
     torch.manual_seed(cfg['seed'])
@@ -48,12 +58,23 @@ def train_run(cfg: dict) -> dict:
     model = build()
     batch = cfg['batch']
     steps = max(1, cfg['samples'] // batch)
+    accumulate = cfg.get('accumulate', 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1 \
+            or batch % accumulate:
+        raise ValueError(f'accumulate must be an integer >= 1 dividing batch={batch} '
+                         f'(micro-batches per optimizer step), got {accumulate!r}')
+    if accumulate > 1 and cfg.get('measure', 0):
+        raise ValueError(f'measure={cfg["measure"]}: the analysis points need one forward per '
+                         f'step; with accumulate={accumulate} use measure=0')
+    micro = batch // accumulate
+    calls = 0  # training forwards (micro-batches)
     probe = None
     if cbn_plugin.cbn_layers(model):
         cbn_plugin.bind(model, logger=None)
         for _, layer in cbn_plugin.cbn_layers(model):
             layer.set_schedule(burn_in_steps=cfg.get('burn_in_samples', 0) // batch)
-        probe = NormProbe(model)
+        if accumulate == 1:
+            probe = NormProbe(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg['lr'], momentum=0.9,
                           weight_decay=cfg.get('wd', 5e-4))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -72,10 +93,33 @@ def train_run(cfg: dict) -> dict:
         if n_measure else set()
     analyses, radial, grad_checks = [], [], []
     losses, status = [], 'ok'
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for s in range(steps):
         xb = xtr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
         yb = ytr[torch.from_numpy(order[s * batch:(s + 1) * batch])]
+        if accumulate > 1:
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for i in range(0, batch, micro):
+                try:
+                    loss = F.cross_entropy(model(xb[i:i + micro]), yb[i:i + micro]) / accumulate
+                except (ValueError, RuntimeError) as exc:
+                    status = f'error at step {s}: {str(exc).splitlines()[0][:150]}'
+                    break
+                calls += 1
+                if not torch.isfinite(loss):
+                    status = f'non-finite loss at step {s}'
+                    break
+                loss.backward()
+                step_loss += loss.item()
+            if status != 'ok':
+                break
+            opt.step()
+            sched.step()
+            cbn_plugin.step(model)
+            losses.append(step_loss)
+            continue
+        calls += 1
         try:
             loss = F.cross_entropy(model(xb), yb)
         except (ValueError, RuntimeError) as exc:
@@ -100,6 +144,7 @@ def train_run(cfg: dict) -> dict:
         history.append(xb)
         losses.append(loss.item())
     train_time = time.perf_counter() - start
+    cpu_time = time.process_time() - cpu_start
     acc = {'batch': float('nan'), 'window': float('nan')}
     running_err = {}
     if status == 'ok':
@@ -116,7 +161,14 @@ def train_run(cfg: dict) -> dict:
     result = dict(cfg=cfg, acc=acc['batch'], acc_window=acc['window'],
                   final_loss=float(np.mean(losses[-n_tail:])) if losses else float('nan'),
                   status=status, steps=steps, steps_done=len(losses), time=train_time,
-                  running_error=running_err)
+                  cpu_time=cpu_time, forward_calls=calls, running_error=running_err)
+    if accumulate > 1 and cbn_plugin.cbn_layers(model):
+        first = cbn_plugin.cbn_layers(model)[0][1]
+        result['layer'] = dict(args=cbn_kwargs(cfg['norm']), stats_backward=first.stats_backward,
+                               compensation=first.compensation,
+                               running_stats=first.running_stats,
+                               window_size=first.window_size, rho=first.rho,
+                               accumulation=first.accumulation, steps_done=first.steps_done)
     if probe is not None:
         # the layer's own running statistics must be the probe's copy of its rule
         first = probe.layers[0][1]
@@ -129,7 +181,8 @@ def train_run(cfg: dict) -> dict:
             for n, layer in probe.layers) if status == 'ok' else float('nan')
         probe.remove()
     if status == 'ok' and cfg.get('precise_samples'):
-        result.update(precise_accuracy(model, xtr, xte, yte, batch, cfg['precise_samples']))
+        result.update(precise_accuracy(model, xtr, xte, yte, cfg.get('precise_batch', batch),
+                                       cfg['precise_samples']))
     layers = sorted({n for a in analyses for n in a})
     if layers:
         result['analysis'] = {n: _mean_dicts([a[n] for a in analyses if n in a])
