@@ -11,7 +11,7 @@ from oracle import OracleCBN, compensated_moments, sgd_in_lockstep
 
 
 class TwoLayer(nn.Module):
-    """conv -> CBN -> relu -> conv -> CBN, the layout the issue names."""
+    """conv -> CBN -> relu -> conv -> CBN: two bound pairs, the second fed through the first."""
 
     def __init__(self, conv_bias=False, **cbn):
         super().__init__()
