@@ -21,6 +21,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .binding import bind, cbn_layers, step
+from .mmengine_internals import accumulative_counts
 
 
 def _non_negative(name: str, value, integer: bool) -> None:
@@ -108,7 +109,7 @@ class CBNHook(Hook):
         self._layers = []
 
     def _schedule_in_steps(self, runner) -> tuple[int, int, int]:
-        accumulate = getattr(runner.optim_wrapper, '_accumulative_counts', 1)
+        accumulate = accumulative_counts(runner.optim_wrapper)
         max_iters = runner.max_iters
         total = math.ceil(max_iters / accumulate)
         if self.burn_in_epochs is not None:

@@ -59,21 +59,22 @@ from mmengine.registry import HOOKS
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .functional import pool_window
 from .layer import CrossIterationBatchNorm2d
+from .options import check_int
+from .rng import get_rng_state, set_rng_state
+from .sync_norms import is_sync_norm
 
 __all__ = ['recompute_statistics', 'PreciseCBNHook', 'default_forward']
 
 
-WINDOW_NONE = "each CBN layer's window_size"
+WINDOW_NONE = "or None: each CBN layer's window_size"
 
 
-def _check_count(name: str, value, owner: str = '', none_means: str | None = None) -> None:
-    """``value`` must be an integer >= 1 (or ``None`` where ``none_means`` says what it is)."""
-    if value is None and none_means is not None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = f'None ({none_means}) or an integer >= 1' if none_means else 'an integer >= 1'
-        raise ValueError(f'{owner}{name} must be {allowed}, got {value!r}')
+def _check_window(window, owner: str = '') -> None:
+    """``window``: ``None`` (each layer's own) or an integer >= 1."""
+    if window is not None:
+        check_int('window', window, minimum=1, owner=owner, meaning=WINDOW_NONE)
 
 
 def default_forward(model: nn.Module, batch) -> None:
@@ -97,7 +98,6 @@ def default_forward(model: nn.Module, batch) -> None:
 def _process_group(layer):
     """The group a synchronised norm reduces over in training; None otherwise."""
     import torch.distributed as dist
-    from .engine.rank_state import is_sync_norm
     if not (is_sync_norm(layer) and dist.is_available() and dist.is_initialized()):
         return None
     group = getattr(layer, 'process_group', None)
@@ -143,11 +143,17 @@ class _Replay:
         past = self.windows.setdefault(self.calls if self.per_call else 0,
                                        deque(maxlen=self.window))
         self.calls += 1
+        # The plain equal-weight pool of this batch and the ones before it (the
+        # weights are fixed: nothing to compensate), as the layer pools in training.
         past.append((mean, var))
-        means = torch.stack([m for m, _ in past])
-        pooled_mean = means.mean(0)
-        pooled_var = torch.stack([v for _, v in past]).mean(0) + \
-            ((means - pooled_mean) ** 2).mean(0)
+        earlier = list(past)[:-1]
+        if earlier:
+            mean_past = torch.stack([m for m, _ in earlier])
+            var_past = torch.stack([v for _, v in earlier])
+        else:
+            mean_past = var_past = mean.new_zeros((0,) + tuple(mean.shape))
+        pooled_mean, pooled_var, _ = pool_window(mean, var, mean_past, var_past,
+                                                 torch.ones_like(mean_past, dtype=torch.bool))
         if len(past) == self.window:  # a full window: one estimate
             total = self.window * count
             unbiased = pooled_var * (total / max(total - 1, 1))
@@ -191,8 +197,8 @@ def recompute_statistics(model: nn.Module, batches: Iterable, num_batches: int,
     batches run out before N.
     """
     from mmengine.model import is_model_wrapper
-    _check_count('num_batches', num_batches)
-    _check_count('window', window, none_means=WINDOW_NONE)
+    check_int('num_batches', num_batches, minimum=1)
+    _check_window(window)
     forward = default_forward if forward is None else forward
     module = model.module if is_model_wrapper(model) else model
     modes = {m: m.training for m in module.modules()}
@@ -276,12 +282,11 @@ class PreciseCBNHook(Hook):
     def __init__(self, num_batches: int = 200, interval: int = 1,
                  window: int | None = None) -> None:
         for name, value in dict(num_batches=num_batches, interval=interval).items():
-            _check_count(name, value, owner='PreciseCBNHook ')
-        _check_count('window', window, owner='PreciseCBNHook ', none_means=WINDOW_NONE)
+            check_int(name, value, minimum=1, owner='PreciseCBNHook')
+        _check_window(window, owner='PreciseCBNHook')
         self.num_batches, self.interval, self.window = num_batches, interval, window
 
     def _run(self, runner) -> None:
-        from .engine.rng import get_rng_state, set_rng_state
         loader = runner.train_dataloader
         num = self.num_batches
         if hasattr(loader, '__len__') and len(loader) < num:

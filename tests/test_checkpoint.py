@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -453,11 +454,9 @@ def test_load_from_does_not_restore_rng(tmp_path, trained):
     """Fine-tuning from a checkpoint (load_from, no resume) keeps the run's own seed."""
     work_dir, _ = trained
     runner, _ = make_runner(tmp_path, f'finetune_{id(tmp_path)}', max_epochs=1)
-    runner._resume, runner._load_from = False, str(work_dir / 'epoch_1.pth')
     hook = next(h for h in runner.hooks if isinstance(h, WeightsOnlyCheckpointHook))
     hook.before_run(runner)
-    runner.load_checkpoint(runner._load_from)
-    assert hook._loaded_rng is not None
+    runner.load_checkpoint(str(work_dir / 'epoch_1.pth'))  # what load_from does
     seeded = ckpt.get_rng_state()
     hook.before_train(runner)  # iter 0 != the checkpoint's: not a resume
     assert same(ckpt.get_rng_state(), seeded)
@@ -513,16 +512,29 @@ def test_rewrite_of_newest_checkpoint_fails_midway(tmp_path, monkeypatch, atomic
     assert 'best_score' not in first['message_hub']['runtime_info']  # the first version
 
 
-def test_atomic_save_is_undone_after_run(trained):
+def test_atomic_save_is_undone_after_run(trained, monkeypatch):
+    """Wrapped once however often ``before_run`` runs (one partial file per save), and
+    after the run the Runner's own ``save_checkpoint`` writes in place again."""
+    from mmengine.fileio.backends.local_backend import LocalBackend
+    put, written = LocalBackend.put, []
+
+    def recording_put(self, obj, filepath):
+        written.append(os.path.basename(str(filepath)))
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(LocalBackend, 'put', recording_put)
     work_dir, _ = trained
     runner, _ = make_runner(work_dir, f'undo_{id(work_dir)}', max_epochs=1)
     hook = next(h for h in runner.hooks if isinstance(h, WeightsOnlyCheckpointHook))
     hook.before_run(runner)
-    assert runner.save_checkpoint._cbn_atomic
     hook.before_run(runner)  # wrapped once only
-    assert runner.save_checkpoint.__wrapped__.__func__ is Runner.save_checkpoint
+    no_optimizer = dict(save_optimizer=False, save_param_scheduler=False)
+    runner.save_checkpoint(str(work_dir), 'undo_a.pth', **no_optimizer)
+    assert written == [f'undo_a.pth.partial-{os.getpid()}']
     hook.after_run(runner)
     assert 'save_checkpoint' not in runner.__dict__
+    runner.save_checkpoint(str(work_dir), 'undo_b.pth', **no_optimizer)
+    assert written[1:] == ['undo_b.pth']
 
 
 # ---------------------------------------------------------------- damaged files
@@ -592,30 +604,37 @@ def test_check_checkpoint_file_accepts(damaged):
 
 def test_runner_refuses_damaged_file_before_loading(tmp_path, damaged):
     """``load_from``, ``resume=PATH`` and auto-resume, in train() and val()."""
-    def runner_with(name, **kwargs):
-        runner, _ = make_runner(tmp_path, f'{name}_{id(tmp_path)}', max_epochs=1)
-        for key, value in kwargs.items():
-            setattr(runner, key, value)
-        return runner
+    def runner_with(name, load_from=None, resume=False):
+        loader = dict(dataset=ToyData(), batch_size=2, num_workers=0,
+                      sampler=dict(type='DefaultSampler', shuffle=False),
+                      collate_fn=dict(type='default_collate'))
+        return Runner(
+            model=ToyNet(), work_dir=str(tmp_path), experiment_name=f'{name}_{id(tmp_path)}',
+            train_dataloader=loader, train_cfg=dict(by_epoch=True, max_epochs=1),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+            val_dataloader=loader, val_evaluator=dict(type=NumpyMetric), val_cfg=dict(),
+            custom_hooks=[dict(type='CBNHook', burn_in_iters=0),
+                          dict(type='WeightsOnlyCheckpointHook')],
+            load_from=load_from, resume=resume)
 
     path = str(damaged['truncated'])
     with pytest.raises(CheckpointFileError, match=f'checkpoint {path} is truncated'):
-        runner_with('load', _load_from=path).train()
+        runner_with('load', load_from=path).train()
     with pytest.raises(CheckpointFileError, match=f'checkpoint {path} is truncated'):
-        runner_with('resume', _load_from=path, _resume=True).train()
+        runner_with('resume', load_from=path, resume=True).train()
     with pytest.raises(CheckpointFileError, match='is not a PyTorch checkpoint'):
-        runner_with('val', _load_from=str(damaged['garbage'])).val()
+        runner_with('val', load_from=str(damaged['garbage'])).val()
     record = tmp_path / 'last_checkpoint'
     record.write_text(path)
     named = re.escape(f'(named by {record} for auto-resume)')
     with pytest.raises(CheckpointFileError, match=f'{re.escape(path)} {named} is truncated'):
-        runner_with('auto', _resume=True).train()
+        runner_with('auto', resume=True).train()
     record.write_text(str(damaged['missing']))
     with pytest.raises(FileNotFoundError, match=f'{named} does not exist'):
-        runner_with('auto_missing', _resume=True).train()
+        runner_with('auto_missing', resume=True).train()
     record.write_text('')
     with pytest.raises(CheckpointFileError, match=f'{record} is empty'):
-        runner_with('auto_empty', _resume=True).train()
+        runner_with('auto_empty', resume=True).train()
 
 
 # ---------------------------------------------------------------- switches, in a Runner
@@ -659,9 +678,17 @@ def test_switch_changes_only_its_part_in_a_runner(tmp_path, monkeypatch, arg, da
 
 
 # ---------------------------------------------------------------- per-rank state, one process
-class FakeRunner:
-    def __init__(self, model, resume=True):
-        self.model, self._resume = model, resume
+def resuming_runner(model, tmp_path):
+    """A Runner of ``model`` built to resume (what ``after_load_checkpoint`` is told)."""
+    return Runner(model=model, work_dir=str(tmp_path), resume=True,
+                  experiment_name=f'resuming_{id(model)}')
+
+
+def at_progress(model, epoch: int, iter: int):
+    """What ``before_train`` reads of a Runner resumed at ``epoch``/``iter`` (no data, no
+    other hook, an epoch-based loop)."""
+    return types.SimpleNamespace(model=model, epoch=epoch, iter=iter, hooks=[],
+                                 train_dataloader=[], train_loop=None)
 
 
 def cbn_state(steps=3, seed=0):
@@ -691,8 +718,8 @@ def warnings_of(monkeypatch) -> list[str]:
     (2, 2, False),   # same world, written without per-rank state
     (2, 2, None),    # same world, written before per-rank state existed
 ])
-def test_other_world_size_empties_windows_and_says_so(monkeypatch, saved_world, now_world,
-                                                      rank_states):
+def test_other_world_size_empties_windows_and_says_so(monkeypatch, tmp_path, saved_world,
+                                                      now_world, rank_states):
     net, state = cbn_state()
     assert int(state['bn.window_filled'][0]) == 1 and state['bn.window_mean'].abs().sum() > 0
     checkpoint = {'meta': {'epoch': 1, 'iter': 3, 'seed': 5}, 'state_dict': dict(state),
@@ -705,7 +732,7 @@ def test_other_world_size_empties_windows_and_says_so(monkeypatch, saved_world, 
     monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: now_world - 1)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
-    hook.after_load_checkpoint(FakeRunner(net), checkpoint)
+    hook.after_load_checkpoint(resuming_runner(net, tmp_path), checkpoint)
     loaded = checkpoint['state_dict']
     assert int(loaded['bn.num_steps']) == 3  # the clock goes on
     assert int(loaded['bn.window_filled'][0]) == 0 and int(loaded['bn.window_next'][0]) == 0
@@ -718,17 +745,19 @@ def test_other_world_size_empties_windows_and_says_so(monkeypatch, saved_world, 
         assert f'written by {saved_world} processes and this run has {now_world}' in warning
     else:
         assert f'{saved_world}-process run' in warning
-    rng, epoch, it = hook._loaded_rng
-    assert (epoch, it) == (1, 3)
+    torch.rand(5)  # moves the generator on from the saved state
+    hook.before_train(at_progress(net, epoch=1, iter=3))
+    restored = torch.equal(torch.get_rng_state(), checkpoint['rng_state']['torch'])
     if rank_states is False:  # each rank's own RNG state is there: restored
-        assert rng is checkpoint['rank_states']['ranks'][1]['rng_state']
-    else:  # some other rank's, or another layout's: not restored (before_train says so)
-        assert isinstance(rng, str) and 'the checkpoint ' in rng
+        assert restored and 'restored the RNG states' in said[-1]
+    else:  # some other rank's, or another layout's: not restored, and said so
+        assert not restored
+        assert 'RNG states not restored: the checkpoint ' in said[-1]
     net.load_state_dict(loaded)  # loads (shapes from the checkpoint)
     assert int(net.bn.window_filled[0]) == 0
 
 
-def test_rank_restores_its_own_buffers(monkeypatch):
+def test_rank_restores_its_own_buffers(monkeypatch, tmp_path):
     """Rank 1 of 2 gets rank 1's buffers and RNG state from the rank states, not rank 0's."""
     net0, state0 = cbn_state(seed=0)
     net1, state1 = cbn_state(seed=1)
@@ -745,17 +774,20 @@ def test_rank_restores_its_own_buffers(monkeypatch):
     monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: 1)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
-    hook.after_load_checkpoint(FakeRunner(net1), checkpoint)
+    runner = resuming_runner(net1, tmp_path)
+    hook.after_load_checkpoint(runner, checkpoint)
     loaded = checkpoint['state_dict']
     for key, value in state1.items():
         want = value if key in buffers1 else state0[key]  # parameters: the model's
         assert torch.equal(loaded[key], want), key
-    assert hook._loaded_rng[0] is rng1
     assert not said
+    torch.rand(5)  # moves the generator on from the saved state
+    hook.before_train(at_progress(net1, epoch=1, iter=3))
+    assert torch.equal(torch.get_rng_state(), rng1['torch'])  # rank 1's, not 'rank 0'
+    assert 'restored the RNG states' in said[-1] and '(rank 1 of 2)' in said[-1]
     assert ckpt.rank_local_buffers(net1).keys() == buffers1.keys()
     with pytest.raises(ValueError, match="checkpoint\\['rank_states'\\] has format 7"):
-        hook.after_load_checkpoint(FakeRunner(net1), dict(checkpoint, rank_states={
-            'format': 7}))
+        hook.after_load_checkpoint(runner, dict(checkpoint, rank_states={'format': 7}))
 
 
 def test_unseeded_runner_resume_warns_about_the_sampler_seed(tmp_path, monkeypatch):

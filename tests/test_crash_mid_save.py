@@ -1,4 +1,4 @@
-"""SIGKILL while a checkpoint is being written: nothing is lost, ``--resume`` goes on (issue 14).
+"""SIGKILL while a checkpoint is being written: nothing is lost, ``--resume`` goes on.
 
 A real ``tools/train.py`` process (the real CBN paper config, shrunk as in
 ``test_resume_unseeded``) writes its epoch-2 checkpoint slowly: a test-only

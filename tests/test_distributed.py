@@ -23,7 +23,8 @@ iteration, 2 processes: 2 iterations per epoch and process. Checked:
   ranks; ``tools/dist_test.sh`` with 2 processes evaluates the checkpoint to
   the same mAP as the validation at the end of training;
 - the CPU setup helper and the Slurm/MPI environment translation
-  (``cbn_plugin.engine.launch``, unit level), and ``tools/slurm_*.sh`` build the documented ``srun`` command;
+  (``tools/launch_support.py``, unit level), and ``tools/slurm_*.sh`` build the documented
+  ``srun`` command;
 - ``tools/analysis_tools/measure_comm.py`` runs (2 gloo processes, tiny maps) and counts
   the all-reduce payloads ``docs/scaling.md`` documents.
 
@@ -47,9 +48,11 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from cbn_plugin.engine import launch as launch_kit
-from helpers import DUMP_HOOK, FASTER, FASTER_SYNC, REPO, free_port, launch
-from tiny_coco import coco_map, derived_config, recomputed_map, scalars, write_tiny_coco
+from helpers import DUMP_HOOK, REPO, free_port, launch
+from tiny_coco import coco_map, derived_config, recomputed_map, scalars
+
+sys.path.insert(0, str(REPO / 'tools'))
+import launch_support as launch_kit  # noqa: E402  (beside the tools it serves)
 
 WORLD = 2
 ITERS_PER_EPOCH = 2  # 8 images / (2 processes x 2 images)
@@ -87,7 +90,8 @@ def rank_states(dump_dir: Path) -> list[dict]:
     return [torch.load(dump_dir / f'rank{r}.pth') for r in range(WORLD)]
 
 
-def train(tmp: Path, data: dict, base: Path) -> dict:
+def build_run(tmp: Path, data: dict, base: Path) -> dict:
+    """Train ``base`` shrunk with 2 processes (the ``two_process_runs`` fixture's run)."""
     (tmp / 'cbn_rank_dump.py').write_text(DUMP_HOOK)
     dump = tmp / 'dump'
     dump.mkdir()
@@ -103,19 +107,13 @@ def train(tmp: Path, data: dict, base: Path) -> dict:
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return write_tiny_coco(tmp_path_factory.mktemp('tiny_coco'), num_images=8, seed=0)
+def cbn(two_process_runs):
+    return two_process_runs['CBN']
 
 
 @pytest.fixture(scope='module')
-def cbn(tmp_path_factory, data):
-    return train(tmp_path_factory.mktemp('dist_cbn'), data, FASTER)
-
-
-@pytest.fixture(scope='module')
-def sync(tmp_path_factory, data):
-    assert FASTER_SYNC.exists(), f'{FASTER_SYNC} is missing'
-    return train(tmp_path_factory.mktemp('dist_synccbn'), data, FASTER_SYNC)
+def sync(two_process_runs):
+    return two_process_runs['SyncCBN']
 
 
 def check_training(run: dict) -> list[dict]:
@@ -354,7 +352,7 @@ def test_slurm_scripts_call_srun(tmp_path, script):
 def test_measure_comm_counts_the_documented_payloads(tmp_path):
     """``tools/analysis_tools/measure_comm.py`` (2 gloo processes, tiny maps): the all-reduce
     sizes it counts are ``1 + 2C`` (+ ``P + |W|`` when compensating) forward and ``2C``
-    backward."""
+    backward, and its per-step total is their sum over the 12 layers."""
     out = tmp_path / 'comm.json'
     tool = REPO / 'tools' / 'analysis_tools' / 'measure_comm.py'
     run = subprocess.run([sys.executable, str(tool),
@@ -365,10 +363,14 @@ def test_measure_comm_counts_the_documented_payloads(tmp_path):
     result = json.loads(out.read_text())
     assert result['world_size'] == 2 and result['backend'] == 'gloo'
     c = 256
+    calls = numbers = 0
     for layer in result['layers']:
         p = layer['cin'] * layer['kernel'] ** 2
         assert layer['calls']['BN'] == layer['calls']['CBN'] == []
         assert layer['calls']['SyncBN'] == [1 + 2 * c, 2 * c]
         assert layer['calls']['SyncCBN'] == [1 + 2 * c + p + c * p, 2 * c]
+        calls += 2 * layer['count']
+        numbers += (1 + 4 * c + p + c * p) * layer['count']
     assert sum(layer['count'] for layer in result['layers']) == 12
-    assert '| SyncCBN | 24 | 5,736,204 | 22.94 |' in run.stdout
+    # The per-step total it prints is the sum of the payloads above over the 12 layers.
+    assert f'| SyncCBN | {calls} | {numbers:,} | {4 * numbers / 1e6:.2f} |' in run.stdout

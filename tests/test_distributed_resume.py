@@ -1,4 +1,4 @@
-"""Multi-process resume is exact: every rank gets its own CBN windows and RNG states back (issue 14).
+"""Multi-process resume is exact: every rank gets its own CBN windows and RNG states back.
 
 ``bash tools/dist_train.sh CONFIG 2`` (torchrun, 2 CPU processes, gloo) on the
 real paper configs ``faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py`` and
@@ -30,9 +30,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import (DUMP_HOOK, EXACT_KEYS, FASTER, FASTER_SYNC, Tool, launch, same_tree,
-                     unseeded_config)
-from tiny_coco import scalars, write_tiny_coco
+from helpers import DUMP_HOOK, EXACT_KEYS, Tool, launch, same_tree, unseeded_config
+from tiny_coco import scalars
 
 WORLD = 2
 ITERS = 2  # per process and epoch: 8 images / (2 processes x 2 images)
@@ -46,7 +45,8 @@ custom_hooks = [dict(type='CBNHook', burn_in_iters=1),
 """)
 
 
-def run_pair(tmp, data, base) -> dict:
+def build_run(tmp, data, base) -> dict:
+    """The whole and the resumed 2-process run of ``base`` (the ``two_process_runs`` fixture's)."""
     (tmp / 'cbn_rank_dump.py').write_text(DUMP_HOOK)
     out = dict(tmp=tmp)
     for name, resume in (('whole', None), ('resumed', tmp / 'whole' / 'epoch_1.pth')):
@@ -63,18 +63,13 @@ def run_pair(tmp, data, base) -> dict:
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return write_tiny_coco(tmp_path_factory.mktemp('coco'), num_images=8, seed=2)
+def cbn(two_process_runs):
+    return two_process_runs['CBN']
 
 
 @pytest.fixture(scope='module')
-def cbn(tmp_path_factory, data):
-    return run_pair(tmp_path_factory.mktemp('dist_resume_cbn'), data, FASTER)
-
-
-@pytest.fixture(scope='module')
-def sync(tmp_path_factory, data):
-    return run_pair(tmp_path_factory.mktemp('dist_resume_sync'), data, FASTER_SYNC)
+def sync(two_process_runs):
+    return two_process_runs['SyncCBN']
 
 
 def check_exact(run: dict) -> None:

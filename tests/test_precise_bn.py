@@ -1,4 +1,4 @@
-"""Precise inference statistics for CBN: ``cbn_plugin.precise_bn`` (issue 14).
+"""Precise inference statistics for CBN: ``cbn_plugin.precise_bn``.
 
 - :func:`recompute_statistics` on a float64 network (conv, CBN k=3, conv,
   plain BN, conv, CBN k=2) equals a brute-force estimate written out layer by
@@ -182,12 +182,17 @@ def test_bad_arguments_are_refused_by_name():
         recompute_statistics(net, batches, 2)
     with pytest.raises(ValueError, match='num_batches must be an integer >= 1, got 0'):
         recompute_statistics(net, batches, 0)
-    with pytest.raises(ValueError, match="window must be None .* got 'x'"):
+    with pytest.raises(ValueError, match=r"window must be an integer >= 1 \(or None: each CBN "
+                                         r"layer's window_size\), got 'x'"):
         recompute_statistics(net, batches, 4, window='x')
     with pytest.raises(ValueError, match='ran out after 4 of num_batches=6'):
         recompute_statistics(net, batches, 6)
     with pytest.raises(ValueError, match='PreciseCBNHook num_batches must be an integer >= 1'):
         PreciseCBNHook(num_batches=-1)
+    with pytest.raises(ValueError, match='PreciseCBNHook interval must be an integer >= 1, got 0'):
+        PreciseCBNHook(interval=0)
+    with pytest.raises(ValueError, match=r'PreciseCBNHook window must be an integer >= 1 .*got 0'):
+        PreciseCBNHook(window=0)
 
 
 # ---------------------------------------------------------------- in a Runner

@@ -151,3 +151,26 @@ def test_explicit_pairs_for_custom_layouts():
         cbn_plugin.step(model)
     model(torch.randn(2, 3, 4, 4))
     assert model.normalise.diagnostics['window'] == 2
+
+
+def test_core_package_never_imports_the_engine():
+    """``import cbn_plugin`` and a ``recompute_statistics`` call register the layers and
+    their hooks only: the checkpoint kit (``cbn_plugin.engine``) stays out."""
+    import subprocess
+    import sys
+    code = '''
+import sys
+import torch
+import cbn_plugin
+from mmengine.registry import HOOKS
+net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), cbn_plugin.CBN(2, window_size=2))
+cbn_plugin.bind(net)
+cbn_plugin.recompute_statistics(net, [torch.randn(2, 1, 5, 5) for _ in range(3)], 3)
+engine = sorted(m for m in sys.modules if m.startswith('cbn_plugin.engine'))
+assert not engine, engine
+assert HOOKS.get('WeightsOnlyCheckpointHook') is None
+assert HOOKS.get('CBNHook') is cbn_plugin.CBNHook
+'''
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr

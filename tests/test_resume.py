@@ -1,4 +1,4 @@
-"""Exact resume and damaged checkpoints, through the real tools (issue 6).
+"""Exact resume and damaged checkpoints, through the real tools.
 
 ``tools/train.py`` trains the real paper config
 ``configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py`` shrunk through a

@@ -1,4 +1,4 @@
-"""Exact resume of the configs users write: no seed, and data-loading worker processes (issue 14).
+"""Exact resume of the configs users write: no seed, and data-loading worker processes.
 
 MMDetection's default runtime sets no ``randomness`` seed, so MMEngine draws
 one in ``Runner.__init__`` and hands it, at build time, to the train
@@ -7,7 +7,7 @@ data-loading workers (``worker_init_fn``). A resumed process draws another
 one and builds its dataloader before the checkpoint is read; restoring the
 RNG states afterwards cannot repair that. ``tools/train.py`` now reads the
 seed the checkpoint was written with before the Runner exists
-(``cbn_plugin.checkpoint.adopt_checkpoint_seed``).
+(``cbn_plugin.engine.adopt_checkpoint_seed``).
 
 Runs, all through ``tools/train.py`` on the real paper config
 ``faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py`` shrunk (``test_resume``'s

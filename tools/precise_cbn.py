@@ -4,9 +4,8 @@
         [--out OUT.pth] [--cfg-options ...]
 
 Builds the config's model and train dataloader (as ``tools/train.py``, through
-``cbn_plugin.engine.launch``),
-loads CHECKPOINT, runs ``cbn_plugin.precise_bn.recompute_statistics`` on
-``--num-batches`` training batches (CBN layers pool their window as training
+``tools/launch_support.py``), loads CHECKPOINT, runs
+``cbn_plugin.precise_bn.recompute_statistics`` on ``--num-batches`` training batches (CBN layers pool their window as training
 normalised with, plain BN layers use one batch: see that module) and writes
 OUT (default: ``CHECKPOINT`` with ``_precise`` before ``.pth``): the same
 checkpoint with only the recomputed ``running_mean``/``running_var`` changed,
@@ -24,8 +23,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from cbn_plugin.engine import (check_checkpoint_file, encode_checkpoint,  # noqa: E402
                                load_checkpoint, save_checkpoint_file)
-from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
-                                      load_config)
+from launch_support import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                            load_config)
 from cbn_plugin.precise_bn import recompute_statistics  # noqa: E402
 
 

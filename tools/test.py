@@ -8,12 +8,13 @@ when no GPU exists. ``tools/dist_test.sh CONFIG CKPT N`` launches N processes
 with torchrun, ``tools/slurm_test.sh`` with Slurm's ``srun``: on N GPUs, or
 on CPU with the gloo backend.
 
-As in ``tools/train.py``, through ``cbn_plugin.engine.launch``: the plugin is
+As in ``tools/train.py``, through ``tools/launch_support.py``: the plugin is
 imported, MMDetection's modules are registered (default scope from the
 config, ``'mmdet'`` if none), ``WeightsOnlyCheckpointHook`` is appended to
 ``cfg.custom_hooks`` (it restores what the plugin encoded in the checkpoint,
 which MMEngine reads with ``torch.load``'s default ``weights_only=True``), and
-a distributed run without a GPU is set up with gloo.
+a distributed run without a GPU is set up with gloo, and a distributed run
+that finished destroys its process group before the interpreter shuts down.
 """
 import argparse
 import os.path as osp
@@ -21,13 +22,14 @@ import sys
 import warnings
 from copy import deepcopy
 
-# Make the repository importable when run as ``python tools/test.py``.
+# Make the repository importable when run as ``python tools/test.py`` (this
+# folder, with launch_support.py, is on sys.path as the script's own).
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine import ConfigDict  # noqa: E402
 
-from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
-                                      load_config, parse_with_local_rank)
+from launch_support import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                            finish_distributed, load_config, parse_with_local_rank)
 from mmdet.engine.hooks.utils import trigger_visualization_hook  # noqa: E402
 from mmdet.evaluation import DumpDetResults  # noqa: E402
 from mmdet.registry import RUNNERS  # noqa: E402
@@ -118,6 +120,7 @@ def main():
 
     # start testing
     runner.test()
+    finish_distributed()
 
 
 if __name__ == '__main__':

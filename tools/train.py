@@ -9,7 +9,7 @@ Same command line as MMDetection's: ``config``, ``--work-dir``, ``--amp``,
 (``--launcher slurm``): on N GPUs, or on CPU with the gloo backend.
 
 What differs from MMDetection's script is shared with ``tools/test.py``
-through ``cbn_plugin.engine.launch`` (see ``docs/checkpoints.md``):
+through ``tools/launch_support.py`` (see ``docs/checkpoints.md``):
 
 1. ``cbn_plugin`` and ``cbn_plugin.engine`` are imported (registering ``'CBN'``
    and the hooks) and MMDetection's modules are registered; the default scope
@@ -24,16 +24,20 @@ through ``cbn_plugin.engine.launch`` (see ``docs/checkpoints.md``):
    ``check_checkpoint_files``; all ``True`` unless set ``False``).
 3. Distributed runs without a GPU: the process group is initialised with gloo
    and the DDP wrapper gets ``device_ids=None`` (``setup_cpu_distributed``).
+4. A distributed run that finished ends with a barrier and
+   ``destroy_process_group`` (``finish_distributed``): a group left to the
+   interpreter's shutdown can abort a finished process.
 """
 import argparse
 import os.path as osp
 import sys
 
-# Make the repository importable when run as ``python tools/train.py``.
+# Make the repository importable when run as ``python tools/train.py`` (this
+# folder, with launch_support.py, is on sys.path as the script's own).
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from cbn_plugin.engine.launch import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
-                                      load_config, parse_with_local_rank)
+from launch_support import (add_cfg_options_and_launcher, build_runner,  # noqa: E402
+                            finish_distributed, load_config, parse_with_local_rank)
 
 
 def parse_args():
@@ -92,6 +96,7 @@ def main():
 
     # start training
     build_runner(cfg).train()
+    finish_distributed()
 
 
 if __name__ == '__main__':

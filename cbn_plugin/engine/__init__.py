@@ -8,12 +8,13 @@ to every config; a config run by other means lists it::
     custom_imports = dict(imports=['cbn_plugin', 'cbn_plugin.engine'])
     custom_hooks = [..., dict(type='WeightsOnlyCheckpointHook')]
 
-One concept per module: :mod:`.codec` (weights_only encoding), :mod:`.rng`
-(RNG states), :mod:`.files` (file checks, atomic writes), :mod:`.seed` (the
-resumed run's seed), :mod:`.rank_state` (per-rank buffers), :mod:`.hook` (the
-hook), :mod:`.switches` (config switches), :mod:`.launch` (what the tools
-share, CPU launcher setup; not imported here). Design notes:
-``docs/checkpoints.md``.
+One concept per module: :mod:`.codec` (weights_only encoding), :mod:`.files`
+(file checks, atomic writes), :mod:`.seed` (the resumed run's seed),
+:mod:`.rank_state` (per-rank buffers), :mod:`.hook` (the hook),
+:mod:`.switches` (config switches); the RNG states are the core's
+:mod:`cbn_plugin.rng`. The engine imports the core, never the other way. What
+the tools share (command line, config loading, launchers) is
+``tools/launch_support.py``. Design notes: ``docs/checkpoints.md``.
 """
 from mmengine.registry import HOOKS
 
@@ -24,7 +25,7 @@ from .files import (PARTIAL_SUFFIX, CheckpointFileError, atomic_save_checkpoint,
 from .hook import WeightsOnlyCheckpointHook
 from .rank_state import (RANK_STATES_FORMAT, RANK_STATES_KEY, empty_cbn_windows,
                          rank_local_buffers, rank_local_norms)
-from .rng import RNG_FORMAT, RNG_KEY, get_rng_state, set_rng_state
+from ..rng import RNG_FORMAT, RNG_KEY, get_rng_state, set_rng_state
 from .seed import adopt_checkpoint_seed, read_checkpoint_meta
 from .switches import CONFIG_SWITCHES, add_weights_only_hook
 

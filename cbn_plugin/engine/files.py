@@ -18,6 +18,8 @@ import zipfile
 import torch
 from mmengine.dist import is_main_process
 
+from ..mmengine_internals import runner_load_from, runner_resumes
+
 
 class CheckpointFileError(RuntimeError):
     """A checkpoint file that is truncated, corrupt or not a checkpoint at all."""
@@ -166,8 +168,6 @@ def atomic_save_checkpoint(original):
         arguments['filename'] = partial_name
         return _write_atomically(lambda: original(*bound.args, **bound.kwargs), partial, final)
 
-    save_checkpoint._cbn_atomic = True
-    save_checkpoint._cbn_wrapped = True
     return save_checkpoint
 
 
@@ -199,6 +199,6 @@ def checkpoint_to_load(runner) -> tuple[str | None, str]:
     """The file ``Runner.load_or_resume`` is about to read, and where its name came from."""
     if getattr(runner, '_has_loaded', False):
         return None, ''
-    return checkpoint_to_resume(getattr(runner, '_resume', False),
-                                getattr(runner, '_load_from', None), runner.work_dir)
+    return checkpoint_to_resume(runner_resumes(runner), runner_load_from(runner),
+                                runner.work_dir)
 

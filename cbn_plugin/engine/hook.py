@@ -17,13 +17,15 @@ from mmengine.dist import get_rank, get_world_size
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
+from ..mmengine_internals import (run_after_resume_replay, runner_resumes,
+                                  unwrap_save_checkpoint, wrap_save_checkpoint)
+from ..rng import RNG_KEY, get_rng_state, set_rng_state
 from .codec import decode_checkpoint, encode_checkpoint
 from .files import (atomic_save_checkpoint, check_checkpoint_file, checkpoint_to_load,
                     is_local_path)
 from .rank_state import (RANK_STATES_FORMAT, RANK_STATES_KEY, empty_cbn_windows,
                          gather_to_writer, rank_local_buffers, rank_local_norms, sync_shifts,
                          unwrap_model)
-from .rng import RNG_KEY, get_rng_state, set_rng_state
 
 
 class WeightsOnlyCheckpointHook(Hook):
@@ -92,20 +94,19 @@ class WeightsOnlyCheckpointHook(Hook):
             path, source = checkpoint_to_load(runner)
             if path is not None and is_local_path(path):
                 check_checkpoint_file(path, note=source)
-        if getattr(runner.save_checkpoint, '_cbn_wrapped', False):
-            return
-        save = original = runner.save_checkpoint
-        if self.atomic_save:
-            save = atomic_save_checkpoint(save)
-        if (self.restore_rng or self.rank_states) and get_world_size() > 1:
-            save = self._gathering_save_checkpoint(save, runner)
-        if save is not original:
-            save._cbn_wrapped = True
-            runner.save_checkpoint = save
+        gather = (self.restore_rng or self.rank_states) and get_world_size() > 1
+
+        def wrap(save):
+            if self.atomic_save:
+                save = atomic_save_checkpoint(save)
+            if gather:
+                save = self._gathering_save_checkpoint(save, runner)
+            return save
+
+        wrap_save_checkpoint(runner, wrap)
 
     def after_run(self, runner) -> None:
-        if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_wrapped', False):
-            del runner.save_checkpoint  # back to the class's method
+        unwrap_save_checkpoint(runner)  # back to the class's method
 
     # -- save / load
     def _local_state(self, runner) -> dict:
@@ -169,7 +170,7 @@ class WeightsOnlyCheckpointHook(Hook):
         self._loaded_seed = meta.get('seed')
         progress = (meta.get('epoch'), meta.get('iter'))
         rng_state = checkpoint.get(RNG_KEY)
-        if not getattr(runner, '_resume', False):
+        if not runner_resumes(runner):
             # load_from (fine-tuning, testing): rank 0's model, nothing else.
             self._loaded_rng = (rng_state, *progress)
             return
@@ -254,22 +255,16 @@ class WeightsOnlyCheckpointHook(Hook):
             model = unwrap_model(runner.model)
             for name, module in model.named_modules():
                 if isinstance(module, SyncCrossIterationBatchNorm2d) and name in shifts:
-                    device = module._state_device()
-                    module.stats_shift = shifts[name].to(device)
+                    module.stats_shift = shifts[name].to(_device_of(module))
         if not self.restore_rng:
             return
-        loop = runner.train_loop
-        replayed = getattr(loop, '_iter', 0) if hasattr(loop, 'dataloader_iterator') else 0
-        if replayed > 0:
-            # IterBasedTrainLoop pushes the `replayed` batches it skips through the
-            # pipeline after this hook, drawing random augmentation (RandomFlip) as
-            # it goes; the uninterrupted run's state was saved after those batches.
-            # So restore once the replay is done, before the first new batch.
-            loop.dataloader_iterator = _RestoreAfter(
-                loop.dataloader_iterator, replayed,
-                lambda: self._restore_rng_state(state, epoch, it))
-            return
-        self._restore_rng_state(state, epoch, it)
+        # IterBasedTrainLoop pushes the batches it skips on resume through the
+        # pipeline after this hook, drawing random augmentation (RandomFlip) as it
+        # goes; the uninterrupted run's state was saved after those batches. So
+        # restore once the replay is done, before the first new batch.
+        if not run_after_resume_replay(runner.train_loop,
+                                       lambda: self._restore_rng_state(state, epoch, it)):
+            self._restore_rng_state(state, epoch, it)
 
     @staticmethod
     def _restore_rng_state(state, epoch: int, it: int) -> None:
@@ -340,19 +335,8 @@ class WeightsOnlyCheckpointHook(Hook):
             set_rng_state(state)
 
 
-class _RestoreAfter:
-    """An iterator that calls ``callback`` once, after its first ``count`` items."""
-
-    def __init__(self, iterator, count: int, callback) -> None:
-        self._iterator, self._left, self._callback = iterator, count, callback
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = next(self._iterator)
-        if self._left > 0:
-            self._left -= 1
-            if self._left == 0:
-                self._callback()
-        return item
+def _device_of(module) -> torch.device:
+    """Where a norm layer keeps its state: its first parameter's or buffer's device."""
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return tensor.device
+    return torch.device('cpu')

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from mmengine.dist import get_rank, get_world_size
 
+from ..sync_norms import is_sync_norm
+
 RANK_STATES_KEY = 'rank_states'
 RANK_STATES_FORMAT = 1
 
@@ -18,18 +20,6 @@ RANK_STATES_FORMAT = 1
 def unwrap_model(model):
     from mmengine.model import is_model_wrapper
     return model.module if is_model_wrapper(model) else model
-
-
-def is_sync_norm(module) -> bool:
-    """Norms whose statistics are reduced over the process group: identical on every rank."""
-    from ..layer import SyncCrossIterationBatchNorm2d
-    if isinstance(module, (torch.nn.SyncBatchNorm, SyncCrossIterationBatchNorm2d)):
-        return True
-    try:
-        from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
-    except ImportError:  # mmcv without its compiled ops
-        return False
-    return isinstance(module, MMCVSyncBatchNorm)
 
 
 def rank_local_norms(model) -> dict[str, torch.nn.Module]:

@@ -1,8 +1,10 @@
-"""Random number generator states as weights_only-safe plain data (for exact resume).
+"""Random number generator states as weights_only-safe plain data.
 
-:class:`~cbn_plugin.engine.hook.WeightsOnlyCheckpointHook` saves each rank's
-:func:`get_rng_state` with a checkpoint and restores it when the run resumes;
-see ``docs/checkpoints.md`` (Exact resume).
+``PreciseCBNHook`` puts the process's states back after its pass, so training
+draws the same numbers as without it; the checkpoint kit
+(:mod:`cbn_plugin.engine`) saves each rank's :func:`get_rng_state` with a
+checkpoint and restores it when the run resumes (``docs/checkpoints.md``,
+Exact resume).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def set_rng_state(state: dict) -> list[str]:
     """
     if state.get('format') != RNG_FORMAT:
         raise ValueError(f'RNG state of format {state.get("format")!r}; this version of '
-                         f'cbn_plugin.engine reads format {RNG_FORMAT}')
+                         f'cbn_plugin reads format {RNG_FORMAT}')
     torch.set_rng_state(state['torch'])
     npy = state['numpy']
     np.random.set_state((npy['kind'], npy['keys'].numpy().astype(np.uint32), npy['pos'],

@@ -1,21 +1,26 @@
-"""What the user tools share: command-line options, config loading, the Runner, CPU launchers.
+"""What the user tools share: command-line options, config loading, the Runner, launchers.
 
 ``tools/train.py``, ``tools/test.py`` and ``tools/precise_cbn.py`` are
-MMDetection's scripts plus this module: :func:`load_config` registers
+MMDetection's scripts plus this module (tool support, not part of the
+installed ``cbn_plugin`` package): :func:`load_config` registers
 MMDetection's modules and applies ``--cfg-options``/``--work-dir``/
 ``--launcher``; :func:`build_runner` adds ``WeightsOnlyCheckpointHook``
-(:func:`~cbn_plugin.engine.switches.add_weights_only_hook`), adopts a resumed
-checkpoint's seed (:func:`~cbn_plugin.engine.seed.adopt_checkpoint_seed`) and,
+(:func:`cbn_plugin.engine.add_weights_only_hook`), adopts a resumed
+checkpoint's seed (:func:`cbn_plugin.engine.adopt_checkpoint_seed`) and,
 without a GPU, starts the distributed run MMEngine 0.10.7 cannot start on CPU
 (:func:`setup_cpu_distributed`: gloo, ``device_ids=None``; why:
-``docs/checkpoints.md``, Distributed runs without a GPU).
+``docs/checkpoints.md``, Distributed runs without a GPU);
+:func:`finish_distributed` ends a process of a finished distributed run
+without the interpreter's shutdown, where gloo's threads can abort it.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import os.path as osp
 import subprocess
+import sys
 
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -25,8 +30,7 @@ from mmengine.registry import MODEL_WRAPPERS, RUNNERS
 from mmengine.runner import Runner
 from torch.nn.parallel import DistributedDataParallel
 
-from .seed import adopt_checkpoint_seed
-from .switches import add_weights_only_hook
+from cbn_plugin.engine import add_weights_only_hook, adopt_checkpoint_seed
 
 
 def add_cfg_options_and_launcher(parser):
@@ -200,3 +204,37 @@ def build_runner(cfg, runners=RUNNERS):
     # build customized runner from the registry
     # if 'runner_type' is set in the cfg
     return runners.build(cfg)
+
+
+def finish_distributed() -> None:
+    """End this process of a distributed run that finished; nothing without a process group.
+
+    Call it after ``runner.train()``/``runner.test()`` returned: in a
+    distributed run it does not return. A barrier first, so no rank leaves
+    while a collective is still in flight on another; then the process group
+    is destroyed, the ``atexit`` handlers run (logging, multiprocessing), the
+    output is flushed, and the process exits with status 0 *without* the
+    interpreter's finalization.
+
+    Why not a plain return: the gloo backend's worker threads release each
+    finished collective's tensors after the caller has been woken, and when
+    Python dropped such a tensor first, releasing it takes the GIL. Once the
+    interpreter is finalizing, a thread that asks for the GIL is ended
+    (``PyThread_exit_thread``) inside C++ frames that cannot be unwound, and
+    the process aborts: ``terminate called without an active exception``,
+    SIGABRT, after all its work is done, so the launcher marks the run failed
+    and kills the other ranks. ``destroy_process_group`` does not end those
+    threads while DDP still holds the backend (the model wrapper does, to the
+    end of the process; torch 2.13), so the finalization is skipped instead:
+    nothing runs after the ``atexit`` handlers that could meet a worker
+    thread. (Not called after an exception: another rank may be waiting in a
+    collective that never comes, and the launcher ends the run anyway.)
+    """
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
