@@ -3,7 +3,7 @@
 MMEngine gives the train sampler and the data-loading workers the Runner's
 seed before ``Runner.resume`` reads the checkpoint's, so a resumed run without
 ``randomness.seed`` shuffles with a new one. :func:`adopt_checkpoint_seed`,
-called before the Runner is built (``cbn_plugin.engine.launch.build_runner``),
+called before the Runner is built (``build_runner`` in ``tools/launch_support.py``),
 fixes that. See ``docs/checkpoints.md`` (Exact resume).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def adopt_checkpoint_seed(cfg) -> int | None:
     data-loading workers (``worker_init_fn``). ``Runner.resume`` reads the
     checkpoint's seed only after that, so a resumed run shuffles the rest of
     training with another seed. Called before the Runner is built (by the
-    tools, through :func:`cbn_plugin.engine.launch.build_runner`), this sets
+    tools, through ``build_runner`` in ``tools/launch_support.py``), this sets
     ``cfg.randomness.seed`` to ``checkpoint['meta']['seed']`` when the config
     resumes (``cfg.resume``) and sets no seed itself; the Runner is then
     seeded exactly like the run it continues.
