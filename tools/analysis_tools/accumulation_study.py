@@ -26,9 +26,10 @@ inference statistics; if not, in the weights training reached.
     .venv/bin/python tools/analysis_tools/accumulation_study.py --tiny --out-dir /tmp/acc
     .venv/bin/python tools/analysis_tools/accumulation_study.py --from-json docs/accumulation.json
 
-One training process at a time (``OMP_NUM_THREADS=1``); ``--cache`` keeps every finished run
-(a rerun resumes); ``--stop-at HH:MM`` (UTC) starts no run after that time and renders what
-finished, naming the rows that are missing.
+It writes ``docs/accumulation.json`` (every run), ``docs/accumulation.png`` and the generated
+block of ``docs/accumulation.md``. One training process at a time; ``--cache`` keeps every
+finished run (a rerun resumes); ``--stop-at HH:MM`` (UTC) starts no run after that time and
+renders what finished, naming the rows that are missing.
 """
 from __future__ import annotations
 
@@ -250,6 +251,46 @@ def render(results: list, missing: list, args, wall: float, meta: dict) -> str:
     return '\n'.join(out).rstrip('\n')
 
 
+def plot(results: list, args, path: Path) -> None:
+    """Per accumulation count: each row's accuracy with its own running statistics and with
+    recomputed statistics (mean bar, one dot per seed); the target's accuracy as a line."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    counts = list(args.accumulate)
+    fig, axes = plt.subplots(1, len(counts), figsize=(7.5 * len(counts), 4.8), squeeze=False)
+    for ax, a in zip(axes[0], counts):
+        images = a * args.micro_batch
+        rows = [r for r in results if r['cfg']['accumulate'] in (1, a)
+                and r['cfg']['batch'] == images]
+        kinds = [k for k in args.rows if any(r['cfg']['row'] == k for r in rows)]
+        for j, (field, colour, name) in enumerate((
+                ('acc_window', 'C0', 'running statistics (as trained)'),
+                ('acc_precise', 'C1', 'recomputed statistics'))):
+            for i, kind in enumerate(kinds):
+                vals = [r.get(field, float('nan')) for r in rows if r['cfg']['row'] == kind]
+                y = i + (j - 0.5) * 0.38
+                ax.barh(y, np.nanmean(vals), height=0.36, color=colour,
+                        label=name if i == 0 else None)
+                ax.plot(vals, [y] * len(vals), 'k.', ms=4)
+        target = [r['acc_window'] for r in rows if r['cfg']['row'] == 'bn_large']
+        if target:
+            ax.axvline(np.mean(target), color='k', ls='--', lw=1,
+                       label=f'target: BN, {images} images per step')
+        ax.set_yticks(range(len(kinds)))
+        ax.set_yticklabels([row_label(k, a, args.micro_batch) for k in kinds], fontsize=8)
+        ax.invert_yaxis()
+        low = min([r['acc_window'] for r in rows] + [1.0])
+        ax.set_xlim(max(0.0, low - 0.05), 1.0)
+        ax.set_xlabel('test accuracy')
+        ax.set_title(f'1 x {a} accumulated ({images} images per step), '
+                     f'{args.samples} images, {args.seeds} seeds', fontsize=9)
+        ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -273,6 +314,8 @@ def main(argv=None):
                                   for k, v in vars(args).items()},
                  wall_s=wall, runs=results, missing=missing), indent=1, default=float) + '\n')
     block = render(results, missing, args, wall, meta)
+    if results:
+        plot(results, args, args.out_dir / 'accumulation.png')
     write_block(args.out_dir / 'accumulation.md', DOC_BEGIN, DOC_END, block,
                 'Gradient accumulation with BN and CBN')
     print(block)
