@@ -78,6 +78,7 @@ def test_tiny_study_has_every_row_and_accumulates(tmp_path):
             assert layer['steps_done'] == samples // 4  # cbn_plugin.step once per step
             assert layer['accumulation'] == ('own' if cfg['row'] == 'cbn_own' else 'merge')
             assert layer['rho'] == {'rho0_merge': 0.0, 'rho05_merge': 0.5}.get(cfg['row'], 1.0)
+            assert layer['momentum'] == (0.1 / 4 if cfg['row'] == 'merge_momentum' else 0.1)
     assert (tmp_path / 'accumulation.png').read_bytes()[:4] == b'\x89PNG'
     # re-rendering from the json reproduces the generated block
     block = md.split(acc.DOC_BEGIN)[1].split(acc.DOC_END)[0]

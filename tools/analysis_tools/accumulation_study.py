@@ -55,6 +55,7 @@ from study_markdown import md_table, write_block  # noqa: E402
 
 DOC_BEGIN = '<!-- accumulation:begin (tools/analysis_tools/accumulation_study.py) -->'
 DOC_END = '<!-- accumulation:end -->'
+MOMENTUM = 0.1  # BN's and CBN's default running-statistics momentum
 
 # row kind -> (label template, norm spec changes to the defaults' row, accumulated?)
 ROWS = {
@@ -64,6 +65,9 @@ ROWS = {
     'cbn_own': ("CBN defaults, 1 x {a}, accumulation='own'", {'accumulation': 'own'}, True),
     'rho0_merge': ("CBN rho=0, 1 x {a}, 'merge'", {'rho': 0.0}, True),
     'rho05_merge': ("CBN rho=0.5, 1 x {a}, 'merge'", {'rho': 0.5}, True),
+    # the layer updates its running statistics at every call, A times per step: with the
+    # momentum divided by A they average over as many steps as without accumulation
+    'merge_momentum': ("CBN defaults, 1 x {a}, 'merge', momentum 0.1 / {a}", 'momentum', True),
     'cbn_large': ('CBN defaults, {b} images per step (no accumulation)', {}, False),
 }
 # the order runs start in within one accumulation count and seed
@@ -79,6 +83,8 @@ def make_job(kind: str, accumulate: int, seed: int, args) -> dict:
     images = accumulate * args.micro_batch
     if changes is None:
         norm = dict(kind='bn')
+    elif changes == 'momentum':
+        norm = dict(spec_for(DEFAULT, images), momentum=MOMENTUM / accumulate)
     else:  # the study's defaults row (CBN(c, window_size=k)) plus this row's changes
         norm = dict(spec_for(DEFAULT, images), **changes)
     per_call = args.micro_batch if accumulated else images
@@ -97,7 +103,7 @@ REFERENCE_ROWS = ('cbn_large',)
 
 def build_jobs(args) -> list[dict]:
     """In the order they start: each accumulation count; its rows for every seed, the
-    reference rows last; within that, each seed, each row."""
+    reference rows last; within that, each seed, each row (seed 0 of every row first)."""
     jobs = []
     for a in args.accumulate:
         for reference in (False, True):

@@ -16,7 +16,7 @@ def _layer_defaults() -> dict:
     """The CBN constructor's defaults, with its ``mode`` preset resolved."""
     params = inspect.signature(CBN.__init__).parameters
     out = {k: params[k].default for k in ('window_size', 'rho', 'variance_rule',
-                                          'accumulation')}
+                                          'accumulation', 'momentum')}
     out.update(MODES[params['mode'].default])
     return out
 
@@ -25,7 +25,7 @@ LAYER_DEFAULTS = _layer_defaults()
 # spec key -> CBN argument
 SPEC_ARGS = (('rho', 'rho'), ('backward', 'stats_backward'), ('compensation', 'compensation'),
              ('running_stats', 'running_stats'), ('variance_rule', 'variance_rule'),
-             ('accumulation', 'accumulation'))
+             ('accumulation', 'accumulation'), ('momentum', 'momentum'))
 
 
 def cbn_kwargs(spec: dict) -> dict:

@@ -168,7 +168,8 @@ def train_run(cfg: dict) -> dict:
                                compensation=first.compensation,
                                running_stats=first.running_stats,
                                window_size=first.window_size, rho=first.rho,
-                               accumulation=first.accumulation, steps_done=first.steps_done)
+                               accumulation=first.accumulation, momentum=first.momentum,
+                               steps_done=first.steps_done)
     if probe is not None:
         # the layer's own running statistics must be the probe's copy of its rule
         first = probe.layers[0][1]
