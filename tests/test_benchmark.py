@@ -191,6 +191,9 @@ def test_benchmark_keeps_the_other_parts_of_the_page(tmp_path, host_record):
     assert '## 4. Host overhead' in text and '### Host overhead: latest' in text
     saved = json.loads((tmp_path / 'benchmarks.json').read_text())
     assert 'latest' in saved['host'] and saved['runs']['host']['command'] == run['command']
+    # --from-json: the page again from its json alone.
+    benchmark.main(['--from-json', '--out', str(page)])
+    assert page.read_text() == text
 
 
 # ---------------------------------------------------------------- deployment (part 5)

@@ -10,6 +10,7 @@ drifts hit all of them alike. Writes ``docs/benchmarks.md`` and
     .venv/bin/python tools/analysis_tools/benchmark.py --parts layer    # one part
     .venv/bin/python tools/analysis_tools/benchmark.py --parts host deploy   # parts 4-5
     .venv/bin/python tools/analysis_tools/benchmark.py --device cuda    # on a GPU
+    .venv/bin/python tools/analysis_tools/benchmark.py --from-json      # re-render, no run
 
 Parts:
 1. layer: conv + norm, forward and backward, at FPN and box-head shapes.
@@ -641,6 +642,8 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=1,
                         help='torch CPU threads (1: ratios robust to other load on the machine)')
     parser.add_argument('--out', default=str(ROOT / 'docs' / 'benchmarks.md'))
+    parser.add_argument('--from-json', action='store_true',
+                        help='measure nothing: re-render the page from its json')
     parser.add_argument('--fresh', action='store_true',
                         help='write only the parts run now (default: keep the page\'s other parts)')
     host = parser.add_argument_group('part 4, host overhead (host_overhead.py)')
@@ -679,6 +682,10 @@ def main(argv=None):
     if not 1 <= shallow < deep:
         parser.error(f'--host-layers needs 1 <= SHALLOW < DEEP, got {shallow} {deep}')
     torch.set_num_threads(args.threads)
+    if args.from_json:
+        out = Path(args.out)
+        write_report(load_previous(out), out)
+        return print(f'wrote {args.out}')
     if args.peak_rss_of:
         return peak_rss_child(args)
     device = torch.device(args.device)

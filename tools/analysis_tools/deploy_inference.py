@@ -211,5 +211,10 @@ def render(result: dict) -> list[str]:
                   f'{"yes" if cbn["same_boxes_as_bn"] else "NO"}); GN keeps its '
                   f'{gn["norms_left"]} norm layers and takes {gn["vs_bn_folded_fastest"]:.3f}x; '
                   f'folding itself saves {1 - 1 / unfolded["vs_bn_folded_fastest"]:.1%} of the '
-                  'unfolded BN model\'s time.']
+                  'unfolded BN model\'s time.',
+                  f'- Timing spread of this run: BN folded and CBN converted and folded are the '
+                  f'same network with the same weights, so their ratio '
+                  f'({cbn["vs_bn_folded_fastest"]:.3f}x fastest, {cbn["vs_bn_folded_median"]:.3f}x '
+                  'median) is what the machine\'s load alone does to these timings; differences '
+                  'within it are not measured.']
     return lines

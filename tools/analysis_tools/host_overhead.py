@@ -765,6 +765,10 @@ def _render_compile(comp) -> list[str]:
         return []
     lines = ['', f'#### torch.compile (backend {comp["backend"]!r}, {comp["steps"]} training '
              f'steps per stack, dynamo recompile_limit {comp["recompile_limit"]})', '',
+             'Graphs, recompile-limit fallbacks and graph breaks are dynamo\'s, the same '
+             'for every backend; the host time is the backend\'s (`--compile-backend`, '
+             'inductor by default). A stack that keeps compiling new graphs until the limit '
+             'runs eager from then on.', '',
              '| norm | host us per layer step, compiled | eager | compiled / eager | '
              'graphs compiled in the first steps (shallow, deep stack) | new graphs in their '
              'second half | graphs after all steps (timing included) | '
