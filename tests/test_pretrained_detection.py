@@ -129,6 +129,10 @@ def test_tiny_probe_end_to_end_and_reuse(ptd, tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ptd, 'run_one', lambda job: pytest.fail('ran again'))
     again = ptd.main(common + ['--reuse'])
     assert [p['mAP'] for p in again['probes']] == [p['mAP'] for p in probes]
+    # the comparison of the same rows, setting and seeds is the same runs: reused too
+    compare = ptd.main([a for a in common if a != '--probe'] + ['--reuse'])
+    assert [r['mAP'] for r in compare['results']] == [p['mAP'] for p in probes]
+    assert {r['job']['group'] for r in compare['results']} == {'compare'}
     # an interrupted study: one result missing, only that run trains
     ran = []
     monkeypatch.setattr(ptd, 'run_one', lambda job: ran.append(job['row']) or

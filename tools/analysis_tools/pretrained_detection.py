@@ -281,13 +281,19 @@ def run_one(job: dict) -> dict:
 # ----------------------------------------------------------------------------- jobs
 
 
+def _identity(job: dict) -> dict:
+    """What a run trains: the job less its group (a probe run and a comparison run of the
+    same row, setting and seed are the same run)."""
+    return {k: v for k, v in job.items() if k != 'group'}
+
+
 def saved_result(job: dict) -> dict | None:
     """The finished result an earlier run of exactly this job left in its work dir."""
     out = Path(job['work_dir']) / 'result.json'
     if out.is_file():
         result = json.loads(out.read_text())
-        if result.get('job') == job and result.get('status') == 'ok':
-            return result
+        if _identity(result.get('job', {})) == _identity(job) and result.get('status') == 'ok':
+            return dict(result, job=job)
     return None
 
 
@@ -519,12 +525,15 @@ def probe_table(probes: list[dict]) -> str:
                 f'{s["frozen_stages"]}', ROWS[row]['label'], rs[0]['batch'], rs[0]['iters'],
                 f'{rs[0]["lr"]:.4g}', _f(mAP), ', '.join(_f(r['mAP']) for r in rs),
                 _f(_stats([r['mAP50'] for r in rs])[0]),
-                _f((mAP - target) * 100, 1) if row != 'i' and math.isfinite(target) else '-',
+                f'{(mAP - target) * 100:+.1f}' if row != 'i' and math.isfinite(mAP)
+                and math.isfinite(target) else '-',
                 _f(_stats([r['final_loss'] for r in rs])[0]),
                 ', '.join(f'{r["cpu_s"]:.0f} s' for r in rs),
+                ', '.join(f'{r["wall_s"]:.0f} s' for r in rs),
                 '; '.join(sorted({r['status'] for r in rs}))))
     return sbd.md_table(('setting', 'row', 'images per step', 'steps', 'lr', 'mAP', 'per seed',
-                         'mAP50', 'vs i (mAP points)', 'final loss', 'CPU per run', 'status'),
+                         'mAP50', 'vs i (mAP points)', 'final loss', 'CPU per run',
+                         'wall per run', 'status'),
                         lines)
 
 
