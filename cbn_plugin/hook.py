@@ -22,14 +22,7 @@ from mmengine.registry import HOOKS
 
 from .binding import bind, cbn_layers, step
 from .mmengine_internals import accumulative_counts
-
-
-def _non_negative(name: str, value, integer: bool) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0 \
-            or not math.isfinite(value):
-        kind = 'integer' if integer else 'number'
-        raise ValueError(f'CBNHook {name} must be a non-negative {kind}, got {value!r}')
+from .options import check_int, check_number
 
 
 def _norm_types(node) -> set:
@@ -99,10 +92,10 @@ class CBNHook(Hook):
                 'CBNHook needs exactly one of burn_in_epochs or burn_in_iters (use 0 for no '
                 f'burn-in), got burn_in_epochs={burn_in_epochs!r}, burn_in_iters={burn_in_iters!r}')
         if burn_in_epochs is not None:
-            _non_negative('burn_in_epochs', burn_in_epochs, integer=False)
+            check_number('burn_in_epochs', burn_in_epochs, 0.0, owner='CBNHook')
         else:
-            _non_negative('burn_in_iters', burn_in_iters, integer=True)
-        _non_negative('ramp_iters', ramp_iters, integer=True)
+            check_int('burn_in_iters', burn_in_iters, 0, 'CBNHook')
+        check_int('ramp_iters', ramp_iters, 0, 'CBNHook')
         self.burn_in_epochs, self.burn_in_iters = burn_in_epochs, burn_in_iters
         self.ramp_iters, self.pairs = ramp_iters, pairs
         self._step_hook = None

@@ -101,9 +101,10 @@ def test_input_must_be_4d():
 @pytest.mark.parametrize('kwargs, match', [
     (dict(), 'exactly one of burn_in_epochs or burn_in_iters'),
     (dict(burn_in_epochs=8, burn_in_iters=100), r'exactly one .*burn_in_epochs=8, burn_in_iters=100'),
-    (dict(burn_in_epochs=-1), 'burn_in_epochs must be a non-negative number, got -1'),
-    (dict(burn_in_iters=1.5), 'burn_in_iters must be a non-negative integer, got 1.5'),
-    (dict(burn_in_iters=0, ramp_iters=-2), 'ramp_iters must be a non-negative integer, got -2'),
+    (dict(burn_in_epochs=-1), r'CBNHook burn_in_epochs must be a number >= 0, got -1'),
+    (dict(burn_in_epochs=float('inf')), r'burn_in_epochs must be a number >= 0, got inf'),
+    (dict(burn_in_iters=1.5), r'CBNHook burn_in_iters must be an integer >= 0, got 1.5'),
+    (dict(burn_in_iters=0, ramp_iters=-2), r'ramp_iters must be an integer >= 0, got -2'),
 ])
 def test_hook_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
