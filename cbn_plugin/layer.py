@@ -56,15 +56,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             (``'mu_nu'``, the paper: also subtracts ``rho^2 d_mu^2``).
         dvar_stride: 1 computes ``dvar/dW`` exactly; ``s > 1`` estimates it from one
             output position in ``s^2`` (``s^2`` times cheaper; statistics exact).
-        per_call_windows: when the layer runs several times between two
-            optimizer steps, ``False`` pools all calls of a step into that
-            step's slot (gradient-accumulation micro-batches, darknet's CmBN);
-            ``True`` keeps one window per call position (a head shared over
-            FPN levels behaves like one CBN per level).
-        accumulation: with several calls per step pooled into one slot,
-            ``'merge'`` pools each call with the step's earlier calls (the
-            step's statistics so far); ``'own'`` pools each with the past steps
-            only. The step's record merges every call either way.
+        per_call_windows: several calls between two steps: ``False`` pools them
+            into the step's slot (gradient accumulation); ``True`` keeps a window
+            per call position (a head shared over FPN levels).
+        accumulation: under ``per_call_windows=False``, ``'merge'`` pools each
+            call with the step's earlier calls, ``'own'`` with past steps only;
+            the step's record and running statistics take every call.
 
     ``cbn_plugin.bind`` (or ``CBNHook``) pairs the layer with the conv producing
     its input; ``cbn_plugin.step`` (or the hook) marks each optimizer step. A
@@ -174,22 +171,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     @property
     def diagnostics(self) -> dict:
-        """The window figures of the latest forward (this step's, else the last step's),
-        read when asked, never in a step.
-
-        ``window``: steps pooled; ``skipped_records``: calls whose statistics
-        were not finite (left out of the window); while ``track_diagnostics``
-        is set and the layer compensates, ``mean_shift`` and
-        ``negative_fraction`` (``functional.window_shift``), 0-dim tensors.
-        """
-        found = {'skipped_records': self.window.skipped_records()}
-        calls = self.window.calls or self.window.last_calls
-        if calls:
-            found['window'] = max(call.window for call in calls.values())
-        shifts = [call.shift for call in calls.values() if call.shift is not None]
-        if shifts and self.compensates:
-            found['mean_shift'], found['negative_fraction'] = shifts[0]
-        return found
+        """The window figures of the latest forward, read when asked, never in a step
+        (``CrossIterationWindow.diagnostics``; the compensation's only while
+        ``track_diagnostics`` is set)."""
+        return self.window.diagnostics(self.compensates)
 
     @property
     def steps_done(self) -> int:
@@ -238,6 +223,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         current = self._current(x, conv_io, derivatives=self.compensates, group=group)
         count = current.count
         ages = self.window.ages(position, window - 1)
+        self._running_stats_per_step(first_call=position not in self.window.calls)
         if position not in self.window.calls and ages == 0 and group is None:
             # Nothing to pool yet: exactly BN (one value per channel: the running statistics).
             out = self._seed_window(x) if count == 1 and window > 1 else self._batch_norm(x)
@@ -257,7 +243,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             None if conv is None else conv.weight, None if conv is None else conv.bias,
             self.rho if self.compensates else 0.0, self.compensation, self.variance_rule,
             differentiable=exact, earlier=earlier if exact else None)
-        self._update_running_stats(step_stats, count, pooled)
+        self._update_running_stats(step_stats, step_stats.count, pooled)
         # 4. normalise; the gradient reaches x through this call's statistics
         if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's
             stat_weight = torch.ones_like(pooled.mean)
@@ -280,7 +266,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return CF.empty_norm(x, self.weight, self.bias)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
-        """Under ``torch.fx`` tracing: the eval-mode function, BN's, with the running statistics."""
+        """Under ``torch.fx`` tracing: BN's eval-mode function."""
         if self.training:
             raise RuntimeError(
                 f'{self._describe()}: torch.fx traces CBN only in eval mode (a training step '
@@ -356,6 +342,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 "is not that conv's output: the conv must feed the norm directly (bind pairs "
                 'conv -> norm; pass pairs= for other layouts, or use rho=0)')
 
+    def _running_stats_per_step(self, first_call: bool) -> None:
+        """Several calls per step (gradient accumulation): one running-statistics update
+        per optimizer step, from the whole step's statistics, as the large batch the
+        micro-batches emulate; a later call of the step restarts from its start values."""
+        if self.per_call_windows or self.momentum is None or not self.track_running_stats:
+            return
+        buffers = [self.running_mean, self.running_var]
+        if first_call:
+            self._running_at_step_start = [t.clone() for t in buffers]
+        else:
+            torch._foreach_copy_(buffers, self._running_at_step_start)
+
     def _update_running_stats(self, step: CF.SlotStats, count, pooled: CF.PooledStats) -> None:
         """BN's running-statistics update, from the batch or from the window (no host read)."""
         if self.track_running_stats:
@@ -381,8 +379,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                       unexpected_keys, error_msgs)
 
     def window_numel(self) -> int:
-        """Numbers held by the window buffers (the memory the window costs)."""
-        return self.window.numel()
+        return self.window.numel()  # the numbers the window holds (its memory)
 
     def _describe(self) -> str:
         name = '' if self._binding is None else self._binding.layer_name

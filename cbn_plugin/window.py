@@ -210,6 +210,20 @@ class CrossIterationWindow:
                                  else (~CF.all_finite(call.record)).long())
         return skipped
 
+    def diagnostics(self, compensates: bool) -> dict:
+        """This step's figures (else the last step's): ``window``, the steps pooled;
+        ``skipped_records``, calls left out as not finite; where computed and the
+        layer compensates, ``mean_shift`` and ``negative_fraction``
+        (``functional.window_shift``), 0-dim tensors."""
+        found = {'skipped_records': self.skipped_records()}
+        calls = self.calls or self.last_calls
+        if calls:
+            found['window'] = max(call.window for call in calls.values())
+        shifts = [call.shift for call in calls.values() if call.shift is not None]
+        if shifts and compensates:
+            found['mean_shift'], found['negative_fraction'] = shifts[0]
+        return found
+
     def past_slots(self, position: int, most: int) -> tuple[int, ...]:
         """The ring slots this step pools at ``position``, newest first."""
         call = self.calls.get(position)
