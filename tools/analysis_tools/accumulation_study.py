@@ -286,14 +286,14 @@ def plot(results: list, args, path: Path) -> None:
         ax.set_yticks(range(len(kinds)))
         ax.set_yticklabels([row_label(k, a, args.micro_batch) for k in kinds], fontsize=8)
         ax.invert_yaxis()
-        low = min([r['acc_window'] for r in rows] + [1.0])
-        ax.set_xlim(max(0.0, low - 0.05), 1.0)
+        accs = [r[f] for r in rows for f in ('acc_window', 'acc_precise') if f in r]
+        ax.set_xlim(max(0.0, min(accs + [1.0]) - 0.05), min(1.0, max(accs + [0.0]) + 0.03))
         ax.set_xlabel('test accuracy')
         ax.set_title(f'1 x {a} accumulated ({images} images per step), '
                      f'{args.samples} images, {args.seeds} seeds', fontsize=9)
-        ax.legend(fontsize=7, loc='lower right')
+        ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.4, -0.12), ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches='tight')
     plt.close(fig)
 
 
