@@ -65,8 +65,8 @@ ROWS = {
     'cbn_own': ("CBN defaults, 1 x {a}, accumulation='own'", {'accumulation': 'own'}, True),
     'rho0_merge': ("CBN rho=0, 1 x {a}, 'merge'", {'rho': 0.0}, True),
     'rho05_merge': ("CBN rho=0.5, 1 x {a}, 'merge'", {'rho': 0.5}, True),
-    # the layer updates its running statistics at every call, A times per step: with the
-    # momentum divided by A they average over as many steps as without accumulation
+    # the running-statistics momentum divided by A: for a layer that updates them at every
+    # call (A times per step), they average over as many steps as without accumulation
     'merge_momentum': ("CBN defaults, 1 x {a}, 'merge', momentum 0.1 / {a}", 'momentum', True),
     'cbn_large': ('CBN defaults, {b} images per step (no accumulation)', {}, False),
 }
