@@ -81,7 +81,6 @@ DOC_END = '<!-- pretrained-det:end -->'
 # backbone: its norm, whether that norm trains, and which pretrained checkpoint it loads
 # (a CBN backbone loads the BN weights: CBN is a _BatchNorm with BN's parameters and
 # statistics). head: the norm of the FPN and the 4 box-head convs ('none': no norm).
-# CBN rows need the layer options named in ``needs``.
 ROWS = {
     'a': dict(label="a: BN frozen, no neck/head norm (mmdet's default)",
               backbone='bn', trained=False, head='none', batch='small'),
@@ -90,26 +89,19 @@ ROWS = {
     'c': dict(label='c: BN frozen, GN head', backbone='bn', trained=False, head='gn',
               batch='small'),
     'd': dict(label='d: BN frozen, CBN head (defaults)', backbone='bn', trained=False,
-              head='cbn', cbn={}, batch='small', needs=('mode',)),
+              head='cbn', cbn={}, batch='small'),
     'e': dict(label="e: BN frozen, CBN head (mode='paper')", backbone='bn', trained=False,
-              head='cbn', cbn=dict(mode='paper'), batch='small', needs=('mode',)),
+              head='cbn', cbn=dict(mode='paper'), batch='small'),
     'f': dict(label='f: BN trained, BN head', backbone='bn', trained=True, head='bn',
               batch='small'),
     'g': dict(label='g: CBN trained (from BN weights), CBN head', backbone='cbn', trained=True,
-              head='cbn', cbn={}, batch='small', needs=('mode',)),
+              head='cbn', cbn={}, batch='small'),
     'h': dict(label='h: GN trained (GN-pretrained), GN head', backbone='gn', trained=True,
               head='gn', batch='small'),
     'i': dict(label='i: BN trained, BN head, large batch', backbone='bn', trained=True,
               head='bn', batch='large'),
 }
 PRETRAINED_OF = dict(bn='bn', cbn='bn', gn='gn')  # the checkpoint each backbone norm loads
-
-
-def layer_supports(option: str) -> bool:
-    """Whether the installed CBN layer takes ``option`` (its constructor's signature)."""
-    import inspect
-    from cbn_plugin import CrossIterationBatchNorm2d
-    return option in inspect.signature(CrossIterationBatchNorm2d.__init__).parameters
 
 
 def is_baseline(row: str) -> bool:
@@ -634,11 +626,6 @@ def main(argv=None):
     if args.probe and not all(is_baseline(r) for r in rows):
         raise SystemExit(f'--probe runs baseline rows only (no CBN); got CBN rows '
                          f'{[r for r in rows if not is_baseline(r)]}')
-    missing = sorted({opt for row in rows for opt in ROWS[row].get('needs', ())
-                      if not layer_supports(opt)})
-    if missing:
-        raise SystemExit(f'the installed CBN layer lacks {missing}: rows '
-                         f'{[r for r in rows if ROWS[r].get("needs")]} need it')
     setting = setting_from_args(args)
     meta = _meta(argv)
     t0 = time.perf_counter()
