@@ -101,9 +101,14 @@ def test_batch_lr_and_images_seen(ptd, tiny, tmp_path):
         cbn = 'cbn' in (ptd.ROWS[row]['backbone'], ptd.ROWS[row]['head'])
         assert [h.type for h in cfg.get('custom_hooks', [])] == (['CBNHook'] if cbn else []), row
         if cbn:
-            assert job['norm']['cbn_args']['window_size'] == 8  # spans the large batch
+            assert job['norm']['cbn_args']['window_size'] == 32  # the README's 32 / batch
+            assert '_k32_' in Path(job['work_dir']).name  # another window, another run
     e = ptd.make_job('e', setting, 0, tiny['data'], tmp_path, tiny['ckpts'])
-    assert e['norm']['cbn_args'] == dict(mode='paper', window_size=8)
+    assert e['norm']['cbn_args'] == dict(mode='paper', window_size=32)
+    e8 = ptd.make_job('e', dict(setting, small=2), 0, tiny['data'], tmp_path, tiny['ckpts'])
+    assert e8['norm']['cbn_args']['window_size'] == 16
+    e4 = ptd.make_job('e', setting, 0, tiny['data'], tmp_path, tiny['ckpts'], window_size=4)
+    assert e4['norm']['cbn_args']['window_size'] == 4 and e4['work_dir'] != e['work_dir']
 
 
 def test_probe_refuses_cbn_rows(ptd, tmp_path):

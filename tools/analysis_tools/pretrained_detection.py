@@ -102,6 +102,8 @@ ROWS = {
               head='bn', batch='large'),
 }
 PRETRAINED_OF = dict(bn='bn', cbn='bn', gn='gn')  # the checkpoint each backbone norm loads
+# The README's window rule: window_size about 32 / images per device.
+IMAGES_PER_WINDOW = 32
 
 
 def is_baseline(row: str) -> bool:
@@ -154,11 +156,13 @@ def checkpoints(setting: dict, norms, root: Path, log=print) -> dict[str, str]:
 
 
 def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Path,
-             ckpts: dict[str, str], group: str = 'compare') -> dict:
-    """Everything a run needs, as plain json (a child process gets it on its command line)."""
+             ckpts: dict[str, str], group: str = 'compare', window_size: int | None = None
+             ) -> dict:
+    """Everything a run needs, as plain json (a child process gets it on its command line).
+    CBN's window is ``window_size``, or the README's rule (about 32 images pooled) when None."""
     r = ROWS[row]
     batch = setting['small'] if r['batch'] == 'small' else setting['large']
-    window = max(2, setting['large'] // batch)
+    window = window_size or max(2, IMAGES_PER_WINDOW // batch)
     cbn_args = dict(r.get('cbn', {}), window_size=window)
     head = dict(kind=r['head'])
     if r['head'] == 'cbn':
@@ -167,9 +171,10 @@ def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Pat
                     checkpoint=ckpts[PRETRAINED_OF[r['backbone']]])
     if r['backbone'] == 'cbn':
         backbone['cbn_args'] = cbn_args
+    name = f'{row}_b{batch}_s{seed}' if is_baseline(row) else f'{row}_b{batch}_k{window}_s{seed}'
     return dict(group=group, row=row, label=r['label'], seed=seed, batch=batch, accum=1,
                 images_per_step=batch, setting=setting, norm=head, backbone=backbone,
-                data_root=str(data_root), work_dir=str(work_root / f'{row}_b{batch}_s{seed}'))
+                data_root=str(data_root), work_dir=str(work_root / name))
 
 
 def build_config(job: dict):
@@ -553,6 +558,9 @@ def parse_args(argv=None):
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     ap.add_argument('--workers', type=int, default=1,
                     help='child processes at a time, one torch thread each; 0: in this process')
+    ap.add_argument('--window', type=int, default=None,
+                    help='CBN window_size of the CBN rows (default: the README rule, '
+                    f'{IMAGES_PER_WINDOW} // images per step)')
     ap.add_argument('--reuse', action='store_true',
                     help='keep the finished results already in the work dirs of identical jobs '
                     '(resume an interrupted study)')
@@ -634,7 +642,8 @@ def main(argv=None):
                         args.pretrained_root, log=lambda s: print(s, flush=True))
     digest = hashlib.sha1(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:8]
     group = 'probe' if args.probe else 'compare'
-    jobs = [make_job(row, setting, seed, data_root, args.work_dir / digest, ckpts, group)
+    jobs = [make_job(row, setting, seed, data_root, args.work_dir / digest, ckpts, group,
+                     args.window)
             for seed in args.seeds for row in rows]
     print(f'{len(jobs)} runs, {args.workers} at a time; setting: {setting_name(setting)}',
           flush=True)
