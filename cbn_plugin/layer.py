@@ -305,9 +305,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         mean, var = self.running_mean.clone(), self.running_var.clone()
         out = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
         with torch.no_grad():
+            # ``new - new`` is 0 exactly where ``new`` is finite: one op for both tensors.
+            zeros = torch._foreach_sub([mean, var], [mean, var])
             torch._foreach_copy_([self.running_mean, self.running_var],
-                                 [torch.where(torch.isfinite(new), new, old) for new, old in
-                                  ((mean, self.running_mean), (var, self.running_var))])
+                                 [torch.where(z == 0, new, old) for z, new, old in
+                                  zip(zeros, (mean, var), (self.running_mean, self.running_var))])
         return out
 
     def _momentum_factor(self) -> float:

@@ -98,6 +98,30 @@ def test_non_finite_batch_is_skipped_and_training_continues():
     assert layer.past_entries().valid[1 - newest].all()
 
 
+@pytest.mark.parametrize('as_bn', ['burn_in', 'window_size_1'])
+def test_non_finite_batch_as_plain_bn_keeps_the_running_statistics(as_bn):
+    """As plain BN (burn-in, window 1) the layer is BN except that a non-finite
+    batch leaves the running statistics as they were (BN's would turn NaN/inf),
+    channel by channel."""
+    model = warmed_model(window_size=1 if as_bn == 'window_size_1' else 3)
+    if as_bn == 'burn_in':
+        model[1].set_schedule(burn_in_steps=10 ** 6)
+    twin = bn_twin(model)
+    x = torch.randn(2, 3, 5, 5)
+    model(x), twin(x)
+    torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=0)
+    before = model[1].running_mean.clone(), model[1].running_var.clone()
+    y = torch.randn(2, 3, 5, 5)
+    y[0, 0, 0, 0] = float('inf')  # every output channel of the conv sees it at (0, 0)
+    model(y), twin(y)
+    assert not torch.isfinite(twin[1].running_mean).all()  # what BN does
+    torch.testing.assert_close(model[1].running_mean, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(model[1].running_var, before[1], rtol=0, atol=0)
+    z = torch.randn(2, 3, 5, 5)
+    model(z)  # and the next finite batch updates them again
+    assert not torch.equal(model[1].running_mean, before[0])
+
+
 def test_autocast_bfloat16_keeps_float32_statistics():
     model = warmed_model(steps=0)
     with torch.autocast('cpu', dtype=torch.bfloat16):
