@@ -32,6 +32,16 @@ def runner_resumes(runner) -> bool:
     return bool(runner._resume)
 
 
+def runner_has_loaded(runner) -> bool:
+    """Whether the Runner has loaded its checkpoint already: ``Runner._has_loaded``.
+
+    ``Runner.load_or_resume`` sets it after loading and returns at once when
+    it is set (``Runner.train`` then ``Runner.test`` load once); the file
+    check in ``before_run`` skips a file that will not be read again.
+    """
+    return bool(runner._has_loaded)
+
+
 def runner_load_from(runner):
     """The checkpoint the Runner will load or resume from: ``Runner._load_from``.
 
@@ -78,35 +88,84 @@ class _CallAfter:
         return item
 
 
-def wrap_save_checkpoint(runner, wrap) -> bool:
-    """Replace this Runner's ``save_checkpoint`` by ``wrap(save_checkpoint)``, once.
+#: The wraps around ``Runner.save_checkpoint``, innermost first: ``'atomic'``
+#: (:class:`~cbn_plugin.engine.AtomicCheckpointHook`: encloses the file write
+#: alone), ``'rank_states'`` (:class:`~cbn_plugin.engine.RankStateHook`) and
+#: ``'rng'`` (:class:`~cbn_plugin.engine.ResumeRNGHook`), which gather every
+#: rank's state to rank 0 before the call. The order is fixed here, not by the
+#: order the hooks run in, so every Runner gets the same chain.
+SAVE_CHECKPOINT_WRAPS = ('atomic', 'rank_states', 'rng')
+
+
+def wrap_save_checkpoint(runner, key: str, wrap, owner=None) -> bool:
+    """Add ``wrap`` (``save_checkpoint -> save_checkpoint``) around this Runner's ``save_checkpoint``.
 
     Why the method and not ``before_save_checkpoint``: ``Runner.save_checkpoint``
     is ``master_only``, so the hook stage runs on rank 0 alone, while
     ``CheckpointHook`` calls the method on every rank; what all ranks must do
     together (gather their state to rank 0) and what must enclose the file
-    write (write it atomically) happens around the call. Returns whether it
-    wrapped (``False`` when ``wrap`` returned the method unchanged, or this
-    Runner's method was already wrapped); :func:`unwrap_save_checkpoint`
-    undoes it.
+    write (write it atomically) happens around the call.
+
+    Each ``key`` of :data:`SAVE_CHECKPOINT_WRAPS` is wrapped once: every wrap
+    chains to the one inside it, in that order whichever hook comes first, and
+    a second wrap under a key already there changes nothing (a hook listed
+    twice, or whose ``before_run`` runs twice). Returns whether it wrapped.
+    :func:`unwrap_save_checkpoint` removes a key (``owner``'s only, when given).
     """
-    if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_wrapped', False):
+    if key not in SAVE_CHECKPOINT_WRAPS:
+        raise ValueError(f'wrap_save_checkpoint key {key!r}: must be one of '
+                         f'{SAVE_CHECKPOINT_WRAPS}')
+    current = runner.__dict__.get('save_checkpoint')
+    wraps = getattr(current, '_cbn_wraps', None)
+    if wraps is None:
+        # The class's method, or a patch someone else put on this Runner first.
+        base, patched, wraps = runner.save_checkpoint, current is not None, {}
+    else:
+        base, patched = current._cbn_base, current._cbn_base_patched
+    if key in wraps:
         return False
-    original = runner.save_checkpoint
-    wrapped = wrap(original)
-    if wrapped is original:
-        return False
-
-    @functools.wraps(original)
-    def save_checkpoint(*args, **kwargs):
-        return wrapped(*args, **kwargs)
-
-    save_checkpoint._cbn_wrapped = True
-    runner.save_checkpoint = save_checkpoint
+    _install(runner, base, patched, {**wraps, key: (wrap, owner)})
     return True
 
 
-def unwrap_save_checkpoint(runner) -> None:
-    """Give the Runner back its class's ``save_checkpoint``."""
-    if getattr(runner.__dict__.get('save_checkpoint'), '_cbn_wrapped', False):
+def unwrap_save_checkpoint(runner, key: str | None = None, owner=None) -> None:
+    """Remove the wrap ``key`` (every wrap when ``None``; only ``owner``'s when given).
+
+    When none is left the Runner gets back what it had before the first
+    wrap (its class's method).
+    """
+    current = runner.__dict__.get('save_checkpoint')
+    wraps = getattr(current, '_cbn_wraps', None)
+    if wraps is None:
+        return
+    kept = {k: (w, o) for k, (w, o) in wraps.items()
+            if not ((key is None or k == key) and (owner is None or o is owner))}
+    if kept:
+        _install(runner, current._cbn_base, current._cbn_base_patched, kept)
+    elif current._cbn_base_patched:
+        runner.save_checkpoint = current._cbn_base
+    else:
         del runner.save_checkpoint
+
+
+def _install(runner, base, patched: bool, wraps: dict) -> None:
+    """Put ``base`` wrapped by ``wraps`` (in :data:`SAVE_CHECKPOINT_WRAPS` order) on the Runner."""
+    chain = base
+    for key in SAVE_CHECKPOINT_WRAPS:
+        if key in wraps:
+            chain = wraps[key][0](chain)
+
+    @functools.wraps(base)
+    def save_checkpoint(*args, **kwargs):
+        return chain(*args, **kwargs)
+
+    save_checkpoint._cbn_wraps = wraps
+    save_checkpoint._cbn_base = base
+    save_checkpoint._cbn_base_patched = patched
+    runner.save_checkpoint = save_checkpoint
+
+
+def save_checkpoint_wraps(runner) -> tuple[str, ...]:
+    """The keys wrapped around this Runner's ``save_checkpoint``, innermost first."""
+    wraps = getattr(runner.__dict__.get('save_checkpoint'), '_cbn_wraps', {})
+    return tuple(k for k in SAVE_CHECKPOINT_WRAPS if k in wraps)

@@ -52,7 +52,8 @@ from mmengine.runner import Runner
 import cbn_plugin
 from cbn_plugin import engine as ckpt
 from cbn_plugin.engine import TAG, CheckpointFileError, WeightsOnlyCheckpointHook
-from cbn_plugin.engine import hook as ckpt_hook
+from cbn_plugin.engine import atomic_hook, concern, rank_state_hook, rng_hook
+import helpers
 from helpers import ToyData, ToyNet, tiny_runner
 
 pytestmark = pytest.mark.usefixtures('keep_default_scope')
@@ -88,10 +89,26 @@ class RecordHook(Hook):
                             epoch=runner.epoch, iter=runner.iter)
 
 
-def make_runner(work_dir, name, max_epochs=2, encode=True, resume_from=None):
+# The checkpoint hooks one by one, in the order the tools list them.
+SPLIT = ('CheckpointFileCheckHook', 'AtomicCheckpointHook', 'RankStateHook', 'ResumeRNGHook',
+         'CheckpointCodecHook')
+
+
+def split_hooks(*names, **args) -> list[dict]:
+    """``dict(type=name)`` of each of ``names`` (default: all of :data:`SPLIT`); ``args``
+    go to the hook whose type is the key (``RankStateHook=dict(save_buffers=False)``)."""
+    return [dict(type=name, **args.get(name, {})) for name in (names or SPLIT)]
+
+
+def make_runner(work_dir, name, max_epochs=2, encode=True, resume_from=None,
+                ckpt_hooks=None):
+    """``ckpt_hooks``: the checkpoint hooks (default: ``WeightsOnlyCheckpointHook`` if
+    ``encode``, else none)."""
     record = RecordHook()
     hooks = [dict(type='CBNHook', burn_in_iters=1), record]
-    if encode:
+    if ckpt_hooks is not None:
+        hooks += ckpt_hooks
+    elif encode:
         hooks.append(dict(type='WeightsOnlyCheckpointHook'))
     runner = tiny_runner(
         work_dir, ToyNet(), ToyData(), hooks=hooks, max_epochs=max_epochs, momentum=0.9,
@@ -411,34 +428,47 @@ class DrawingMetric(NumpyMetric):
         super().process(data_batch, data_samples)
 
 
-def make_noisy_runner(work_dir, name, max_epochs, resume_from=None, **hook_args):
-    """A Runner whose model (dropout), data and validation all draw random numbers."""
+def make_noisy_runner(work_dir, name, max_epochs, resume_from=None, ckpt_hooks=None,
+                      **hook_args):
+    """A Runner whose model (dropout), data and validation all draw random numbers.
+
+    ``ckpt_hooks``: the checkpoint hooks (default: ``WeightsOnlyCheckpointHook``
+    with ``hook_args``).
+    """
     torch.manual_seed(1)  # the model is built before the Runner seeds
+    if ckpt_hooks is None:
+        ckpt_hooks = [dict(type='WeightsOnlyCheckpointHook', **hook_args)]
     return tiny_runner(
         work_dir, ToyNet(dropout=0.5), NoisyData(), max_epochs=max_epochs, lr=0.05,
         momentum=0.9, metric=DrawingMetric, experiment_name=name, resume_from=resume_from,
-        hooks=[dict(type='CBNHook', burn_in_iters=1),
-               dict(type='WeightsOnlyCheckpointHook', **hook_args)],
+        hooks=[dict(type='CBNHook', burn_in_iters=1), *ckpt_hooks],
         randomness=dict(seed=0))
 
 
-def test_resume_is_bit_exact_with_random_model_data_and_validation(tmp_path):
+def final_state(runner) -> dict:
+    runner.train()
+    return {k: v.clone() for k, v in runner.model.state_dict().items()}
+
+
+@pytest.mark.parametrize('kit', ['bundle', 'split'])
+def test_resume_is_bit_exact_with_random_model_data_and_validation(tmp_path, kit):
     """3 epochs at once == 2 epochs, then a new Runner resumed for the 3rd.
 
     Validation runs after every epoch and draws random numbers; the hook
     keeps them out of the training stream, so the run that validated after
-    epoch 2 and the resumed one (which did not) continue alike.
+    epoch 2 and the resumed one (which did not) continue alike. With
+    ``WeightsOnlyCheckpointHook`` and with the five hooks listed one by one
+    (``ResumeRNGHook`` the one that matters here).
     """
-    def final_state(runner):
-        runner.train()
-        return {k: v.clone() for k, v in runner.model.state_dict().items()}
-
-    whole = final_state(make_noisy_runner(tmp_path / 'whole', f'whole_{id(tmp_path)}', 3))
-    first = make_noisy_runner(tmp_path / 'part', f'part_{id(tmp_path)}', 2)
+    hooks = None if kit == 'bundle' else split_hooks()
+    whole = final_state(make_noisy_runner(tmp_path / 'whole', f'whole_{id(tmp_path)}', 3,
+                                          ckpt_hooks=hooks))
+    first = make_noisy_runner(tmp_path / 'part', f'part_{id(tmp_path)}', 2, ckpt_hooks=hooks)
     first.train()
     assert 'rng_state' in torch.load(tmp_path / 'part' / 'epoch_2.pth')
     resumed = final_state(make_noisy_runner(tmp_path / 'resumed', f'res_{id(tmp_path)}', 3,
-                                            resume_from=str(tmp_path / 'part' / 'epoch_2.pth')))
+                                            resume_from=str(tmp_path / 'part' / 'epoch_2.pth'),
+                                            ckpt_hooks=hooks))
     assert int(whole['bn.num_steps']) == 12 and whole['bn.window_mean'] is not None
     assert list(resumed) == list(whole)
     assert all(torch.equal(resumed[k], whole[k]) for k in whole), \
@@ -446,6 +476,8 @@ def test_resume_is_bit_exact_with_random_model_data_and_validation(tmp_path):
     # The control: without the RNG restore the resumed run draws other numbers.
     plain = final_state(make_noisy_runner(
         tmp_path / 'plain', f'plain_{id(tmp_path)}', 3, restore_rng=False,
+        ckpt_hooks=None if kit == 'bundle' else split_hooks(
+            *(n for n in SPLIT if n != 'ResumeRNGHook')),
         resume_from=str(tmp_path / 'part' / 'epoch_2.pth')))
     assert not torch.equal(plain['head.weight'], whole['head.weight'])
 
@@ -706,10 +738,22 @@ def cbn_state(steps=3, seed=0):
     return net, {k: v.clone() for k, v in net.state_dict().items()}
 
 
+HOOK_MODULES = (atomic_hook, concern, rank_state_hook, rng_hook)
+
+
 def warnings_of(monkeypatch) -> list[str]:
+    """What the checkpoint hooks log from now on."""
     said = []
-    monkeypatch.setattr(ckpt_hook, 'print_log', lambda msg, *a, **k: said.append(str(msg)))
+    for module in HOOK_MODULES:
+        monkeypatch.setattr(module, 'print_log', lambda msg, *a, **k: said.append(str(msg)))
     return said
+
+
+def as_rank(monkeypatch, rank: int, world: int) -> None:
+    """Make the checkpoint hooks see this process as ``rank`` of ``world``."""
+    for module in (rank_state_hook, rng_hook):
+        monkeypatch.setattr(module, 'get_world_size', lambda: world)
+        monkeypatch.setattr(module, 'get_rank', lambda: rank)
 
 
 @pytest.mark.parametrize('saved_world, now_world, rank_states', [
@@ -728,8 +772,7 @@ def test_other_world_size_empties_windows_and_says_so(monkeypatch, tmp_path, sav
         checkpoint['rank_states'] = {'format': 1, 'world_size': saved_world,
                                      'buffers': rank_states,
                                      'ranks': [{'rng_state': checkpoint['rng_state']}] * 2}
-    monkeypatch.setattr(ckpt_hook, 'get_world_size', lambda: now_world)
-    monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: now_world - 1)
+    as_rank(monkeypatch, now_world - 1, now_world)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
     hook.after_load_checkpoint(resuming_runner(net, tmp_path), checkpoint)
@@ -770,8 +813,7 @@ def test_rank_restores_its_own_buffers(monkeypatch, tmp_path):
                   'rank_states': {'format': 1, 'world_size': 2, 'buffers': True,
                                   'ranks': [{'rng_state': 'rank 0'},
                                             {'rng_state': rng1, 'buffers': buffers1}]}}
-    monkeypatch.setattr(ckpt_hook, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(ckpt_hook, 'get_rank', lambda: 1)
+    as_rank(monkeypatch, 1, 2)
     said = warnings_of(monkeypatch)
     hook = WeightsOnlyCheckpointHook()
     runner = resuming_runner(net1, tmp_path)
@@ -805,3 +847,229 @@ def test_unseeded_runner_resume_warns_about_the_sampler_seed(tmp_path, monkeypat
     warning = [s for s in said if 'train sampler shuffles' in s]
     assert warning and f'run seeded with {first.seed}' in warning[0], said
     assert f'randomness.seed={first.seed}' in warning[0]
+
+
+# ---------------------------------------------------------------- the hooks one by one
+def test_checkpoint_hooks_registered_with_their_priorities():
+    from mmengine.runner import get_priority
+    classes = {cls.__name__: cls for cls in ckpt.CHECKPOINT_HOOKS}
+    assert set(classes) == {*SPLIT, 'WeightsOnlyCheckpointHook'}
+    for name, cls in classes.items():
+        assert HOOKS.get(name) is cls, name
+    # The RNG and rank-state hooks add their parts before the codec encodes.
+    assert get_priority(ckpt.ResumeRNGHook.priority) < get_priority(
+        ckpt.CheckpointCodecHook.priority)
+    assert get_priority(ckpt.RankStateHook.priority) < get_priority(
+        ckpt.CheckpointCodecHook.priority)
+    assert [type(p).__name__ for p in WeightsOnlyCheckpointHook().parts] == list(SPLIT)
+    with pytest.raises(ValueError, match="CheckpointCodecHook encode must be True or False, "
+                                         "got 'yes'"):
+        ckpt.CheckpointCodecHook(encode='yes')
+    with pytest.raises(ValueError, match='RankStateHook save_buffers must be True or False, '
+                                         'got 1'):
+        ckpt.RankStateHook(save_buffers=1)
+
+
+def test_add_checkpoint_hooks_lists_one_hook_per_concern():
+    cfg = ConfigDict(custom_hooks=[dict(type='CBNHook', burn_in_iters=1)])
+    assert ckpt.add_checkpoint_hooks(cfg) == list(SPLIT)
+    assert [h['type'] for h in cfg.custom_hooks] == ['CBNHook', *SPLIT]
+    assert ckpt.add_checkpoint_hooks(cfg) == []  # listed already
+    assert len(cfg.custom_hooks) == 6
+    off = ConfigDict(check_checkpoint_files=False, atomic_checkpoints=False,
+                     resume_rng_state=False, resume_rank_states=False,
+                     weights_only_checkpoints=False)
+    assert ckpt.add_checkpoint_hooks(off) == ['RankStateHook', 'CheckpointCodecHook']
+    assert off.custom_hooks == [dict(type='RankStateHook', save_buffers=False),
+                                dict(type='CheckpointCodecHook', encode=False)]
+    bundle = ConfigDict(custom_hooks=[dict(type='WeightsOnlyCheckpointHook')])
+    assert ckpt.add_checkpoint_hooks(bundle) == []  # the bundle handles every concern
+    some = ConfigDict(custom_hooks=[dict(type='ResumeRNGHook')])
+    assert ckpt.add_checkpoint_hooks(some) == [n for n in SPLIT if n != 'ResumeRNGHook']
+    with pytest.raises(ValueError, match='config resume_rng_state=False contradicts the '
+                                         r'ResumeRNGHook in custom_hooks \(listed\)'):
+        ckpt.add_checkpoint_hooks(ConfigDict(resume_rng_state=False,
+                                             custom_hooks=[dict(type='ResumeRNGHook')]))
+    with pytest.raises(ValueError, match='config weights_only_checkpoints=True contradicts '
+                                         r'the CheckpointCodecHook .*\(encode=False\)'):
+        ckpt.add_checkpoint_hooks(ConfigDict(weights_only_checkpoints=True, custom_hooks=[
+            dict(type='CheckpointCodecHook', encode=False)]))
+    with pytest.raises(ValueError, match="config atomic_checkpoints='no': must be True or "
+                                         'False'):
+        ckpt.add_checkpoint_hooks(ConfigDict(atomic_checkpoints='no'))
+
+
+def test_codec_hook_alone_writes_weights_only_files_and_decodes_them(tmp_path):
+    codec = split_hooks('CheckpointCodecHook')
+    runner, _ = make_runner(tmp_path / 'on', f'codec_{id(tmp_path)}', max_epochs=1,
+                            ckpt_hooks=codec)
+    runner.train()
+    path = tmp_path / 'on' / 'epoch_1.pth'
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    loaded = torch.load(path)  # weights_only
+    assert loaded['meta']['weights_only_format'] == ckpt.FORMAT
+    assert 'rng_state' not in loaded  # the codec alone adds nothing
+    again, record = make_runner(tmp_path / 'again', f'codec_again_{id(tmp_path)}',
+                                resume_from=str(path), ckpt_hooks=split_hooks(
+                                    'CheckpointCodecHook'))
+    again.train()
+    scalars = record.resumed['message_hub']['log_scalars']
+    assert scalars and all(type(b) is HistoryBuffer for b in scalars.values())
+    # The control: encode=False writes what torch refuses by default.
+    off, _ = make_runner(tmp_path / 'off', f'codec_off_{id(tmp_path)}', max_epochs=1,
+                         ckpt_hooks=split_hooks('CheckpointCodecHook', CheckpointCodecHook=dict(
+                             encode=False)))
+    off.train()
+    with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+        torch.load(tmp_path / 'off' / 'epoch_1.pth')
+
+
+@pytest.mark.parametrize('listed', [1, 2, 0])
+def test_atomic_hook_alone_keeps_the_previous_file(tmp_path, monkeypatch, listed):
+    """The rewrite of the newest checkpoint fails halfway: with ``AtomicCheckpointHook``
+    (listed once or twice: one partial file per save) the first version is intact; without
+    it (the control) the file ``last_checkpoint`` names is truncated."""
+    seen = failing_put(monkeypatch, 'epoch_1.pth', nth=2)
+    said = warnings_of(monkeypatch)
+    runner, _ = make_runner(tmp_path, f'atomic_alone{listed}_{id(tmp_path)}', max_epochs=1,
+                            ckpt_hooks=split_hooks(*['AtomicCheckpointHook'] * listed,
+                                                   'CheckpointCodecHook'))
+    with pytest.raises(OSError, match='simulated'):
+        runner.train()
+    path = tmp_path / 'epoch_1.pth'
+    assert len(seen) == 2 and (tmp_path / 'last_checkpoint').read_text() == str(path)
+    if not listed:
+        with pytest.raises(CheckpointFileError, match='truncated'):
+            ckpt.check_checkpoint_file(path)
+        return
+    assert seen == [str(tmp_path / f'epoch_1.pth.partial-{os.getpid()}')] * 2
+    ckpt.check_checkpoint_file(path)
+    assert 'best_score' not in ckpt.load_checkpoint(path)['message_hub']['runtime_info']
+    twice = [s for s in said if s.startswith('AtomicCheckpointHook: AtomicCheckpointHook '
+                                             'comes before it')]
+    assert len(twice) == listed - 1, said
+
+
+def test_atomic_hook_warns_about_a_single_kept_checkpoint(tmp_path, monkeypatch):
+    said = warnings_of(monkeypatch)
+    tiny_runner(tmp_path / 'one', max_epochs=1, checkpoint=dict(max_keep_ckpts=1),
+                hooks=[dict(type='CBNHook', burn_in_iters=1),
+                       *split_hooks('AtomicCheckpointHook', 'CheckpointCodecHook')]).train()
+    assert any(s.startswith('AtomicCheckpointHook: CheckpointHook max_keep_ckpts=1')
+               for s in said), said
+    said.clear()
+    tiny_runner(tmp_path / 'two', max_epochs=1, checkpoint=dict(max_keep_ckpts=2),
+                hooks=[dict(type='CBNHook', burn_in_iters=1),
+                       *split_hooks('AtomicCheckpointHook', 'CheckpointCodecHook')]).train()
+    assert not any('max_keep_ckpts' in s for s in said), said
+
+
+@pytest.mark.parametrize('listed', [True, False])
+def test_file_check_hook_alone_refuses_a_damaged_file(tmp_path, damaged, listed):
+    truncated = str(damaged['truncated'])
+    names = ('CheckpointFileCheckHook', 'CheckpointCodecHook') if listed else (
+        'CheckpointCodecHook', )
+    runner = tiny_runner(tmp_path, max_epochs=1, resume_from=truncated,
+                         hooks=[dict(type='CBNHook', burn_in_iters=1), *split_hooks(*names)])
+    if listed:
+        with pytest.raises(CheckpointFileError, match=f'{re.escape(truncated)} is truncated'):
+            runner.train()
+    else:  # the control: MMEngine reads it and fails somewhere inside torch.load
+        with pytest.raises(Exception) as err:
+            runner.train()
+        assert not isinstance(err.value, CheckpointFileError)
+
+
+@pytest.mark.parametrize('kit', ['split', 'bundle', 'no_buffers'])
+def test_rank_state_hook_saves_and_restores_each_ranks_buffers(tmp_path, monkeypatch, kit):
+    """Two ranks in one process: ``gather_to_writer`` returns rank 1's state beside rank
+    0's. The file holds rank 1's CBN buffers and RNG states by rank; resumed as rank 1
+    its own buffers go into the ``state_dict`` and its RNG states are restored. With
+    ``save_buffers=False`` (the control) no buffers are stored and the windows restart
+    empty."""
+    net0, state0 = cbn_state(seed=0)
+    net1, state1 = cbn_state(seed=1)
+    torch.manual_seed(11)
+    rank1 = {'rng_state': dict(ckpt.get_rng_state(), world_size=2),
+             'buffers': ckpt.rank_local_buffers(net1), 'sync_shifts': {}}
+    monkeypatch.setattr(concern, 'gather_to_writer',
+                        lambda local: [local, {k: rank1[k] for k in local}])
+    as_rank(monkeypatch, 0, 2)
+    hooks = {'split': split_hooks(), 'bundle': [dict(type='WeightsOnlyCheckpointHook')],
+             'no_buffers': split_hooks(RankStateHook=dict(save_buffers=False))}[kit]
+    runner = tiny_runner(tmp_path / 'w', net0, hooks=hooks, max_epochs=1)
+    runner.call_hook('before_run')
+    runner.save_checkpoint(str(tmp_path), 'ranks.pth', save_optimizer=False,
+                           save_param_scheduler=False)
+    runner.call_hook('after_run')
+    assert 'save_checkpoint' not in runner.__dict__  # every wrap undone
+    checkpoint = torch.load(tmp_path / 'ranks.pth')  # weights_only
+    saved = checkpoint['rank_states']
+    assert (saved['format'], saved['world_size']) == (1, 2)
+    assert same(saved['ranks'][1]['rng_state'], rank1['rng_state'])
+    assert 'buffers' not in saved['ranks'][0]  # rank 0's are the state_dict's
+    assert saved['buffers'] is (kit != 'no_buffers')
+    if kit != 'no_buffers':
+        assert same(dict(saved['ranks'][1]['buffers']), rank1['buffers'])
+
+    # Resumed as rank 1 at the checkpoint's progress.
+    checkpoint['meta'].update(epoch=1, iter=3)
+    as_rank(monkeypatch, 1, 2)
+    said = warnings_of(monkeypatch)
+    loading = [HOOKS.build(dict(h)) for h in hooks]
+    resuming = resuming_runner(net1, tmp_path)
+    for hook in sorted(loading, key=lambda h: 0 if isinstance(h, WeightsOnlyCheckpointHook)
+                       else ckpt.CHECKPOINT_HOOKS.index(type(h))):
+        hook.after_load_checkpoint(resuming, checkpoint)
+    loaded = checkpoint['state_dict']
+    if kit == 'no_buffers':
+        assert int(loaded['bn.window_filled'][0]) == 0 and loaded['bn.window_mean'].abs().sum() == 0
+        assert any('windows of 1 CBN layers restart empty' in s for s in said), said
+    else:
+        for key, value in state1.items():
+            want = value if key in rank1['buffers'] else state0[key]
+            assert torch.equal(loaded[key], want), key
+        assert not said
+    torch.rand(5)  # moves the generator on from the saved state
+    for hook in loading:
+        hook.before_train(at_progress(net1, epoch=1, iter=3))
+    assert torch.equal(torch.get_rng_state(), rank1['rng_state']['torch'])
+    assert 'ResumeRNGHook: restored the RNG states' in said[-1] and '(rank 1 of 2)' in said[-1]
+
+
+def test_hooks_listed_twice_act_once(tmp_path, monkeypatch):
+    """Every hook listed twice, and the bundle besides: one partial file per save, files
+    equal to those of the hooks listed once, each duplicate says it does nothing, and the
+    resume from them goes on exactly as from the hooks listed once."""
+    from mmengine.fileio.backends.local_backend import LocalBackend
+    put, written = LocalBackend.put, []
+
+    def recording_put(self, obj, filepath):
+        written.append(os.path.basename(str(filepath)))
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(LocalBackend, 'put', recording_put)
+    said = warnings_of(monkeypatch)
+    twice = [*split_hooks(), *split_hooks(), dict(type='WeightsOnlyCheckpointHook')]
+    once = make_noisy_runner(tmp_path / 'once', f'once_{id(tmp_path)}', 2,
+                             ckpt_hooks=split_hooks())
+    once.train()
+    written.clear()
+    make_noisy_runner(tmp_path / 'twice', f'twice_{id(tmp_path)}', 2, ckpt_hooks=twice).train()
+    assert written == [f'epoch_{e}.pth.partial-{os.getpid()}' for e in (1, 2)]
+    for name in SPLIT:
+        # before_run of every Runner.train(): the second listing and the bundle's part
+        assert sum(s.startswith(f'{name}: {name} comes before it') for s in said) == 2, name
+    want = torch.load(tmp_path / 'once' / 'epoch_2.pth')
+    got = torch.load(tmp_path / 'twice' / 'epoch_2.pth')
+    for key in ('state_dict', 'optimizer', 'rng_state'):
+        assert helpers.same_tree(got[key], want[key]), key
+    hubs = [ckpt.decode(c['message_hub'])['log_scalars'] for c in (got, want)]
+    assert list(hubs[0]) == list(hubs[1])  # decoded once: HistoryBuffers again
+    for key in ('train/loss', 'train/lr', 'val/score'):  # (not the timings)
+        assert type(hubs[0][key]) is HistoryBuffer and same(hubs[0][key], hubs[1][key]), key
+    resumed = {kit: final_state(make_noisy_runner(
+        tmp_path / f'resumed_{kit}', f'res_{kit}_{id(tmp_path)}', 3, ckpt_hooks=hooks,
+        resume_from=str(tmp_path / kit / 'epoch_2.pth')))
+        for kit, hooks in (('once', split_hooks()), ('twice', twice))}
+    assert all(torch.equal(resumed['twice'][k], v) for k, v in resumed['once'].items())

@@ -119,6 +119,6 @@ def test_single_kept_checkpoint_is_warned_about(crash, tmp_path):
                       "train_cfg = dict(max_epochs=1)\n")
     log = Tool(tmp_path / 'keep1.log', 'tools/train.py', config, '--work-dir',
                tmp_path / 'work').result()
-    assert ('WeightsOnlyCheckpointHook: CheckpointHook max_keep_ckpts=1: MMEngine deletes the '
+    assert ('AtomicCheckpointHook: CheckpointHook max_keep_ckpts=1: MMEngine deletes the '
             'only kept checkpoint before it writes the next one') in log, log[-3000:]
     assert 'max_keep_ckpts=1' not in crash['whole_log'].split('Checkpoints will be saved')[-1]

@@ -15,6 +15,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.runner import IterBasedTrainLoop, Runner
 
 from cbn_plugin import mmengine_internals as internals
+from cbn_plugin.engine import encode_checkpoint
 from helpers import ToyNet, tiny_runner
 
 pytestmark = pytest.mark.usefixtures('keep_default_scope')
@@ -72,25 +73,76 @@ def test_save_checkpoint_is_master_only_and_called_on_every_rank():
     assert 'runner.save_checkpoint(' in inspect.getsource(CheckpointHook)
 
 
-def test_wrap_save_checkpoint_once_and_undo(tmp_path):
+def test_has_loaded_is_set_by_load_or_resume(tmp_path):
+    """``Runner.load_or_resume`` reads and sets ``_has_loaded`` (load once, then skip)."""
+    runner = tiny_runner(tmp_path)
+    assert internals.runner_has_loaded(runner) is False
+    source = inspect.getsource(Runner.load_or_resume)
+    assert 'if self._has_loaded:' in source and 'self._has_loaded = True' in source
+    runner.save_checkpoint(str(tmp_path), 'x.pth', save_optimizer=False,
+                           save_param_scheduler=False)
+    # Weights_only-loadable (MMEngine's own file is not, with torch's default).
+    path = tmp_path / 'x.pth'
+    torch.save(encode_checkpoint(torch.load(path, weights_only=False)), path)
+    runner.load_checkpoint(str(path), map_location='cpu')
+    assert internals.runner_has_loaded(runner) is True
+
+
+def test_wrap_save_checkpoint_chains_in_order_once_and_undo(tmp_path):
+    """Every key wraps once, the chain's order is ``SAVE_CHECKPOINT_WRAPS`` (innermost
+    first) whatever order the wraps come in, and unwrapping one keeps the others."""
     runner = tiny_runner(tmp_path)
     calls = []
 
-    def wrap(save):
-        def counting(*args, **kwargs):
-            calls.append(args)
-            return save(*args, **kwargs)
-        return counting
+    def recording(key):
+        def wrap(save):
+            def save_checkpoint(*args, **kwargs):
+                calls.append(key)
+                return save(*args, **kwargs)
+            return save_checkpoint
+        return wrap
 
-    assert internals.wrap_save_checkpoint(runner, wrap) is True
-    assert internals.wrap_save_checkpoint(runner, wrap) is False  # wrapped once only
-    assert internals.wrap_save_checkpoint(runner, lambda save: save) is False
-    runner.save_checkpoint(str(tmp_path), 'x.pth', save_optimizer=False,
-                           save_param_scheduler=False)
-    assert len(calls) == 1 and (tmp_path / 'x.pth').exists()
+    owners = {key: object() for key in internals.SAVE_CHECKPOINT_WRAPS}
+    for key in reversed(internals.SAVE_CHECKPOINT_WRAPS):
+        assert internals.wrap_save_checkpoint(runner, key, recording(key), owners[key])
+    assert not internals.wrap_save_checkpoint(runner, 'atomic', recording('again'))  # once
+    with pytest.raises(ValueError, match="key 'atomc': must be one of"):
+        internals.wrap_save_checkpoint(runner, 'atomc', recording('x'))
+    assert internals.save_checkpoint_wraps(runner) == internals.SAVE_CHECKPOINT_WRAPS
+    no_optimizer = dict(save_optimizer=False, save_param_scheduler=False)
+    runner.save_checkpoint(str(tmp_path), 'x.pth', **no_optimizer)
+    # The outermost runs first: rng, then rank_states, then atomic around the write.
+    assert calls == list(reversed(internals.SAVE_CHECKPOINT_WRAPS))
+    assert (tmp_path / 'x.pth').exists()
     assert 'state_dict' in torch.load(tmp_path / 'x.pth', weights_only=False)
+    internals.unwrap_save_checkpoint(runner, 'rank_states', owner=object())  # not its owner
+    assert internals.save_checkpoint_wraps(runner) == internals.SAVE_CHECKPOINT_WRAPS
+    internals.unwrap_save_checkpoint(runner, 'rank_states', owner=owners['rank_states'])
+    assert internals.save_checkpoint_wraps(runner) == ('atomic', 'rng')
+    calls.clear()
+    runner.save_checkpoint(str(tmp_path), 'y.pth', **no_optimizer)
+    assert calls == ['rng', 'atomic']
     internals.unwrap_save_checkpoint(runner)
     assert 'save_checkpoint' not in runner.__dict__
-    runner.save_checkpoint(str(tmp_path), 'y.pth', save_optimizer=False,
+    runner.save_checkpoint(str(tmp_path), 'z.pth', **no_optimizer)
+    assert calls == ['rng', 'atomic'] and (tmp_path / 'z.pth').exists()
+
+
+def test_wrap_keeps_a_patch_made_before_it(tmp_path):
+    """A ``save_checkpoint`` someone else put on the Runner first stays inside the chain
+    and is given back when the last wrap goes."""
+    runner = tiny_runner(tmp_path)
+    seen = []
+    original = runner.save_checkpoint
+
+    def patched(*args, **kwargs):
+        seen.append('patch')
+        return original(*args, **kwargs)
+
+    runner.save_checkpoint = patched
+    internals.wrap_save_checkpoint(runner, 'atomic', lambda save: save)
+    runner.save_checkpoint(str(tmp_path), 'x.pth', save_optimizer=False,
                            save_param_scheduler=False)
-    assert len(calls) == 1
+    assert seen == ['patch']
+    internals.unwrap_save_checkpoint(runner)
+    assert runner.__dict__['save_checkpoint'] is patched

@@ -168,7 +168,9 @@ cbn_plugin.bind(net)
 cbn_plugin.recompute_statistics(net, [torch.randn(2, 1, 5, 5) for _ in range(3)], 3)
 engine = sorted(m for m in sys.modules if m.startswith('cbn_plugin.engine'))
 assert not engine, engine
-assert HOOKS.get('WeightsOnlyCheckpointHook') is None
+for name in ('WeightsOnlyCheckpointHook', 'CheckpointFileCheckHook', 'AtomicCheckpointHook',
+             'RankStateHook', 'ResumeRNGHook', 'CheckpointCodecHook'):
+    assert HOOKS.get(name) is None, name
 assert HOOKS.get('CBNHook') is cbn_plugin.CBNHook
 '''
     run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

@@ -37,7 +37,7 @@ import torch
 from helpers import EXACT_KEYS, Tool, differing, unseeded_config
 from tiny_coco import train_records, write_tiny_coco
 
-WORKER_WARNING = 'WeightsOnlyCheckpointHook: train_dataloader.persistent_workers=True'
+WORKER_WARNING = 'ResumeRNGHook: train_dataloader.persistent_workers=True'
 NUM_IMAGES = 6  # 3 iterations of 2 images per epoch: 720 possible epoch orders
 
 

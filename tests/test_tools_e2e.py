@@ -88,7 +88,10 @@ def test_train_activates_window_after_burn_in(faster):
         for key in LOSS_KEYS:
             assert math.isfinite(r[key]), (key, r)
     assert f'cbn_window: {windows[-1]:.4f}' in log  # also in mmengine's log lines
-    assert 'WeightsOnlyCheckpointHook' in log  # added by tools/train.py
+    for hook in ('CheckpointFileCheckHook', 'AtomicCheckpointHook', 'RankStateHook',
+                 'ResumeRNGHook', 'CheckpointCodecHook'):  # added by tools/train.py
+        assert hook in log, hook
+    assert 'WeightsOnlyCheckpointHook' not in log  # the hooks, not the bundle
 
 
 def test_checkpoint_loads_with_plain_torch_load(faster):

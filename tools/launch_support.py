@@ -4,8 +4,8 @@
 MMDetection's scripts plus this module (tool support, not part of the
 installed ``cbn_plugin`` package): :func:`load_config` registers
 MMDetection's modules and applies ``--cfg-options``/``--work-dir``/
-``--launcher``; :func:`build_runner` adds ``WeightsOnlyCheckpointHook``
-(:func:`cbn_plugin.engine.add_weights_only_hook`), adopts a resumed
+``--launcher``; :func:`build_runner` adds the checkpoint hooks
+(:func:`cbn_plugin.engine.add_checkpoint_hooks`), adopts a resumed
 checkpoint's seed (:func:`cbn_plugin.engine.adopt_checkpoint_seed`) and,
 without a GPU, starts the distributed run MMEngine 0.10.7 cannot start on CPU
 (:func:`setup_cpu_distributed`: gloo, ``device_ids=None``; why:
@@ -30,7 +30,7 @@ from mmengine.registry import MODEL_WRAPPERS, RUNNERS
 from mmengine.runner import Runner
 from torch.nn.parallel import DistributedDataParallel
 
-from cbn_plugin.engine import add_weights_only_hook, adopt_checkpoint_seed
+from cbn_plugin.engine import add_checkpoint_hooks, adopt_checkpoint_seed
 
 
 def add_cfg_options_and_launcher(parser):
@@ -181,15 +181,17 @@ def load_config(args):
 def build_runner(cfg, runners=RUNNERS):
     """The Runner of ``cfg`` (``tools/test.py`` passes mmdet's ``RUNNERS``).
 
-    First ``WeightsOnlyCheckpointHook`` is added (checkpoints loadable with
-    ``torch.load``'s default ``weights_only=True``; what
-    :mod:`cbn_plugin.engine.codec` encoded is restored on load), a resumed run
+    First the checkpoint hooks are added, one per concern, as the config's
+    switches say (:func:`cbn_plugin.engine.add_checkpoint_hooks`: files
+    checked before loading, atomic writes, every rank's CBN windows and RNG
+    states, checkpoints loadable with ``torch.load``'s default
+    ``weights_only=True`` and decoded on load), a resumed run
     adopts its checkpoint's seed when the config sets none
     (``adopt_checkpoint_seed``) and a distributed run on CPU is set up
     (:func:`setup_cpu_distributed`).
     """
-    # checkpoints loadable with torch.load's default weights_only=True
-    add_weights_only_hook(cfg)
+    # one hook per checkpoint concern (those the config lists are kept as listed)
+    add_checkpoint_hooks(cfg)
     # a resumed run without a configured seed continues with its run's seed
     if cfg.get('resume_rng_state', True):
         adopt_checkpoint_seed(cfg)

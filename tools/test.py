@@ -10,9 +10,11 @@ on CPU with the gloo backend.
 
 As in ``tools/train.py``, through ``tools/launch_support.py``: the plugin is
 imported, MMDetection's modules are registered (default scope from the
-config, ``'mmdet'`` if none), ``WeightsOnlyCheckpointHook`` is appended to
-``cfg.custom_hooks`` (it restores what the plugin encoded in the checkpoint,
-which MMEngine reads with ``torch.load``'s default ``weights_only=True``), and
+config, ``'mmdet'`` if none), the checkpoint hooks are appended to
+``cfg.custom_hooks`` (``CheckpointFileCheckHook`` refuses a damaged file by
+name; ``CheckpointCodecHook`` restores what the plugin encoded in the
+checkpoint, which MMEngine reads with ``torch.load``'s default
+``weights_only=True``), and
 a distributed run without a GPU is set up with gloo, and a distributed run
 that finished destroys its process group before the interpreter shuts down.
 """
@@ -107,8 +109,8 @@ def main():
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
-    # WeightsOnlyCheckpointHook (restores what cbn_plugin.engine encoded
-    # when the checkpoint is loaded), distributed on CPU, the runner
+    # the checkpoint hooks (CheckpointCodecHook restores what cbn_plugin.engine
+    # encoded when the checkpoint is loaded), distributed on CPU, the runner
     runner = build_runner(cfg, RUNNERS)
 
     # add `DumpResults` dummy metric

@@ -14,14 +14,17 @@ through ``tools/launch_support.py`` (see ``docs/checkpoints.md``):
 1. ``cbn_plugin`` and ``cbn_plugin.engine`` are imported (registering ``'CBN'``
    and the hooks) and MMDetection's modules are registered; the default scope
    is the config's ``default_scope`` (``'mmdet'`` when the config has none).
-2. ``WeightsOnlyCheckpointHook`` is appended to ``cfg.custom_hooks`` when the
-   config does not list it: checkpoints that plain ``torch.load(path)``
-   (``weights_only=True``) reads, exact resume (every rank's RNG states and
-   CBN windows; with ``--resume`` and no ``randomness.seed`` the checkpoint's
-   seed is adopted), atomic writes, files checked before loading; each part
-   has a top-level config switch (``weights_only_checkpoints``,
-   ``resume_rng_state``, ``resume_rank_states``, ``atomic_checkpoints``,
-   ``check_checkpoint_files``; all ``True`` unless set ``False``).
+2. The checkpoint hooks of ``cbn_plugin.engine`` are appended to
+   ``cfg.custom_hooks``, one per concern, those the config does not list:
+   ``CheckpointFileCheckHook`` (files checked before loading),
+   ``AtomicCheckpointHook`` (atomic writes), ``RankStateHook`` and
+   ``ResumeRNGHook`` (exact resume: every rank's CBN windows and RNG states;
+   with ``--resume`` and no ``randomness.seed`` the checkpoint's seed is
+   adopted) and ``CheckpointCodecHook`` (checkpoints that plain
+   ``torch.load(path)``, ``weights_only=True``, reads); each has a top-level
+   config switch (``check_checkpoint_files``, ``atomic_checkpoints``,
+   ``resume_rank_states``, ``resume_rng_state``, ``weights_only_checkpoints``;
+   all ``True`` unless set ``False``).
 3. Distributed runs without a GPU: the process group is initialised with gloo
    and the DDP wrapper gets ``device_ids=None`` (``setup_cpu_distributed``).
 4. A distributed run that finished ends with a barrier and

@@ -18,7 +18,7 @@ import zipfile
 import torch
 from mmengine.dist import is_main_process
 
-from ..mmengine_internals import runner_load_from, runner_resumes
+from ..mmengine_internals import runner_has_loaded, runner_load_from, runner_resumes
 
 
 class CheckpointFileError(RuntimeError):
@@ -197,7 +197,7 @@ def checkpoint_to_resume(resume, load_from, work_dir) -> tuple[str | None, str]:
 
 def checkpoint_to_load(runner) -> tuple[str | None, str]:
     """The file ``Runner.load_or_resume`` is about to read, and where its name came from."""
-    if getattr(runner, '_has_loaded', False):
+    if runner_has_loaded(runner):
         return None, ''
     return checkpoint_to_resume(runner_resumes(runner), runner_load_from(runner),
                                 runner.work_dir)

@@ -8,9 +8,12 @@ world size changed. See ``docs/checkpoints.md`` (Exact resume).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from mmengine.dist import get_rank, get_world_size
 
+from ..rng import RNG_KEY
 from ..sync_norms import is_sync_norm
 
 RANK_STATES_KEY = 'rank_states'
@@ -89,3 +92,84 @@ def empty_cbn_windows(state_dict: dict, model) -> list[str]:
             names.append(name)
     return names
 
+
+
+def rank_states_entry(checkpoint: dict, world: int) -> dict:
+    """``checkpoint['rank_states']``, created for ``world`` ranks if absent (in place).
+
+    :class:`.RankStateHook` and :class:`.ResumeRNGHook` each fill in their
+    part of every rank's entry (``'buffers'``/``'sync_shifts'``,
+    ``'rng_state'``); ``'buffers'`` says whether the norm buffers are there.
+    """
+    return checkpoint.setdefault(RANK_STATES_KEY, {
+        'format': RANK_STATES_FORMAT, 'world_size': world, 'buffers': False,
+        'ranks': [{} for _ in range(world)]})
+
+
+class SavedRanks(NamedTuple):
+    """What a checkpoint holds for this rank of this run (:func:`read_rank_states`)."""
+
+    saved: dict | None      # checkpoint['rank_states'], if any
+    world: int | None       # the world size it was written with; None: no record
+    mine: dict | None       # this rank's entry, when the world sizes match
+    why: str | None         # why this rank's own state is not there (None: it is, or 1 process)
+    single: bool            # a single-process run resuming a single-process checkpoint
+
+
+def read_rank_states(checkpoint: dict, world: int, rank: int) -> SavedRanks:
+    """This rank's entry of ``checkpoint['rank_states']`` and, when absent, why.
+
+    The world size a checkpoint was written with is ``rank_states``'
+    ``world_size``, else its ``rng_state``'s (1 for a checkpoint written by
+    one process), else unknown. Raises ``ValueError`` naming the format of a
+    ``rank_states`` this version cannot read.
+    """
+    saved = checkpoint.get(RANK_STATES_KEY)
+    rng_state = checkpoint.get(RNG_KEY)
+    if saved is not None:
+        if not isinstance(saved, dict) or saved.get('format') != RANK_STATES_FORMAT:
+            found = saved.get('format') if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f'checkpoint[{RANK_STATES_KEY!r}] has format {found!r}; this '
+                             'version of cbn_plugin.engine reads format '
+                             f'{RANK_STATES_FORMAT}')
+        saved_world = saved['world_size']
+    elif isinstance(rng_state, dict):
+        saved_world = rng_state.get('world_size', 1)
+    else:
+        saved_world = None  # written without the plugin's hooks
+    mine = saved['ranks'][rank] if saved is not None and saved_world == world else None
+    single = world == 1 and saved_world in (None, 1)
+    if single or mine is not None:
+        why = None
+    elif saved_world is None:
+        why = 'holds no record of the world size it was written with'
+    elif saved_world != world:
+        why = f'was written by {saved_world} processes and this run has {world}'
+    else:
+        why = f"holds only rank 0's state of a {saved_world}-process run"
+    return SavedRanks(saved, saved_world, mine, why, single)
+
+
+def use_rank_buffers(model, state_dict: dict, buffers: dict) -> None:
+    """Put this rank's own norm buffers into the ``state_dict`` the model loads (in place)."""
+    for name, module in rank_local_norms(model).items():
+        prefix = f'{name}.' if name else ''
+        for key in module._buffers:  # also the buffers that are None (no step yet)
+            if prefix + key not in buffers:
+                state_dict.pop(prefix + key, None)  # None on this rank (no step yet)
+    state_dict.update(buffers)
+
+
+def restore_sync_shifts(model, shifts: dict) -> None:
+    """Give every SyncCBN layer named in ``shifts`` its saved shift (the previous global mean)."""
+    from ..layer import SyncCrossIterationBatchNorm2d
+    for name, module in unwrap_model(model).named_modules():
+        if isinstance(module, SyncCrossIterationBatchNorm2d) and name in shifts:
+            module.stats_shift = shifts[name].to(_device_of(module))
+
+
+def _device_of(module) -> torch.device:
+    """Where a norm layer keeps its state: its first parameter's or buffer's device."""
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return tensor.device
+    return torch.device('cpu')
