@@ -371,19 +371,33 @@ def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
         raise ValueError(f'compensation {compensation!r} is not one of {COMPENSATIONS}')
     if rho == 0 or grad_mean is None:
         return mean_old, var_old
-    w = weight.detach().to(mean_old.dtype).flatten(1)
-    groups = grad_mean.shape[1]
-    proj_mean = torch.einsum('jgp,gcp->jgc', grad_mean,
-                             w.view(groups, -1, w.shape[1])).flatten(1)
-    if bias is not None:
-        proj_mean = proj_mean + bias.detach().to(mean_old.dtype)
-    proj_var = _row_dot(grad_var, w)
-    d_mean = proj_mean - mean_old
-    mean = mean_old + rho * d_mean
-    var = var_old + rho * (proj_var - 2.0 * var_old)
-    if compensation == 'mu_nu':
-        var = var - (rho * rho) * d_mean * d_mean
+    with torch.no_grad():
+        mean, var, _ = _compensated(mean_old, var_old, grad_mean, grad_var, weight,
+                                    bias, rho, compensation)
     return mean, var
+
+
+def _compensated(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor, grad_var: Tensor,
+                 weight: Tensor, bias: Tensor | None, rho: float, compensation: str
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``compensate``'s maths for ``rho != 0``, with few ops: ``(mean, var, d_mean)``,
+    ``d_mean = <p_bar, W> + b - mean_old`` under ``'mu_nu'`` (its backward needs it),
+    else ``None``. Called without autograd (``compensate``, ``_CompensatedPool``)."""
+    dtype = mean_old.dtype
+    w = weight.to(dtype).flatten(1)
+    proj_mean = _patch_dot(grad_mean, w)
+    if bias is not None:
+        proj_mean.add_(bias.to(dtype))
+    proj_var = _row_dot(grad_var, w)
+    mean = proj_mean if rho == 1.0 else torch.lerp(mean_old, proj_mean, rho)
+    # <dvar/dW, W_old> = 2 var_old: the step along W_t - W_old needs no old weight.
+    var = (proj_var.sub_(var_old) if rho == 1.0
+           else torch.add(var_old, proj_var, alpha=rho).sub_(var_old, alpha=2.0 * rho))
+    d_mean = None
+    if compensation == 'mu_nu':
+        d_mean = proj_mean - mean_old
+        var.addcmul_(d_mean, d_mean, value=-rho * rho)
+    return mean, var, d_mean
 
 
 def apply_variance_rule(mean: Tensor, var: Tensor, rule: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -502,23 +516,10 @@ class _CompensatedPool(torch.autograd.Function):
     def forward(ctx, weight, bias, step_mean, step_var, entries, earlier, rho, compensation,
                 rule):
         dtype = step_mean.dtype
-        m_old, v_old = entries.mean, entries.var
-        d_mean = None
+        mean, var, d_mean = entries.mean, entries.var, None
         if rho != 0 and entries.grad_mean is not None:
-            w = weight.to(dtype).flatten(1)
-            proj_mean = _patch_dot(entries.grad_mean, w)
-            if bias is not None:
-                proj_mean.add_(bias.to(dtype))
-            proj_var = _row_dot(entries.grad_var, w)
-            mean = proj_mean if rho == 1.0 else torch.lerp(m_old, proj_mean, rho)
-            # <dvar/dW, W_old> = 2 var_old: the step along W_t - W_old needs no old weight.
-            var = (proj_var.sub_(v_old) if rho == 1.0
-                   else torch.add(v_old, proj_var, alpha=rho).sub_(v_old, alpha=2.0 * rho))
-            if compensation == 'mu_nu':
-                d_mean = proj_mean - m_old
-                var.addcmul_(d_mean, d_mean, value=-rho * rho)
-        else:
-            mean, var = m_old, v_old
+            mean, var, d_mean = _compensated(mean, var, entries.grad_mean, entries.grad_var,
+                                             weight, bias, rho, compensation)
         # A dropped entry may be non-finite: it is replaced by 0 before any
         # arithmetic, so that no NaN reaches the pool or the gradient.
         pooled = is_finite(mean + var).logical_and_(entries.use)
