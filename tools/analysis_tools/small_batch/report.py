@@ -522,7 +522,7 @@ def render(results, args, wall, meta) -> str:
         '',
         '\n'.join(f'{i + 1}. {line}' for i, line in enumerate(headline(results, args))),
         '',
-        '### Raw 8x8 digits (section 6\'s data): BN at small batch',
+        '### Raw 8x8 digits (the data before it was made harder): BN at small batch',
         '',
         named_table(['norm'] + [f'batch {b}' for b in args.raw_batches],
                  accuracy_rows(results, 'raw', ['BN'], args.raw_batches)),
