@@ -98,7 +98,7 @@ SAVE_CHECKPOINT_WRAPS = ('atomic', 'rank_states', 'rng')
 
 
 def wrap_save_checkpoint(runner, key: str, wrap, owner=None) -> bool:
-    """Add ``wrap`` (``save_checkpoint -> save_checkpoint``) around this Runner's ``save_checkpoint``.
+    """Add ``wrap`` (``save_checkpoint -> save_checkpoint``) around the Runner's method.
 
     Why the method and not ``before_save_checkpoint``: ``Runner.save_checkpoint``
     is ``master_only``, so the hook stage runs on rank 0 alone, while

@@ -23,7 +23,11 @@ kind of object MMEngine 0.10.7 pickles into a checkpoint. The checks:
   place, where plain MMEngine leaves a truncated file that ``last_checkpoint``
   names;
 - truncated, corrupt, empty, missing and non-checkpoint files are refused
-  before loading, with an error naming the file.
+  before loading, with an error naming the file;
+- each of the five hooks (``CheckpointFileCheckHook``, ``AtomicCheckpointHook``,
+  ``RankStateHook``, ``ResumeRNGHook``, ``CheckpointCodecHook``) does its part
+  alone, with a control without it that shows the part missing; listed
+  twice (and beside ``WeightsOnlyCheckpointHook``) they act once.
 """
 from __future__ import annotations
 
