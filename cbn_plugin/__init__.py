@@ -5,7 +5,7 @@ Importing the package registers ``'CBN'`` and ``'SyncCBN'`` in MMEngine's
 the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
 ``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
 The checkpoint hooks the tools use (one per concern, or ``WeightsOnlyCheckpointHook``) are
-``cbn_plugin.engine``, imported on its own (``docs/checkpoints.md``).
+in ``cbn_plugin.engine``, imported on its own (``docs/checkpoints.md``).
 """
 __version__ = '0.1.0'
 
