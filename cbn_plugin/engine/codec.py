@@ -156,10 +156,9 @@ def _decode_tagged(enc: dict) -> Any:
     if tag == 'dict':
         return {k: _decode(v) for k, v in enc['items'].items()}
     if tag == 'HistoryBuffer':
-        buffer = HistoryBuffer(max_length=enc['max_length'])
-        buffer._log_history = _decode(enc['log_history'])
-        buffer._count_history = _decode(enc['count_history'])
-        return buffer
+        # The public constructor (it copies the arrays, keeping their dtype).
+        return HistoryBuffer(_decode(enc['log_history']), _decode(enc['count_history']),
+                             max_length=enc['max_length'])
     if tag == 'ConfigDict':
         return ConfigDict(_decode(enc['items']))
     raise ValueError(f'checkpoint holds an object encoded as {tag!r}, which this version of '
