@@ -146,6 +146,17 @@ def test_tiny_probe_end_to_end_and_reuse(ptd, tiny, tmp_path, monkeypatch):
     (work / 'result.json').rename(work / 'result.json.bak')
     ptd.main(common + ['--reuse'])
     assert ran == ['f']
+    # --only-finished: the finished runs of any rows and seeds, nothing trained
+    monkeypatch.setattr(ptd, 'run_one', lambda job: pytest.fail('ran'))
+    base = [a for a in common[:-4] if a != '--probe']  # the comparison, no --rows
+    with pytest.raises(SystemExit, match='add --reuse'):
+        ptd.main(base + ['--rows', 'a', '--only-finished'])
+    finished = ptd.main(base + ['--rows', 'a', 'f', 'i', 'b', '--seeds', '0', '7',
+                                '--reuse', '--only-finished'])
+    assert [(r['job']['row'], r['job']['seed']) for r in finished['results']] == [
+        ('a', 0), ('f', 0), ('i', 0)]
+    with pytest.raises(SystemExit, match='none of these runs'):
+        ptd.main(base + ['--rows', 'b', '--reuse', '--only-finished'])
 
 
 def test_cbn_row_trains_two_iterations(ptd, tiny, tmp_path):

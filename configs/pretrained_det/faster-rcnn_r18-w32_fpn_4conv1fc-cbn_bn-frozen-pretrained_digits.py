@@ -6,8 +6,8 @@
 # ``python tools/analysis_tools/pretrain_backbone.py --norm bn``.
 _base_ = '../small_batch_det/faster-rcnn_r18-w32_fpn_4conv1fc-bn-all_digits.py'
 pretrained = 'data/pretrained_backbones/resnet18-w32-bn_eba15cb546.pth'
-# The window spans the study's large batch: 4 steps of 1 image.
-cbn = dict(type='CBN', requires_grad=True, window_size=4)
+# The README's window rule: about 32 images pooled, 32 steps of 1 image.
+cbn = dict(type='CBN', requires_grad=True, window_size=32)
 model = dict(
     backbone=dict(norm_cfg=dict(_delete_=True, type='BN', requires_grad=False),
                   norm_eval=True, frozen_stages=1,

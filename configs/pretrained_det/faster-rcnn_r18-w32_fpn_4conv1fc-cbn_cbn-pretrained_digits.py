@@ -5,5 +5,5 @@
 # The checkpoint is built (once, cached) by
 # ``python tools/analysis_tools/pretrain_backbone.py --norm bn``.
 _base_ = './faster-rcnn_r18-w32_fpn_4conv1fc-cbn_bn-frozen-pretrained_digits.py'
-cbn = dict(type='CBN', requires_grad=True, window_size=4)
+cbn = dict(type='CBN', requires_grad=True, window_size=32)
 model = dict(backbone=dict(norm_cfg=dict(_delete_=True, **cbn), norm_eval=False))

@@ -564,6 +564,9 @@ def parse_args(argv=None):
     ap.add_argument('--reuse', action='store_true',
                     help='keep the finished results already in the work dirs of identical jobs '
                     '(resume an interrupted study)')
+    ap.add_argument('--only-finished', action='store_true',
+                    help='with --reuse: run nothing, report the jobs that have a finished '
+                    'result (rows may have different seeds) and name the others')
     ap.add_argument('--tiny', action='store_true',
                     help='a tiny data set, backbone and pretraining: the pipeline in seconds')
     ap.add_argument('--from-json', action='store_true',
@@ -645,6 +648,17 @@ def main(argv=None):
     jobs = [make_job(row, setting, seed, data_root, args.work_dir / digest, ckpts, group,
                      args.window)
             for seed in args.seeds for row in rows]
+    if args.only_finished:
+        if not args.reuse:
+            raise SystemExit('--only-finished reports the finished runs of --reuse: add --reuse')
+        missing = [j for j in jobs if saved_result(j) is None]
+        jobs = [j for j in jobs if saved_result(j) is not None]
+        if not jobs:
+            raise SystemExit('--only-finished: none of these runs has a finished result in '
+                             f'{args.work_dir / digest}')
+        if missing:
+            print('not run (no finished result): '
+                  + ', '.join(f'{j["row"]} seed {j["seed"]}' for j in missing), flush=True)
     print(f'{len(jobs)} runs, {args.workers} at a time; setting: {setting_name(setting)}',
           flush=True)
     results = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True), reuse=args.reuse)
