@@ -68,12 +68,17 @@ def test_model_without_cbn_trains_with_the_hook(tmp_path):
 
 
 def test_mmengine_sync_bn_conversion_of_cbn_is_refused():
+    """A config with mmengine's ``sync_bn`` and CBN layers is refused as training starts
+    (mmengine would turn them into plain SyncBN); with BN it is not the hook's business."""
+    from types import SimpleNamespace
     from mmengine.config import Config
-    from cbn_plugin.hook import _refuse_sync_bn_conversion
+    from cbn_plugin import CBNHook
     cfg = Config(dict(sync_bn='torch', model=dict(type='X', neck=dict(
         norm_cfg=dict(type='CBN')))))
+    runner = SimpleNamespace(cfg=cfg, model=torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1),
+                                                                torch.nn.BatchNorm2d(2)))
     with pytest.raises(ValueError, match=r"sync_bn='torch' .*\['CBN'\] layers into plain "
                                          r"SyncBN.*type='SyncCBN'"):
-        _refuse_sync_bn_conversion(cfg)
+        CBNHook(burn_in_iters=0).before_train(runner)
     cfg.model.neck.norm_cfg.type = 'BN'
-    _refuse_sync_bn_conversion(cfg)
+    CBNHook(burn_in_iters=0).before_train(runner)  # no CBN layer: the hook does nothing, and says so
