@@ -50,8 +50,8 @@ from small_batch_det import (  # noqa: E402,F401
     CONFIG, DEFAULT_ROWS, DOC, DOC_BEGIN, DOC_END, GN_GROUPS, PLOT, PROBE_BEGIN, PROBE_END,
     PROBES_JSON, RESULTS_JSON, ROWS, SETTING_DEFAULTS, TITLE, build_config, distinct_rows,
     ensure_data, goals, load_average, loss_curve, make_job, make_recorder, norm_cfg, plot,
-    probe_table, render, render_probes, run_jobs, run_one, run_probes, setting_from_args,
-    setting_name, stats, summarise, summary_table, training_of)
+    plot_rows, probe_table, render, render_probes, run_jobs, run_one, run_probes,
+    setting_from_args, setting_name, stats, summarise, summary_table, training_of)
 from study_markdown import md_table, write_block  # noqa: E402,F401
 
 TOOL = 'tools/analysis_tools/small_batch_detection.py'

@@ -22,7 +22,7 @@ from .data import ensure_data  # noqa: E402,F401
 from .goals import goals, stats, summarise  # noqa: E402,F401
 from .jobs import (  # noqa: E402,F401
     load_average, loss_curve, make_job, make_recorder, run_jobs, run_one)
-from .plots import plot  # noqa: E402,F401
+from .plots import plot, plot_rows  # noqa: E402,F401
 from .probes import run_probes  # noqa: E402,F401
 from .report import (  # noqa: E402,F401
     DOC, DOC_BEGIN, DOC_END, PLOT, PROBE_BEGIN, PROBE_END, PROBES_JSON, RESULTS_JSON, TITLE,
