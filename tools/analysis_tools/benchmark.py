@@ -330,17 +330,10 @@ def detector_step(name, args, device):
                            device=str(device))
     torch.manual_seed(0)
     norm_cfg = norm_configs(args.window, args.dvar_strides)[name]
-    model = prepare(MODELS.build(detector_cfg(norm_cfg, args)).to(device), name)
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    data = model.data_preprocessor(batch, True)
-
-    def step():
-        loss, _ = model.parse_losses(model(**data, mode='loss'))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        cbn_plugin.step(model)
+    model = MODELS.build(detector_cfg(norm_cfg, args)).to(device)
+    attach_authors(model)
+    opt, step = host_overhead.detector_training_step(model, batch,
+                                                     burn_in=name == 'CBN burn-in')
     step.optimizer = opt  # the host part counts its state in the memory that persists
     return model, step
 
