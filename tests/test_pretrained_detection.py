@@ -111,6 +111,14 @@ def test_batch_lr_and_images_seen(ptd, tiny, tmp_path):
     assert e4['norm']['cbn_args']['window_size'] == 4 and e4['work_dir'] != e['work_dir']
 
 
+def test_window_zero_is_refused_not_replaced(ptd, tiny, tmp_path):
+    with pytest.raises(SystemExit, match=r'--window 0: .*>= 1'):
+        ptd.main(['--tiny', '--rows', 'd', '--window', '0', '--out-dir', str(tmp_path)])
+    setting = dict(tiny['setting'], small=1)
+    job = ptd.make_job('d', setting, 0, tiny['data'], tmp_path, tiny['ckpts'], window_size=1)
+    assert job['norm']['cbn_args']['window_size'] == 1
+
+
 def test_probe_refuses_cbn_rows(ptd, tmp_path):
     with pytest.raises(SystemExit, match=r"\['d'\]"):
         ptd.main(['--tiny', '--probe', '--rows', 'a', 'd', '--out-dir', str(tmp_path)])

@@ -162,7 +162,7 @@ def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Pat
     CBN's window is ``window_size``, or the README's rule (about 32 images pooled) when None."""
     r = ROWS[row]
     batch = setting['small'] if r['batch'] == 'small' else setting['large']
-    window = window_size or max(2, IMAGES_PER_WINDOW // batch)
+    window = max(2, IMAGES_PER_WINDOW // batch) if window_size is None else window_size
     cbn_args = dict(r.get('cbn', {}), window_size=window)
     head = dict(kind=r['head'])
     if r['head'] == 'cbn':
@@ -603,6 +603,9 @@ def main(argv=None):
     if args.probe and not all(is_baseline(r) for r in rows):
         raise SystemExit(f'--probe runs baseline rows only (no CBN); got CBN rows '
                          f'{[r for r in rows if not is_baseline(r)]}')
+    if args.window is not None and args.window < 1:
+        raise SystemExit(f'--window {args.window}: a CBN window_size is an integer >= 1 '
+                         '(1 is plain BN)')
     setting = setting_from_args(args)
     meta = _meta(argv)
     t0 = time.perf_counter()
@@ -617,8 +620,9 @@ def main(argv=None):
     if args.only_finished:
         if not args.reuse:
             raise SystemExit('--only-finished reports the finished runs of --reuse: add --reuse')
-        missing = [j for j in jobs if saved_result(j) is None]
-        jobs = [j for j in jobs if saved_result(j) is not None]
+        finished = [saved_result(j) is not None for j in jobs]  # each result read once
+        missing = [j for j, done in zip(jobs, finished) if not done]
+        jobs = [j for j, done in zip(jobs, finished) if done]
         if not jobs:
             raise SystemExit('--only-finished: none of these runs has a finished result in '
                              f'{args.work_dir / digest}')
