@@ -15,7 +15,7 @@ from .versions import check_versions
 
 check_versions()
 
-from .binding import bind, cbn_layers, step  # noqa: E402
+from .binding import bind, cbn_layers, statistics_pass, step  # noqa: E402
 from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
 from .hook import CBNHook  # noqa: E402
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
@@ -28,4 +28,4 @@ register()
 
 __all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'PreciseCBNHook', 'SyncCBN',
            'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
-           'convert_sync_cbn', 'convert_to_bn', 'recompute_statistics', 'step']
+           'convert_sync_cbn', 'convert_to_bn', 'recompute_statistics', 'statistics_pass', 'step']

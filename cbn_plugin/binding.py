@@ -6,8 +6,10 @@ time (the conv's output must be exactly the tensor the norm receives).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
+import torch
 from torch import nn
 
 from .layer import CrossIterationBatchNorm2d
@@ -124,6 +126,32 @@ def step(model: nn.Module) -> None:
     for module in model.modules():
         if _is_cbn(module):
             module.step()
+
+
+@contextlib.contextmanager
+def statistics_pass(model: nn.Module):
+    """The first pass of a two-pass step, for layers with ``accumulation='two_pass'``.
+
+    Run every micro-batch of the optimizer step through ``model`` inside it (no
+    gradient is taken), then the training pass over the same micro-batches in the
+    same order, then the optimizer step and ``cbn_plugin.step``. In the training
+    pass every micro-batch is normalised with the whole step's statistics (its own,
+    live, and the other micro-batches' from this pass), pooled with the window: one
+    extra forward per micro-batch buys what the large batch would normalise with.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if _is_cbn(m)]
+    other = [f'{n} ({m.accumulation!r})' for n, m in layers if m.accumulation != 'two_pass']
+    if other:
+        raise ValueError("statistics_pass is for CBN layers with accumulation='two_pass'; "
+                         f"these have another: {', '.join(other)}")
+    for _, layer in layers:
+        layer.begin_statistics_pass()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for _, layer in layers:
+            layer.end_statistics_pass()
 
 
 def cbn_layers(model: nn.Module):

@@ -5,7 +5,8 @@ mmcv's ``'bn'`` abbreviation, ``norm_eval``, weight-decay rules, BN
 checkpoints. A fresh layer's ``state_dict`` is exactly ``nn.BatchNorm2d``'s;
 the window buffers appear once the layer has recorded a step, so a resumed
 run restores them. The window's layout and ring live in ``window.py``, the
-maths in ``functional.py``, the options in ``options.py``.
+maths in ``functional.py``, the options in ``options.py``, the plain BN the layer
+is when it pools nothing in ``plain_bn.py``.
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
-
 from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
+from .plain_bn import PlainBatchNorm
 from .window import (WINDOW_BUFFERS, CrossIterationWindow, PastEntries,  # noqa: F401
                      StepCall, WindowSchedule)
 
@@ -31,7 +31,7 @@ class Binding(NamedTuple):
     conv_name: str
 
 
-class CrossIterationBatchNorm2d(_BatchNorm):
+class CrossIterationBatchNorm2d(PlainBatchNorm):
     """BatchNorm whose statistics pool the last ``window_size`` optimizer steps.
 
     Version 3 of its state adds ``window_valid`` (older states are upgraded).
@@ -60,8 +60,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             into the step's slot (gradient accumulation); ``True`` keeps a window
             per call position (a head shared over FPN levels).
         accumulation: under ``per_call_windows=False``, ``'merge'`` pools each
-            call with the step's earlier calls, ``'own'`` with past steps only;
-            the step's record and running statistics take every call.
+            call with the step's earlier calls, ``'own'`` with past steps only,
+            ``'two_pass'`` with all the step's calls, from a statistics pass run
+            before the training pass (``cbn_plugin.statistics_pass``; with
+            ``window_size=1``: BN over the step's micro-batches); the step's
+            record and running statistics take every call.
 
     ``cbn_plugin.bind`` (or ``CBNHook``) pairs the layer with the conv producing
     its input; ``cbn_plugin.step`` (or the hook) marks each optimizer step. A
@@ -89,15 +92,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         for name in WINDOW_BUFFERS:
             self.register_buffer(name, None)
         self.window = CrossIterationWindow(self._buffers, window_size - 1)
-        # Host mirrors of num_steps and num_batches_tracked.
-        self._steps = 0
-        self._batches = 0
+        self._steps = 0  # the host mirror of num_steps
         # The bound conv (see attach), held in a tuple: never a submodule of this
         # layer (no duplicate in state_dict or named_modules).
         self._binding: Binding | None = None
         # Window figures (diagnostics) cost a few ops per step: computed only
         # while this is set (CBNHook sets it on the iterations it logs).
         self.track_diagnostics = False
+        self._collecting = False  # in a statistics pass (begin_statistics_pass)
         self._reset_step_state()
         self.set_schedule()
 
@@ -131,7 +133,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._binding = Binding(conv, hook, name, conv_name)
 
     def _capture_conv_io(self, conv, args, output) -> None:
-        if self.training and self.compensates and torch.is_grad_enabled():
+        if self.training and self.compensates and (torch.is_grad_enabled() or self._collecting):
             self._conv_io = (args[0], output)
 
     # ------------------------------------------------------------------ steps
@@ -143,6 +145,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Mark the end of an optimizer step: this step's records join the window."""
         if self.num_steps is None:
             self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
+        passed = len(self.window.pass_calls)
+        if passed and passed != self._call_index:
+            raise RuntimeError(f"{self._describe()} (accumulation='two_pass'): the statistics "
+                               f'pass made {passed} calls and the training pass '
+                               f'{self._call_index}: they must run the same micro-batches')
         self.num_steps.add_(1)
         self._steps += 1
         self._window_now = self.schedule.phase(self._steps)
@@ -157,6 +164,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """
         self.window.discard()
         self._reset_step_state()
+
+    def begin_statistics_pass(self) -> None:
+        """The forwards until ``end_statistics_pass`` are this step's statistics pass
+        (``accumulation='two_pass'``, ``cbn_plugin.statistics_pass``): their statistics
+        are kept for the training pass; nothing else changes."""
+        if self.accumulation != 'two_pass':
+            raise RuntimeError(f'{self._describe()} has accumulation={self.accumulation!r}: a '
+                               "statistics pass is for accumulation='two_pass'")
+        self.window.pass_calls = []
+        self._collecting = True
+
+    def end_statistics_pass(self) -> None:
+        self._collecting = False
 
     def past_entries(self, position: int = 0) -> PastEntries | None:
         """The past entries this step pools at call ``position``, newest first;
@@ -193,14 +213,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'CBN expects a 4D (N, C, H, W) input, got {input.dim()}D')
 
     def _window_in_use(self) -> bool:
-        if not (self.training and self.window_size > 1 and torch.is_grad_enabled()):
+        pooled_step = self.accumulation == 'two_pass'  # window_size=1: BN over the step
+        if not (self.training and (self.window_size > 1 or pooled_step)
+                and (torch.is_grad_enabled() or self._collecting)):
             return False
-        if self._binding is None:
+        if self._binding is None and self.window_size > 1:
             raise RuntimeError(
                 f'{self._describe()} has window_size={self.window_size} but was never bound: '
                 'call cbn_plugin.bind(model) before training and cbn_plugin.step(model) after '
                 "each optimizer step, or add dict(type='CBNHook') to custom_hooks")
-        conv = self._binding.conv
+        conv = None if self._binding is None else self._binding.conv
         # A frozen conv never changes, and BN is what a frozen layer should be.
         return conv is None or conv.weight.requires_grad
 
@@ -213,18 +235,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._check_input_dim(x)
         conv_io, self._conv_io = self._conv_io, None
         if not self._window_in_use() or self._window_now == 0:
+            if self._collecting and self.training:  # a statistics pass in burn-in: keeps nothing
+                return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return self._batch_norm(x)
         group = self._group()
         if x.shape[0] == 0 and group is None:
-            return self._empty(x)
+            return CF.empty_norm(x, self.weight, self.bias) if self._collecting else self._empty(x)
         position = self._call_index if self.per_call_windows else 0
         window = self._window_now
         # 1. this call's statistics (and their derivatives in the conv weight)
         current = self._current(x, conv_io, derivatives=self.compensates, group=group)
+        if self._collecting:  # the statistics pass: normalised as 'merge' would; nothing kept
+            pooled = self._pool(self.window.collect(current), self.window.entries(0, window - 1,
+                                                                                 current))
+            return F.batch_norm(x, pooled.mean, pooled.var, self.weight, self.bias, False, 0.0,
+                                self.eps)
+        others = (self.window.others(self._call_index, self._describe())
+                  if self.accumulation == 'two_pass' else None)
         count = current.count
         ages = self.window.ages(position, window - 1)
         self._running_stats_per_step(first_call=position not in self.window.calls)
-        if position not in self.window.calls and ages == 0 and group is None:
+        if position not in self.window.calls and ages == 0 and group is None and others is None:
             # Nothing to pool yet: exactly BN (one value per channel: the running statistics).
             out = self._seed_window(x) if count == 1 and window > 1 else self._batch_norm(x)
             self.window.keep(position, StepCall(current, None, None, 1, None))
@@ -234,15 +265,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         step_stats, record, finite, share, earlier, skips = self.window.merge(position, current)
         if self.accumulation == 'own':  # this call's own images and the past steps only
             step_stats, share, earlier = current, 1.0, None
+        elif others is not None:  # the whole step: the statistics pass's other calls
+            step_stats, _, _, share, earlier, _ = CF.merge_calls(current, others, None, None)
         # 3. the past entries, compensated, pooled with the step's
         entries = self.window.entries(position, window - 1, current)
-        exact = self.stats_backward == 'compensated' and self.compensates
-        conv = self.bound_conv
-        pooled = CF.pool_compensated(
-            step_stats.mean, step_stats.var, entries,
-            None if conv is None else conv.weight, None if conv is None else conv.bias,
-            self.rho if self.compensates else 0.0, self.compensation, self.variance_rule,
-            differentiable=exact, earlier=earlier if exact else None)
+        pooled = self._pool(step_stats, entries, earlier,
+                            exact=self.stats_backward == 'compensated' and self.compensates)
         self._update_running_stats(step_stats, step_stats.count, pooled)
         # 4. normalise; the gradient reaches x through this call's statistics
         if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's
@@ -259,11 +287,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._call_index += 1
         return out
 
-    def _empty(self, x: Tensor) -> Tensor:
-        """No positions (a RoI head without RoIs): as BN, the batch counted, nothing else."""
-        if self.training and self.track_running_stats:
-            self._momentum_factor()
-        return CF.empty_norm(x, self.weight, self.bias)
+    def _pool(self, step: CF.SlotStats, entries: CF.WindowEntries, earlier=None,
+              exact: bool = False) -> CF.PooledStats:
+        """The step's statistics pooled with the window's entries, compensated to the conv."""
+        conv = self.bound_conv
+        return CF.pool_compensated(
+            step.mean, step.var, entries, None if conv is None else conv.weight,
+            None if conv is None else conv.bias, self.rho if self.compensates else 0.0,
+            self.compensation, self.variance_rule, differentiable=exact,
+            earlier=earlier if exact else None)
 
     def _traced_forward(self, x: Tensor) -> Tensor:
         """Under ``torch.fx`` tracing: BN's eval-mode function."""
@@ -274,10 +306,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 'cbn_plugin.convert_to_bn(model) for deployment')
         return self._running_norm(x)
 
-    def _running_norm(self, x: Tensor) -> Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
-
     def _seed_window(self, x: Tensor) -> Tensor:
         """One value per channel and an empty window: running statistics, window seeded."""
         if not self.track_running_stats:
@@ -286,41 +314,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 'has no past steps to pool yet nor running statistics to fall back on: use '
                 'track_running_stats=True, or a batch with more than one value per channel')
         return self._running_norm(x)
-
-    def _batch_norm(self, x: Tensor) -> Tensor:
-        """Plain BN, except that non-finite batch statistics never reach the running ones."""
-        if self.training and x.numel() == x.shape[1] and x.shape[1] > 0:
-            raise ValueError(
-                f'{self._describe()} got one value per channel (input {tuple(x.shape)}) while '
-                f'acting as plain BN (burn-in, window_size=1, a frozen conv or a no_grad '
-                f'forward), and BN cannot normalise a single value: use a window '
-                f'(window_size > 1, no burn-in) or more than one value per channel')
-        if not (self.training and self.track_running_stats):
-            return super().forward(x)
-        if x.shape[0] == 0:
-            return self._empty(x)
-        factor = self._momentum_factor()
-        # BN updates the running statistics it is given in place and autograd
-        # saves them: give it copies, and commit the finite channels afterwards.
-        mean, var = self.running_mean.clone(), self.running_var.clone()
-        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
-        with torch.no_grad():
-            # ``new - new`` is 0 exactly where ``new`` is finite: one op for both tensors.
-            zeros = torch._foreach_sub([mean, var], [mean, var])
-            torch._foreach_copy_([self.running_mean, self.running_var],
-                                 [torch.where(z == 0, new, old) for z, new, old in
-                                  zip(zeros, (mean, var), (self.running_mean, self.running_var))])
-        return out
-
-    def _momentum_factor(self) -> float:
-        """BN's bookkeeping: count the batch, return the running-average factor."""
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average (the host mirror: no read)
-            # Counted only here: a host count that changes every step would make
-            # a compiled model recompile every step.
-            self._batches += 1
-            return 1.0 / self._batches
-        return self.momentum
 
     def _group(self):
         """The process group the statistics are reduced over; None for CBN."""

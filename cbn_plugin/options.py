@@ -12,10 +12,12 @@ VARIANCE_RULES = ('clamp', 'exclude')
 COMPENSATIONS = ('mu_nu', 'var')
 RUNNING_STATS_SOURCES = ('batch', 'window')
 STATS_BACKWARD = ('current', 'pooled', 'compensated')
-# How a call pools the same step's earlier calls (gradient-accumulation micro-batches):
-# 'merge': with them (the step's statistics so far); 'own': not (its own images and the
-# past steps' full records). The step's record merges every call either way.
-ACCUMULATION = ('merge', 'own')
+# How a call pools the same step's other calls (gradient-accumulation micro-batches):
+# 'merge': with its earlier calls (the step's statistics so far); 'own': with none (its own
+# images and the past steps' full records); 'two_pass': with all of them, taken by a
+# statistics pass over the step's micro-batches before the training pass
+# (``cbn_plugin.statistics_pass``). The step's record merges every call in each case.
+ACCUMULATION = ('merge', 'own', 'two_pass')
 # Presets for the three choices where this plugin and the paper differ; an
 # argument given explicitly overrides its preset. 'default' is what the
 # small-batch study measured best (docs/small_batch.md); 'paper' is the
@@ -91,6 +93,10 @@ def check_layer_options(window_size, rho, variance_rule, mode, running_stats, st
     check_bool('per_call_windows', per_call_windows, owner)
     check_number('eps', eps, 0.0, owner=owner, open_low=True)
     check_choice('accumulation', accumulation, ACCUMULATION, owner)
+    if accumulation == 'two_pass' and per_call_windows:
+        raise ValueError(f"{_prefix(owner)}accumulation='two_pass' pools the calls of a step "
+                         'into one record, and per_call_windows=True keeps a window per call '
+                         "position: use per_call_windows=False, or accumulation='merge'")
     return dict(window_size=window_size, rho=float(rho), variance_rule=variance_rule,
                 dvar_stride=dvar_stride, per_call_windows=per_call_windows,
                 accumulation=accumulation, **choices)

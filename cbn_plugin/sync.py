@@ -29,6 +29,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         if self.dvar_stride != 1:
             raise ValueError(f'SyncCBN supports only exact derivatives (dvar_stride=1), got '
                              f'dvar_stride={self.dvar_stride}')
+        if self.accumulation == 'two_pass':
+            raise ValueError("SyncCBN does not support accumulation='two_pass' (its statistics "
+                             "pass is not synchronised): use accumulation='merge'")
         self.process_group = process_group
         self._warned = False
         self._shift: Tensor | None = None

@@ -168,6 +168,8 @@ class CrossIterationWindow:
         self._zeros: dict[torch.dtype, Tensor] = {}  # what a non-finite record is written as
         self.calls: dict[int, StepCall] = {}       # this step's, per position
         self.last_calls: dict[int, StepCall] = {}  # the last finished step's
+        # This step's statistics pass (accumulation='two_pass'): each call's statistics.
+        self.pass_calls: list[CF.SlotStats] = []
         self._skipped: Tensor | None = None  # minus the finite single-call records
         self._records = 0                    # single-call records written
 
@@ -179,6 +181,29 @@ class CrossIterationWindow:
         if earlier is None:
             return current, current, None, 1.0, None, None
         return CF.merge_calls(current, earlier.record, earlier.finite, earlier.skips)
+
+    def collect(self, current: CF.SlotStats) -> CF.SlotStats:
+        """Keep a statistics-pass call's statistics; returns the pass's calls so far merged."""
+        self.pass_calls.append(current)
+        merged = current
+        for before in self.pass_calls[-2::-1]:
+            merged = CF.merge_stats(before, merged)
+        return merged
+
+    def others(self, index: int, owner: str) -> CF.SlotStats | None:
+        """The statistics pass's calls other than call ``index``, merged (``None``: it had
+        only that one). The training pass must repeat the statistics pass's calls."""
+        if index >= len(self.pass_calls):
+            raise RuntimeError(
+                f"{owner} (accumulation='two_pass') is at call {index + 1} of this step's "
+                f'training pass, but its statistics pass made {len(self.pass_calls)}: run '
+                'every micro-batch of the step through the model inside '
+                'cbn_plugin.statistics_pass(model) before the training pass')
+        merged = None
+        for i, call in enumerate(self.pass_calls):
+            if i != index:
+                merged = call if merged is None else CF.merge_stats(merged, call)
+        return merged
 
     def keep(self, position: int, call: StepCall) -> None:
         """Keep a forward's record (only a forward that succeeded changes the window)."""
@@ -201,6 +226,7 @@ class CrossIterationWindow:
             else:
                 self._skipped.add_(call.skips)
         self.last_calls, self.calls = self.calls, {}
+        self.pass_calls = []
 
     def skipped_records(self):
         """Calls whose statistics were not finite (left out), this step's included."""
@@ -369,7 +395,7 @@ class CrossIterationWindow:
             elif isinstance(incoming, Tensor):
                 self._buffers[name] = torch.empty_like(incoming, device=device)
         self._views.clear()
-        self.calls, self.last_calls = {}, {}
+        self.calls, self.last_calls, self.pass_calls = {}, {}, []
 
     def numel(self) -> int:
         """Numbers held by the entries (the memory the window costs)."""

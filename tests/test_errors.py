@@ -22,7 +22,7 @@ from cbn_plugin import CBN, CBNHook
     (dict(compensation='nu'), r"compensation must be one of \('mu_nu', 'var'\), got 'nu'"),
     (dict(mode='authors'), r"mode must be one of \('default', 'paper'\), got 'authors'"),
     (dict(eps=0), r'eps must be > 0, got 0'),
-        (dict(accumulation='sum'), r"accumulation must be one of \('merge', 'own'\), got 'sum'"),
+        (dict(accumulation='sum'), r"accumulation must be one of \('merge', 'own', 'two_pass'\), got 'sum'"),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -13,6 +13,13 @@ base lr x images per step / 32). Rows, for each A:
   earlier micro-batches and the past steps) and ``accumulation='own'`` (its own image and the
   past steps' full records only); window k = 32 / (images per step), the README's rule;
 - rho 0 and 0.5 under 'merge';
+- the two-pass step, ``accumulation='two_pass'``: a statistics pass (no gradient) over the
+  step's micro-batches first, so that in the training pass every micro-batch is normalised
+  with the whole step's statistics pooled with the window (the upper bound of what
+  statistics alone can do, for one extra forward per micro-batch);
+- BN over the step's micro-batches, ``CBN(c, window_size=1, accumulation='two_pass')``: no
+  window, no compensation, every micro-batch normalised with the whole step's statistics
+  (BN statistics pooled across micro-batches);
 - CBN defaults at A images per step without accumulation (the same layer with one call per
   step: how far CBN itself is from BN at A images in this setting).
 
@@ -68,6 +75,10 @@ ROWS = {
     # the running-statistics momentum divided by A: for a layer that updates them at every
     # call (A times per step), they average over as many steps as without accumulation
     'merge_momentum': ("CBN defaults, 1 x {a}, 'merge', momentum 0.1 / {a}", 'momentum', True),
+    'cbn_two_pass': ("CBN defaults, 1 x {a}, accumulation='two_pass'",
+                     {'accumulation': 'two_pass'}, True),
+    'bn_step': ("BN over the step's micro-batches, 1 x {a} (window_size=1, 'two_pass')",
+                'bn_step', True),
     'cbn_large': ('CBN defaults, {b} images per step (no accumulation)', {}, False),
 }
 # the order runs start in within one accumulation count and seed
@@ -85,6 +96,8 @@ def make_job(kind: str, accumulate: int, seed: int, args) -> dict:
         norm = dict(kind='bn')
     elif changes == 'momentum':
         norm = dict(spec_for(DEFAULT, images), momentum=MOMENTUM / accumulate)
+    elif changes == 'bn_step':
+        norm = dict(kind='cbn', window=1, accumulation='two_pass')
     else:  # the study's defaults row (CBN(c, window_size=k)) plus this row's changes
         norm = dict(spec_for(DEFAULT, images), **changes)
     per_call = args.micro_batch if accumulated else images

@@ -47,7 +47,8 @@ def train_run(cfg: dict) -> dict:
     its loss divided by ``accumulate`` (the step's gradient is the mean over its images,
     as mmengine's ``accumulative_counts``), then one ``opt.step()`` and one
     ``cbn_plugin.step``: BN normalises each micro-batch on its own, CBN pools the step's
-    calls into one slot (its ``accumulation`` option says how). Such a run keeps no probe
+    calls into one slot (its ``accumulation`` option says how; ``'two_pass'`` runs the
+    step's micro-batches through ``cbn_plugin.statistics_pass`` first). Such a run keeps no probe
     (its emulation of the running statistics assumes one call per step): it is evaluated
     with the layer's own running statistics.
     """
@@ -68,6 +69,7 @@ def train_run(cfg: dict) -> dict:
                          f'step; with accumulate={accumulate} use measure=0')
     micro = batch // accumulate
     calls = 0  # training forwards (micro-batches)
+    two_pass = any(layer.accumulation == 'two_pass' for _, layer in cbn_plugin.cbn_layers(model))
     probe = None
     if cbn_plugin.cbn_layers(model):
         cbn_plugin.bind(model, logger=None)
@@ -100,6 +102,10 @@ def train_run(cfg: dict) -> dict:
         if accumulate > 1:
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
+            if two_pass:  # the statistics pass over the step's micro-batches first
+                with cbn_plugin.statistics_pass(model):
+                    for i in range(0, batch, micro):
+                        model(xb[i:i + micro])
             for i in range(0, batch, micro):
                 try:
                     loss = F.cross_entropy(model(xb[i:i + micro]), yb[i:i + micro]) / accumulate
