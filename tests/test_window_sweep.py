@@ -1,0 +1,77 @@
+"""tools/analysis_tools/window_sweep.py: which runs it plans, which it reuses, what it tables.
+
+The runs themselves are the detection study's (tested in test_small_batch_detection); here
+the folders hold results written the way that tool writes them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'))
+
+import window_sweep as ws  # noqa: E402
+
+
+def _result(out_dir: Path, name: str, mAP: float, cpu: float, status: str = 'ok') -> None:
+    folder = out_dir / name
+    folder.mkdir(parents=True)
+    (folder / 'small_batch_detection.json').write_text(json.dumps(dict(
+        machine='x86_64, 2 CPUs', when='2026-12-03 13:00',
+        results=[dict(status=status, mAP=mAP, mAP50=mAP + 0.2, final_loss=0.7, cpu_s=cpu)])))
+
+
+def test_plan_names_each_run_by_batch_pooled_images_and_seed():
+    args = ws.parse_args(['--batches', '1', '2', '--windows', '4', '32', '--seeds', '0', '1'])
+    names = [r['name'] for r in ws.plan(args)]
+    assert names[:3] == ['gn_b1_L4_s0', 'cbn_b1_L4_s0', 'cbn_b1_L32_s0']
+    assert 'cbn_b2_L64_s1' in names and len(names) == 2 * 2 * 3
+    args = ws.parse_args(['--no-gn', '--windows', '8', '--seeds', '2'])
+    assert [r['name'] for r in ws.plan(args)] == ['cbn_b1_L8_s2']
+
+
+def test_finished_runs_are_reused_and_failed_ones_are_not(tmp_path):
+    _result(tmp_path, 'cbn_b1_L8_s0', 0.6, 500)
+    _result(tmp_path, 'cbn_b1_L8_s1', 0.0, 10, status='error at step 3')
+    args = ws.parse_args(['--no-gn', '--windows', '8', '--seeds', '0', '1'])
+    done = [ws.finished(tmp_path, r) is not None for r in ws.plan(args)]
+    assert done == [True, False]
+
+
+def test_table_groups_seeds_by_batch_and_window(tmp_path):
+    _result(tmp_path, 'gn_b1_L4_s0', 0.56, 300)
+    _result(tmp_path, 'cbn_b1_L32_s1', 0.60, 1400)
+    _result(tmp_path, 'cbn_b1_L32_s0', 0.62, 1500)
+    _result(tmp_path, 'cbn_b1_L4_s0', 0.55, 550)
+    _result(tmp_path, 'cbn_b2_L32_s0', 0.58, 700)
+    (tmp_path / 'unrelated').mkdir()
+    block, records = ws.render(ws.collect(tmp_path))
+    lines = [line for line in block.splitlines() if line.startswith('| ') and 'norm' not in line]
+    assert [line.split(' | ')[:4] for line in lines] == [
+        ['| 1', 'GN', '-', '0'], ['| 1', 'CBN, k = 4', '4', '0'],
+        ['| 1', 'CBN, k = 32', '32', '0, 1'], ['| 2', 'CBN, k = 16', '32', '0']]
+    assert '0.610 ± 0.014 (0.620 / 0.600)' in lines[2] and lines[2].endswith('| 1450 |')
+    assert len(records) == 5 and {r['window'] for r in records} == {None, 4, 32, 16}
+
+
+def test_render_only_writes_the_block_and_json(tmp_path):
+    _result(tmp_path / 'runs', 'cbn_b1_L16_s0', 0.59, 600)
+    doc, out = tmp_path / 'page.md', tmp_path / 'sweep.json'
+    doc.write_text('# Page\n\nprose\n')
+    assert ws.main(['--windows', '16', '--seeds', '0', '--no-gn', '--render-only',
+                    '--out-dir', str(tmp_path / 'runs'), '--doc', str(doc),
+                    '--json', str(out)]) == 0
+    text = doc.read_text()
+    assert text.startswith('# Page\n\nprose\n') and ws.DOC_BEGIN in text
+    assert '| 1 | CBN, k = 16 | 16 | 0 | 0.590 |' in text
+    assert json.loads(out.read_text())['runs'][0]['mAP'] == 0.59
+
+
+def test_bad_arguments_are_refused_by_name():
+    with pytest.raises(SystemExit):
+        ws.parse_args(['--windows', '0'])
+    with pytest.raises(SystemExit):
+        ws.parse_args(['--workers', '0'])
