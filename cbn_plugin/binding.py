@@ -77,7 +77,8 @@ def bind(model: nn.Module, pairs: dict[str, str] | None = None, logger='current'
             ``None`` for silence.
 
     Returns the list of ``(cbn_name, conv_name or None)``. Raises when a CBN
-    that compensates (``rho != 0`` and ``window_size > 1``) has no conv, or
+    that needs one (``needs_conv``: it compensates, ``rho != 0`` and ``window_size > 1``,
+    or takes the exact gradient of a two-pass step) has no conv, or
     when the conv's ``out_channels`` differs from the norm's channels.
     """
     modules = dict(model.named_modules())
@@ -100,16 +101,19 @@ def bind(model: nn.Module, pairs: dict[str, str] | None = None, logger='current'
         if not _is_cbn(cbn):
             continue
         conv = found.get(id(cbn))
-        if conv is None and cbn.compensates:
+        if conv is None and cbn.needs_conv:
+            need, fix = (('compensation', 'rho=0') if cbn.compensates else
+                         ("the exact gradient of accumulation='two_pass'",
+                          "stats_backward='current'"))
             raise ValueError(
                 f'CBN {name!r} (window_size={cbn.window_size}, rho={cbn.rho}) has no conv '
-                'directly before it, and compensation needs one. Put it right after a conv, '
-                "name the conv with bind(model, pairs={cbn_name: conv_name}), or use rho=0")
+                f'directly before it, and {need} needs one. Put it right after a conv, '
+                f'name the conv with bind(model, pairs={{cbn_name: conv_name}}), or use {fix}')
         conv_name = names[id(conv)] if conv is not None else None
         if conv is not None:
             _check_conv(name, cbn, conv_name, conv)
-        # A layer that does not compensate needs no conv, and keeps no hook on one.
-        cbn.attach(conv if cbn.compensates else None, name, conv_name or '')
+        # A layer that needs no conv keeps no hook on one.
+        cbn.attach(conv if cbn.needs_conv else None, name, conv_name or '')
         table.append((name, conv_name))
     if logger is not None and table:
         from mmengine.logging import print_log

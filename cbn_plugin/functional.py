@@ -563,9 +563,14 @@ class _CompensatedPool(torch.autograd.Function):
             coef_var.mul_(rho)
         if ctx.d_mean is not None:  # (mu, nu): var_c - rho^2 d^2, d = <p_bar, W> + b - m_old
             coef_patch.addcmul_(ctx.d_mean, coef_var, value=-2.0 * rho)
-        grad_w = (entries.grad_var * coef_var.unsqueeze(-1)).sum(0)
-        _patch_outer_(grad_w, coef_patch, entries.grad_mean)
-        grad_b = coef_patch.sum(0)
+        shape, dtype = ctx.weight_meta
+        if entries.grad_var is not None:
+            grad_w = (entries.grad_var * coef_var.unsqueeze(-1)).sum(0)
+            _patch_outer_(grad_w, coef_patch, entries.grad_mean)
+            grad_b = coef_patch.sum(0)
+        else:  # no derivatives kept (rho = 0): nothing through the past entries
+            grad_w = count.new_zeros(shape[0], shape.numel() // shape[0])
+            grad_b = torch.zeros_like(count)
         if earlier is not None:
             # The step's earlier calls, merged with this one (weight ``share`` for
             # this call): entries of the current weight, derivative 1.
@@ -577,7 +582,6 @@ class _CompensatedPool(torch.autograd.Function):
             _patch_outer_(grad_w, coef_e.unsqueeze(0), earlier.grad_mean.unsqueeze(0))
             grad_w.addcmul_(earlier.grad_var, coef_ev.unsqueeze(1))
             grad_b.add_(coef_e)
-        shape, dtype = ctx.weight_meta
         grad_b = None if ctx.bias_dtype is None else grad_b.to(ctx.bias_dtype)
         return grad_w.view(shape).to(dtype), grad_b, None, None, None, None, None, None, None
 

@@ -122,6 +122,13 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         return self.window_size > 1 and self.rho != 0.0
 
     @property
+    def needs_conv(self) -> bool:
+        """Whether the layer needs the conv's derivatives: to compensate past steps, or for
+        the exact gradient through a two-pass step's other micro-batches."""
+        return self.compensates or (self.accumulation == 'two_pass'
+                                    and self.stats_backward == 'compensated')
+
+    @property
     def bound_conv(self) -> torch.nn.Conv2d | None:
         return None if self._binding is None else self._binding.conv
 
@@ -133,7 +140,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self._binding = Binding(conv, hook, name, conv_name)
 
     def _capture_conv_io(self, conv, args, output) -> None:
-        if self.training and self.compensates and (torch.is_grad_enabled() or self._collecting):
+        if self.training and self.needs_conv and (torch.is_grad_enabled() or self._collecting):
             self._conv_io = (args[0], output)
 
     # ------------------------------------------------------------------ steps
@@ -153,7 +160,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self.num_steps.add_(1)
         self._steps += 1
         self._window_now = self.schedule.phase(self._steps)
-        self.window.commit(write=self.window_size > 1)
+        self.window.commit(write=self.window_size > 1, derivatives=self.compensates)
         self._reset_step_state()
 
     def discard_step(self) -> None:
@@ -217,7 +224,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         if not (self.training and (self.window_size > 1 or pooled_step)
                 and (torch.is_grad_enabled() or self._collecting)):
             return False
-        if self._binding is None and self.window_size > 1:
+        if self._binding is None and (self.window_size > 1 or self.needs_conv):
             raise RuntimeError(
                 f'{self._describe()} has window_size={self.window_size} but was never bound: '
                 'call cbn_plugin.bind(model) before training and cbn_plugin.step(model) after '
@@ -244,7 +251,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         position = self._call_index if self.per_call_windows else 0
         window = self._window_now
         # 1. this call's statistics (and their derivatives in the conv weight)
-        current = self._current(x, conv_io, derivatives=self.compensates, group=group)
+        current = self._current(x, conv_io, derivatives=self.needs_conv, group=group)
         if self._collecting:  # the statistics pass: normalised as 'merge' would; nothing kept
             pooled = self._pool(self.window.collect(current), self.window.entries(0, window - 1,
                                                                                  current))
@@ -270,7 +277,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         # 3. the past entries, compensated, pooled with the step's
         entries = self.window.entries(position, window - 1, current)
         pooled = self._pool(step_stats, entries, earlier,
-                            exact=self.stats_backward == 'compensated' and self.compensates)
+                            exact=self.stats_backward == 'compensated' and self.needs_conv)
         self._update_running_stats(step_stats, step_stats.count, pooled)
         # 4. normalise; the gradient reaches x through this call's statistics
         if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's

@@ -213,11 +213,14 @@ class CrossIterationWindow:
         """Forget this step's calls (a forward repeated within a step as if it were its first)."""
         self.calls = {}
 
-    def commit(self, write: bool) -> None:
-        """The end of an optimizer step: each position's record joins the ring (``write``)."""
+    def commit(self, write: bool, derivatives: bool = True) -> None:
+        """The end of an optimizer step: each position's record joins the ring (``write``),
+        with its derivatives only if the window compensates (``derivatives``)."""
         for position, call in self.calls.items() if write else ():
             finite = CF.all_finite(call.record) if call.finite is None else call.finite
-            self.write(position, call.record, finite)
+            record = call.record if derivatives else call.record._replace(grad_mean=None,
+                                                                          grad_var=None)
+            self.write(position, record, finite)
             if self._skipped is None:
                 self._skipped = torch.zeros((), dtype=torch.long, device=finite.device)
             if call.skips is None:  # one call: skipped unless finite (one op)

@@ -77,9 +77,11 @@ def test_tiny_study_has_every_row_and_accumulates(tmp_path):
             layer = r['layer']
             assert layer['steps_done'] == samples // 4  # cbn_plugin.step once per step
             # (a two-pass layer without its statistics pass fails the run: status above)
-            assert layer['accumulation'] == {'cbn_own': 'own', 'cbn_two_pass': 'two_pass',
-                                             'bn_step': 'two_pass'}.get(cfg['row'], 'merge')
-            assert layer['rho'] == {'rho0_merge': 0.0, 'rho05_merge': 0.5}.get(cfg['row'], 1.0)
+            assert layer['accumulation'] == {
+                'cbn_own': 'own', 'cbn_two_pass': 'two_pass', 'rho0_two_pass': 'two_pass',
+                'bn_step': 'two_pass'}.get(cfg['row'], 'merge')
+            assert layer['rho'] == {'rho0_merge': 0.0, 'rho05_merge': 0.5,
+                                    'rho0_two_pass': 0.0}.get(cfg['row'], 1.0)
             assert layer['momentum'] == (0.1 / 4 if cfg['row'] == 'merge_momentum' else 0.1)
     assert (tmp_path / 'accumulation.png').read_bytes()[:4] == b'\x89PNG'
     # re-rendering from the json reproduces the generated block

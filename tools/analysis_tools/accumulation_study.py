@@ -17,6 +17,8 @@ base lr x images per step / 32). Rows, for each A:
   step's micro-batches first, so that in the training pass every micro-batch is normalised
   with the whole step's statistics pooled with the window (the upper bound of what
   statistics alone can do, for one extra forward per micro-batch);
+- rho 0 under 'two_pass' (the exact gradient through the other micro-batches, which
+  'merge' gives rho 0 only through their share: is the rho 0 collapse the gradient's?);
 - BN over the step's micro-batches, ``CBN(c, window_size=1, accumulation='two_pass')``: no
   window, no compensation, every micro-batch normalised with the whole step's statistics
   (BN statistics pooled across micro-batches);
@@ -77,6 +79,8 @@ ROWS = {
     'merge_momentum': ("CBN defaults, 1 x {a}, 'merge', momentum 0.1 / {a}", 'momentum', True),
     'cbn_two_pass': ("CBN defaults, 1 x {a}, accumulation='two_pass'",
                      {'accumulation': 'two_pass'}, True),
+    'rho0_two_pass': ("CBN rho=0, 1 x {a}, 'two_pass'", {'rho': 0.0, 'accumulation': 'two_pass'},
+                      True),
     'bn_step': ("BN over the step's micro-batches, 1 x {a} (window_size=1, 'two_pass')",
                 'bn_step', True),
     'cbn_large': ('CBN defaults, {b} images per step (no accumulation)', {}, False),
