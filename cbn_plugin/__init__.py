@@ -3,7 +3,9 @@
 Importing the package registers ``'CBN'`` and ``'SyncCBN'`` in MMEngine's
 ``MODELS`` registry (and ``CBNHook``, ``PreciseCBNHook`` in ``HOOKS``),
 the one ``mmcv.cnn.build_norm_layer`` searches, so configs can say
-``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``.
+``norm_cfg=dict(type='CBN')`` after ``custom_imports=dict(imports=['cbn_plugin'])``;
+the two-pass training loops (``TwoPassEpochBasedTrainLoop``, ``TwoPassIterBasedTrainLoop``)
+go into ``LOOPS``.
 The checkpoint hooks the tools use (one per concern, or ``WeightsOnlyCheckpointHook``) are
 in ``cbn_plugin.engine``, imported on its own (``docs/checkpoints.md``).
 """
@@ -19,6 +21,7 @@ from .binding import bind, cbn_layers, statistics_pass, step  # noqa: E402
 from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
 from .hook import CBNHook  # noqa: E402
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
+from .loops import TwoPassEpochBasedTrainLoop, TwoPassIterBasedTrainLoop  # noqa: E402,F401
 from .precise_bn import PreciseCBNHook, recompute_statistics  # noqa: E402
 from .registry import register  # noqa: E402
 

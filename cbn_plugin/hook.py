@@ -21,6 +21,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .binding import bind, cbn_layers, step
+from .loops import TwoPassLoopMixin
 from .mmengine_internals import accumulative_counts
 from .options import check_int, check_number
 
@@ -127,6 +128,14 @@ class CBNHook(Hook):
                       logger='current', level=30)
             return
         _refuse_precise_bn(runner, self._layers)
+        two_pass = [n for n, layer in cbn_layers(model) if layer.accumulation == 'two_pass']
+        if two_pass and not isinstance(runner.train_loop, TwoPassLoopMixin):
+            raise ValueError(
+                f"CBNHook: {len(two_pass)} CBN layers (first {two_pass[0]!r}) have "
+                f"accumulation='two_pass', which needs a statistics pass before each step, "
+                f'but the train loop is a {type(runner.train_loop).__name__}: use '
+                f"train_cfg=dict(type='TwoPassEpochBasedTrainLoop', ...) or "
+                f"dict(type='TwoPassIterBasedTrainLoop', ...)")
         bind(model, self.pairs)
         burn_in, ramp, total = self._schedule_in_steps(runner)
         for layer in self._layers:

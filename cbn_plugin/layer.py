@@ -175,11 +175,13 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
     def begin_statistics_pass(self) -> None:
         """The forwards until ``end_statistics_pass`` are this step's statistics pass
         (``accumulation='two_pass'``, ``cbn_plugin.statistics_pass``): their statistics
-        are kept for the training pass; nothing else changes."""
+        are kept for the training pass; nothing else changes. A pass after the step's
+        training pass has begun adds to the step's (a step in parts); one before replaces."""
         if self.accumulation != 'two_pass':
             raise RuntimeError(f'{self._describe()} has accumulation={self.accumulation!r}: a '
                                "statistics pass is for accumulation='two_pass'")
-        self.window.pass_calls = []
+        if self._call_index == 0:
+            self.window.pass_calls = []
         self._collecting = True
 
     def end_statistics_pass(self) -> None:

@@ -86,18 +86,23 @@ _RUNS = itertools.count()
 def tiny_runner(work_dir, model=None, dataset=None, *, hooks=(), max_epochs: int = 2,
                 max_iters: int | None = None, shuffle: bool = True, lr: float = 0.01,
                 momentum: float = 0.0, accumulate: int = 1, metric=None, checkpoint=None,
-                resume_from=None, **runner_args) -> Runner:
-    """An MMEngine Runner training ``model`` (a :class:`ToyNet`) on ``dataset`` at batch 2.
+                resume_from=None, batch_size: int = 2, loop: str | None = None,
+                **runner_args) -> Runner:
+    """An MMEngine Runner training ``model`` (a :class:`ToyNet`) on ``dataset`` at
+    ``batch_size`` images per iteration.
 
-    Epoch-based for ``max_epochs`` (iteration-based when ``max_iters``),
+    Epoch-based for ``max_epochs`` (iteration-based when ``max_iters``; ``loop`` names
+    another train loop type),
     SGD, a checkpoint every epoch (``checkpoint``: more ``CheckpointHook``
     arguments), validation every epoch with ``metric`` when given, resumed
     from ``resume_from``; ``runner_args`` go to the Runner as they are.
     """
-    loader = dict(dataset=dataset if dataset is not None else ToyData(), batch_size=2,
+    loader = dict(dataset=dataset if dataset is not None else ToyData(), batch_size=batch_size,
                   num_workers=0, collate_fn=dict(type='default_collate'))
     train_cfg = (dict(by_epoch=False, max_iters=max_iters) if max_iters
                  else dict(by_epoch=True, max_epochs=max_epochs))
+    if loop is not None:
+        train_cfg = dict(type=loop, **{k: v for k, v in train_cfg.items() if k != 'by_epoch'})
     if metric is not None:
         train_cfg['val_interval'] = 1
         runner_args.update(val_dataloader=dict(loader, sampler=dict(type='DefaultSampler',
