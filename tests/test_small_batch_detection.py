@@ -78,6 +78,13 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
     assert jobs['cbn-paper']['norm']['cbn_args'] == dict(mode='paper', window_size=4)
     assert jobs['cbn']['norm']['cbn_args'] == dict(window_size=4)
     assert jobs['naive-cbn']['norm']['cbn_args'] == dict(rho=0.0, window_size=4)
+    # the two-pass row: its layers take two_pass and its loop runs the statistics pass
+    two_pass = sbd.build_config(jobs['cbn-accum-two-pass'])
+    assert jobs['cbn-accum-two-pass']['norm']['cbn_args'] == dict(accumulation='two_pass',
+                                                                  window_size=8)
+    assert two_pass.train_cfg.type == 'TwoPassIterBasedTrainLoop'
+    assert {sbd.build_config(jobs[row]).train_cfg.get('type', 'IterBasedTrainLoop')
+            for row in jobs if row != 'cbn-accum-two-pass'} == {'IterBasedTrainLoop'}
 
 
 def test_a_row_that_repeats_another_runs_once(sbd):

@@ -60,6 +60,8 @@ def build_config(job: dict):
         cfg.custom_imports = dict(imports=['cbn_plugin'], allow_failed_imports=False)
         burn_in = min(round(s['burn_in'] * iters), iters - job['accum'])
         cfg.custom_hooks = [dict(type='CBNHook', burn_in_iters=burn_in)]
+        if job['norm']['cbn_args'].get('accumulation') == 'two_pass':
+            cfg.train_cfg.type = 'TwoPassIterBasedTrainLoop'  # a statistics pass per step
     cfg.work_dir = job['work_dir']
     cfg.randomness = dict(seed=job['seed'], deterministic=False)
     interval = max(1, iters // 10)

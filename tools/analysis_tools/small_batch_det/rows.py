@@ -29,6 +29,11 @@ ROWS = {
                          batch=1, accum=4, cbn={}, window=4),
     'cbn-accum-k8': dict(label='CBN (new defaults), 1 x 4 accumulated, k=8', kind='cbn',
                          batch=1, accum=4, cbn={}, window=8),
+    # The two-pass step (a statistics pass over the step's micro-batches first, the
+    # TwoPassIterBasedTrainLoop), with the same window as the row above.
+    'cbn-accum-two-pass': dict(label="CBN (new defaults), 1 x 4 accumulated, k=8, 'two_pass'",
+                               kind='cbn', batch=1, accum=4, cbn=dict(accumulation='two_pass'),
+                               window=8),
 }
 DEFAULT_ROWS = [row for row in ROWS if 'window' not in ROWS[row]]
 
