@@ -82,10 +82,12 @@ def convert_sync_cbn(model: nn.Module, process_group=None) -> nn.Module:
     def make(module):
         if type(module) is CrossIterationBatchNorm2d:
             sync = SyncCrossIterationBatchNorm2d(
-                **_norm_args(module), window_size=module.window_size, rho=module.rho,
+                **_norm_args(module), rho=module.rho,
+                window_size=module.window_size if module.window_size_given else None,
                 variance_rule=module.variance_rule, running_stats=module.running_stats,
                 stats_backward=module.stats_backward, compensation=module.compensation,
-                per_call_windows=module.per_call_windows, process_group=process_group)
+                per_call_windows=module.per_call_windows, accumulation=module.accumulation,
+                process_group=process_group)
             sync.load_state_dict(module.state_dict())  # the window buffers too
             _copy_norm_state(module, sync)  # training mode, frozen parameters
             sync.set_schedule(module.burn_in_steps, module.ramp_steps)

@@ -82,12 +82,17 @@ class CBNHook(Hook):
             many iterations.
         pairs: explicit ``{cbn_name: conv_name}`` for layouts ``bind`` does not
             know.
+        window_images: the images a window pools, for CBN layers whose config
+            gives no ``window_size``: ``k = max(2, round(window_images / images
+            per optimizer step))`` (per process: batch size x accumulation);
+            ``None`` leaves them at 4. Layers with a ``window_size`` keep it.
     """
 
     priority = 'NORMAL'
 
     def __init__(self, burn_in_epochs: float | None = None, burn_in_iters: int | None = None,
-                 ramp_iters: int = 0, pairs: dict[str, str] | None = None) -> None:
+                 ramp_iters: int = 0, pairs: dict[str, str] | None = None,
+                 window_images: int | None = 32) -> None:
         if (burn_in_epochs is None) == (burn_in_iters is None):
             raise ValueError(
                 'CBNHook needs exactly one of burn_in_epochs or burn_in_iters (use 0 for no '
@@ -97,6 +102,9 @@ class CBNHook(Hook):
         else:
             check_int('burn_in_iters', burn_in_iters, 0, 'CBNHook')
         check_int('ramp_iters', ramp_iters, 0, 'CBNHook')
+        if window_images is not None:
+            check_int('window_images', window_images, 1, 'CBNHook', 'None: no derived window')
+        self.window_images = window_images
         self.burn_in_epochs, self.burn_in_iters = burn_in_epochs, burn_in_iters
         self.ramp_iters, self.pairs = ramp_iters, pairs
         self._step_hook = None
@@ -128,6 +136,7 @@ class CBNHook(Hook):
                       logger='current', level=30)
             return
         _refuse_precise_bn(runner, self._layers)
+        self._derive_windows(runner)
         two_pass = [n for n, layer in cbn_layers(model) if layer.accumulation == 'two_pass']
         if two_pass and not isinstance(runner.train_loop, TwoPassLoopMixin):
             raise ValueError(
@@ -147,6 +156,28 @@ class CBNHook(Hook):
         # forwards (gradient accumulation) or skipped steps there are.
         self._step_hook = runner.optim_wrapper.optimizer.register_step_post_hook(
             lambda *_: step(model))
+
+    def _derive_windows(self, runner) -> None:
+        """The window of layers whose config gives none and that hold no window yet (a
+        resumed run keeps the one its checkpoint holds)."""
+        derived = [layer for layer in self._layers
+                   if not layer.window_size_given and layer.window_mean is None]
+        if self.window_images is None or not derived:
+            return
+        loader = runner.train_dataloader
+        batch = loader.batch_size or getattr(loader.batch_sampler, 'batch_size', None)
+        if not isinstance(batch, int):
+            raise ValueError('CBNHook: cannot read the images per device from the train '
+                             f'dataloader (batch_size={batch!r}) to derive the window of '
+                             f'{len(derived)} CBN layers: give them a window_size, or '
+                             'window_images=None')
+        images = batch * accumulative_counts(runner.optim_wrapper)
+        window = max(2, round(self.window_images / images))
+        for layer in derived:
+            layer.set_window_size(window)
+        print_log(f'CBNHook: {len(derived)} CBN layers without a window_size pool k = '
+                  f'{window} steps ({images} images per optimizer step, window_images='
+                  f'{self.window_images})', logger='current')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         """The layers compute their window figures only on the iterations the logger writes."""

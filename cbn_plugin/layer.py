@@ -20,7 +20,7 @@ from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
 from .plain_bn import PlainBatchNorm
 from .window import (WINDOW_BUFFERS, CrossIterationWindow, PastEntries,  # noqa: F401
-                     StepCall, WindowSchedule)
+                     StepCall, WindowSchedule, saved_window_size)
 
 
 class Binding(NamedTuple):
@@ -37,7 +37,9 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
     Version 3 of its state adds ``window_valid`` (older states are upgraded).
 
     Args beyond ``nn.BatchNorm2d``'s:
-        window_size: steps pooled, the current one included (k). 1 is BN.
+        window_size: steps pooled, the current one included (k). 1 is BN. Not
+            given: ``CBNHook`` derives it from the images per optimizer step
+            (``window_images``); on its own the layer pools 4.
         rho: weight of the Taylor compensation in [0, 1]: 1 is CBN, 0 naive CBN.
         mode: ``'default'`` or ``'paper'``: presets (``options.MODES``) for the next
             three; each given explicitly overrides its preset.
@@ -77,7 +79,8 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
     _version = 3
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
+                 affine: bool = True, track_running_stats: bool = True,
+                 window_size: int | None = None,
                  rho: float = 1.0, variance_rule: str = 'clamp', mode: str = 'default',
                  running_stats: str | None = None, stats_backward: str | None = None,
                  compensation: str | None = None, dvar_stride: int = 1,
@@ -91,7 +94,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             setattr(self, name, value)
         for name in WINDOW_BUFFERS:
             self.register_buffer(name, None)
-        self.window = CrossIterationWindow(self._buffers, window_size - 1)
+        self.window = CrossIterationWindow(self._buffers, self.window_size - 1)
         self._steps = 0  # the host mirror of num_steps
         # The bound conv (see attach), held in a tuple: never a submodule of this
         # layer (no duplicate in state_dict or named_modules).
@@ -102,6 +105,20 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self._collecting = False  # in a statistics pass (begin_statistics_pass)
         self._reset_step_state()
         self.set_schedule()
+
+    def set_window_size(self, window_size: int) -> None:
+        """Pool ``window_size`` steps from now on: before the layer has recorded a step."""
+        check_int('window_size', window_size, 1, self._describe() + ':', '1 is plain BN')
+        if self.window_mean is not None or self.window.calls:
+            raise RuntimeError(f'{self._describe()}: set_window_size({window_size}) after the '
+                               f'layer has recorded steps (window_size={self.window_size}); '
+                               'it can change only before the first step')
+        self._resize_window(window_size, given=True)
+
+    def _resize_window(self, window_size: int, given: bool) -> None:
+        self.window_size, self.window_size_given = window_size, given
+        self.window = CrossIterationWindow(self._buffers, window_size - 1)
+        self.set_schedule(self.burn_in_steps, self.ramp_steps)
 
     def set_schedule(self, burn_in_steps: int = 0, ramp_steps: int = 0) -> None:
         """Plain BN for the first ``burn_in_steps`` optimizer steps, then the window
@@ -210,12 +227,6 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         """Optimizer steps seen (the host mirror of ``num_steps``)."""
         return self._steps
 
-    def _state_device(self) -> torch.device:
-        for t in (self.running_mean, self.weight):
-            if t is not None:
-                return t.device
-        return torch.device('cpu')
-
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -306,24 +317,6 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             self.compensation, self.variance_rule, differentiable=exact,
             earlier=earlier if exact else None)
 
-    def _traced_forward(self, x: Tensor) -> Tensor:
-        """Under ``torch.fx`` tracing: BN's eval-mode function."""
-        if self.training:
-            raise RuntimeError(
-                f'{self._describe()}: torch.fx traces CBN only in eval mode (a training step '
-                'keeps a window across steps); call model.eval() first, or '
-                'cbn_plugin.convert_to_bn(model) for deployment')
-        return self._running_norm(x)
-
-    def _seed_window(self, x: Tensor) -> Tensor:
-        """One value per channel and an empty window: running statistics, window seeded."""
-        if not self.track_running_stats:
-            raise ValueError(
-                f'{self._describe()} got one value per channel (input {tuple(x.shape)}) and '
-                'has no past steps to pool yet nor running statistics to fall back on: use '
-                'track_running_stats=True, or a batch with more than one value per channel')
-        return self._running_norm(x)
-
     def _group(self):
         """The process group the statistics are reduced over; None for CBN."""
         return None
@@ -358,15 +351,6 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         else:
             torch._foreach_copy_(buffers, self._running_at_step_start)
 
-    def _update_running_stats(self, step: CF.SlotStats, count, pooled: CF.PooledStats) -> None:
-        """BN's running-statistics update, from the batch or from the window (no host read)."""
-        if self.track_running_stats:
-            factor = self._momentum_factor()
-            with torch.no_grad():
-                mean, var = CF.running_target(step.mean, step.var, count, pooled,
-                                              self.running_stats)
-                CF.running_update(self.running_mean, self.running_var, mean, var, factor)
-
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -375,6 +359,13 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         batches = state_dict.get(prefix + 'num_batches_tracked')
         self._steps = int(steps) if isinstance(steps, Tensor) else 0
         self._batches = int(batches) if isinstance(batches, Tensor) else 0
+        saved = saved_window_size(state_dict, prefix)  # taken if derived, refused if given
+        if saved not in (None, self.window_size) and self.window_size_given:
+            error_msgs.append(f'{prefix}window_*: the state holds a window of {saved} steps, '
+                              f'this layer pools window_size={self.window_size}: build it with '
+                              f'window_size={saved}, or leave window_size out of its config')
+        elif saved not in (None, self.window_size):
+            self._resize_window(saved, given=False)
         self.window.load(state_dict, prefix, local_metadata.get('version'),
                          self._state_device(), error_msgs)
         self._reset_step_state()

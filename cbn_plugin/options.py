@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 
 VARIANCE_RULES = ('clamp', 'exclude')
+# A layer built without a window_size: CBNHook derives one from the images per optimizer
+# step (``window_images``); a layer used on its own pools this many steps.
+DEFAULT_WINDOW_SIZE = 4
 COMPENSATIONS = ('mu_nu', 'var')
 RUNNING_STATS_SOURCES = ('batch', 'window')
 STATS_BACKWARD = ('current', 'pooled', 'compensated')
@@ -83,7 +86,9 @@ def check_layer_options(window_size, rho, variance_rule, mode, running_stats, st
     """Every CBN layer argument checked; returns them resolved (the mode's preset filled in)."""
     choices = resolve_mode(mode, owner, running_stats=running_stats,
                            stats_backward=stats_backward, compensation=compensation)
-    check_int('window_size', window_size, 1, owner, '1 is plain BN')
+    given = window_size is not None
+    window_size = check_int('window_size', DEFAULT_WINDOW_SIZE if window_size is None
+                            else window_size, 1, owner, '1 is plain BN; None: CBNHook derives it')
     check_number('rho', rho, 0.0, 1.0, owner, '1 = CBN, 0 = naive CBN')
     check_choice('variance_rule', variance_rule, VARIANCE_RULES, owner)
     check_choice('running_stats', choices['running_stats'], RUNNING_STATS_SOURCES, owner)
@@ -97,6 +102,7 @@ def check_layer_options(window_size, rho, variance_rule, mode, running_stats, st
         raise ValueError(f"{_prefix(owner)}accumulation='two_pass' pools the calls of a step "
                          'into one record, and per_call_windows=True keeps a window per call '
                          "position: use per_call_windows=False, or accumulation='merge'")
-    return dict(window_size=window_size, rho=float(rho), variance_rule=variance_rule,
+    return dict(window_size=window_size, window_size_given=given, rho=float(rho),
+                variance_rule=variance_rule,
                 dvar_stride=dvar_stride, per_call_windows=per_call_windows,
                 accumulation=accumulation, **choices)

@@ -1,10 +1,12 @@
 """The plain BN a CBN layer is when it pools nothing: burn-in, ``window_size=1``, a frozen
-conv, a forward without gradient, evaluation.
+conv, a forward without gradient, evaluation, an fx trace.
 
 ``nn.BatchNorm2d``'s computation, with the guards a layer that trains at one or two images
 needs: non-finite batch statistics never reach the running ones, a single value per
 channel is refused by name, an empty batch gives an empty output, and the running
-average's count is mirrored on the host (a training step reads nothing back).
+average's count is mirrored on the host (a training step reads nothing back). The
+running statistics' update of the pooled path is here too (BN's, from the batch or from
+the window).
 """
 from __future__ import annotations
 
@@ -70,3 +72,36 @@ class PlainBatchNorm(_BatchNorm):
     def _running_norm(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             False, 0.0, self.eps)
+
+    def _seed_window(self, x: Tensor) -> Tensor:
+        """One value per channel and an empty window: running statistics, window seeded."""
+        if not self.track_running_stats:
+            raise ValueError(
+                f'{self._describe()} got one value per channel (input {tuple(x.shape)}) and '
+                'has no past steps to pool yet nor running statistics to fall back on: use '
+                'track_running_stats=True, or a batch with more than one value per channel')
+        return self._running_norm(x)
+
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """Under ``torch.fx`` tracing: BN's eval-mode function."""
+        if self.training:
+            raise RuntimeError(
+                f'{self._describe()}: torch.fx traces CBN only in eval mode (a training step '
+                'keeps a window across steps); call model.eval() first, or '
+                'cbn_plugin.convert_to_bn(model) for deployment')
+        return self._running_norm(x)
+
+    def _update_running_stats(self, step: CF.SlotStats, count, pooled: CF.PooledStats) -> None:
+        """BN's running-statistics update, from the batch or from the window (no host read)."""
+        if self.track_running_stats:
+            factor = self._momentum_factor()
+            with torch.no_grad():
+                mean, var = CF.running_target(step.mean, step.var, count, pooled,
+                                              self.running_stats)
+                CF.running_update(self.running_mean, self.running_var, mean, var, factor)
+
+    def _state_device(self) -> torch.device:
+        for t in (self.running_mean, self.weight):
+            if t is not None:
+                return t.device
+        return torch.device('cpu')

@@ -34,6 +34,12 @@ WINDOW_BUFFERS = (
 ENTRY_BUFFERS = ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var')
 
 
+def saved_window_size(state_dict: dict, prefix: str) -> int | None:
+    """The window (k, steps) a saved layer state holds; ``None`` if it holds none."""
+    entries = state_dict.get(prefix + 'window_mean')
+    return entries.shape[1] + 1 if isinstance(entries, Tensor) and entries.dim() == 3 else None
+
+
 class PastEntries(NamedTuple):
     """The past entries one step pools at one call position, newest first (``J x C``).
 
