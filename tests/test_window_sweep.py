@@ -75,3 +75,19 @@ def test_bad_arguments_are_refused_by_name():
         ws.parse_args(['--windows', '0'])
     with pytest.raises(SystemExit):
         ws.parse_args(['--workers', '0'])
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_window_memory_formula_is_what_a_layer_holds(groups):
+    """--memory's count per layer equals the numbers a layer's window holds once recorded."""
+    import torch
+    from torch import nn
+
+    import cbn_plugin
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=groups, bias=False),
+                          cbn_plugin.CBN(6, window_size=5))
+    cbn_plugin.bind(model, logger=None)
+    model(torch.randn(2, 4, 5, 5)).sum().backward()
+    cbn_plugin.step(model)
+    assert ws.window_numel(model[1], 5) == model[1].window_numel() > 0
+    assert ws.window_numel(model[1], 9) == 2 * model[1].window_numel()

@@ -15,6 +15,8 @@ generated block of ``docs/small_batch_detection.md`` and every run into
     # the table only, from the runs already there
     .venv/bin/python tools/analysis_tools/window_sweep.py --batches 1 --windows 4 8 16 32 \\
         --seeds 0 1 2 --out-dir /tmp/sweep/out --render-only
+    # the memory the windows hold, the study's detector and R50-FPN (neck + head CBN)
+    .venv/bin/python tools/analysis_tools/window_sweep.py --memory --windows 4 8 16 32
 """
 from __future__ import annotations
 
@@ -136,6 +138,39 @@ def render(found: dict) -> tuple[str, list]:
     return block, records
 
 
+def window_numel(layer, window: int) -> int:
+    """The numbers a bound CBN layer's window holds at ``window`` steps: per past step the
+    mean and variance (C each), the mean input patch (groups x P') and dvar/dW (C x P')."""
+    conv, c = layer.bound_conv, layer.num_features
+    patch = conv.weight[0].numel()
+    return (window - 1) * (2 * c + conv.groups * patch + c * patch)
+
+
+def memory_table(windows: list[int]) -> str:
+    """MiB of window state (float32) per k: the digits detector with every norm CBN and
+    R50-FPN 4conv1fc with CBN in the neck and the box head, beside their parameters."""
+    from types import SimpleNamespace
+
+    import cbn_plugin
+    from benchmark import detector_cfg
+    from host_overhead import digits_detector
+    from mmdet.registry import MODELS
+    norm = dict(type='CBN', window_size=2, requires_grad=True)
+    models = {'digits detector, every norm CBN': digits_detector(norm, 'cpu'),
+              'R50-FPN 4conv1fc, neck + head CBN': MODELS.build(
+                  detector_cfg(norm, SimpleNamespace(rois_per_image=512)))}
+    rows = []
+    for name, model in models.items():
+        cbn_plugin.bind(model, logger=None)
+        layers = [layer for _, layer in cbn_plugin.cbn_layers(model)]
+        params = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
+        rows.append([name, len(layers), f'{params:.0f}'] + [
+            f'{sum(window_numel(layer, k) for layer in layers) * 4 / 2 ** 20:.0f}'
+            for k in windows])
+    return md_table(['model', 'CBN layers', 'parameters MiB']
+                    + [f'window k = {k}, MiB' for k in windows], rows)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,6 +184,8 @@ def parse_args(argv=None):
     ap.add_argument('--work-dir', type=Path, default=None,
                     help='training work dirs (default: OUT_DIR/work)')
     ap.add_argument('--render-only', action='store_true', help='run nothing: table the runs there')
+    ap.add_argument('--memory', action='store_true',
+                    help="print the windows' memory per k (--windows) and exit; trains nothing")
     ap.add_argument('--doc', type=Path, default=REPO / 'docs' / 'small_batch_detection.md')
     ap.add_argument('--json', type=Path, default=REPO / 'docs' / 'window_sweep.json')
     args = ap.parse_args(argv)
@@ -163,6 +200,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        print(memory_table(args.windows))
+        return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     work_dir = args.work_dir or args.out_dir / 'work'
     runs = plan(args)
