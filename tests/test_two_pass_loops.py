@@ -85,3 +85,24 @@ def test_loops_are_registered():
     from mmengine.registry import LOOPS
     for name in ('TwoPassEpochBasedTrainLoop', 'TwoPassIterBasedTrainLoop'):
         assert LOOPS.get(name) is getattr(cbn_plugin.loops, name)
+
+
+def test_a_two_pass_run_resumes_exactly(tmp_path):
+    """Resumed at an epoch's end (a step's end), a two-pass run ends bit-exact where the
+    uninterrupted run does."""
+    def run(work_dir, epochs, resume_from=None):
+        torch.manual_seed(0)
+        model = ToyNet(window_size=2)
+        model.bn.accumulation = 'two_pass'
+        tiny_runner(work_dir, model, ToyData(8, shift=0.5), shuffle=False, lr=0.05,
+                    momentum=0.9, accumulate=2, loop='TwoPassEpochBasedTrainLoop',
+                    max_epochs=epochs, resume_from=resume_from, randomness=dict(seed=0),
+                    hooks=[dict(type='CBNHook', burn_in_iters=0),
+                           dict(type='WeightsOnlyCheckpointHook')]).train()
+        return model
+    whole = run(tmp_path / 'whole', 2)
+    run(tmp_path / 'part', 1)
+    resumed = run(tmp_path / 'resumed', 2, resume_from=str(tmp_path / 'part' / 'epoch_1.pth'))
+    assert resumed.bn.steps_done == whole.bn.steps_done == 4
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
