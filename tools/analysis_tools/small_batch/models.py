@@ -7,17 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbn_plugin.layer import MODES
+from cbn_plugin.options import DEFAULT_WINDOW_SIZE
 from cbn_plugin.layer import CrossIterationBatchNorm2d as CBN
 
 EPS = 1e-5
 
 
 def _layer_defaults() -> dict:
-    """The CBN constructor's defaults, with its ``mode`` preset resolved."""
+    """The CBN constructor's defaults, with its ``mode`` preset and its window resolved."""
     params = inspect.signature(CBN.__init__).parameters
     out = {k: params[k].default for k in ('window_size', 'rho', 'variance_rule',
                                           'accumulation', 'momentum')}
     out.update(MODES[params['mode'].default])
+    if out['window_size'] is None:  # not given: what the layer pools without CBNHook
+        out['window_size'] = DEFAULT_WINDOW_SIZE
     return out
 
 
