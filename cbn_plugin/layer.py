@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
 from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
@@ -264,7 +265,9 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         position = self._call_index if self.per_call_windows else 0
         window = self._window_now
         # 1. this call's statistics (and their derivatives in the conv weight)
-        current = self._current(x, conv_io, derivatives=self.needs_conv, group=group)
+        # (a statistics pass needs them only for the exact backward through its calls)
+        current = self._current(x, conv_io, group=group, derivatives=self.needs_conv and (
+            not self._collecting or self.stats_backward == 'compensated'))
         if self._collecting:  # the statistics pass: normalised as 'merge' would; nothing kept
             pooled = self._pool(self.window.collect(current), self.window.entries(0, window - 1,
                                                                                  current))

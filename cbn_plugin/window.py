@@ -191,8 +191,9 @@ class CrossIterationWindow:
     def collect(self, current: CF.SlotStats) -> CF.SlotStats:
         """Keep a statistics-pass call's statistics; returns the pass's calls so far merged."""
         self.pass_calls.append(current)
-        merged = current
-        for before in self.pass_calls[-2::-1]:
+        plain = [call._replace(grad_mean=None, grad_var=None) for call in self.pass_calls]
+        merged = plain[-1]
+        for before in plain[-2::-1]:  # the statistics only: the derivatives are not pooled
             merged = CF.merge_stats(before, merged)
         return merged
 
