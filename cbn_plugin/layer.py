@@ -199,7 +199,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             raise RuntimeError(f'{self._describe()} has accumulation={self.accumulation!r}: a '
                                "statistics pass is for accumulation='two_pass'")
         if self._call_index == 0:
-            self.window.pass_calls = []
+            self.window.start_pass()
         self._collecting = True
 
     def end_statistics_pass(self) -> None:

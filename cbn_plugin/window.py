@@ -174,8 +174,10 @@ class CrossIterationWindow:
         self._zeros: dict[torch.dtype, Tensor] = {}  # what a non-finite record is written as
         self.calls: dict[int, StepCall] = {}       # this step's, per position
         self.last_calls: dict[int, StepCall] = {}  # the last finished step's
-        # This step's statistics pass (accumulation='two_pass'): each call's statistics.
+        # This step's statistics pass (accumulation='two_pass'): each call's statistics,
+        # and their statistics merged so far (what the pass normalises with).
         self.pass_calls: list[CF.SlotStats] = []
+        self._pass_merged: CF.SlotStats | None = None
         self._skipped: Tensor | None = None  # minus the finite single-call records
         self._records = 0                    # single-call records written
 
@@ -188,14 +190,17 @@ class CrossIterationWindow:
             return current, current, None, 1.0, None, None
         return CF.merge_calls(current, earlier.record, earlier.finite, earlier.skips)
 
+    def start_pass(self) -> None:
+        """A new statistics pass for this step: the calls of an earlier one are forgotten."""
+        self.pass_calls, self._pass_merged = [], None
+
     def collect(self, current: CF.SlotStats) -> CF.SlotStats:
         """Keep a statistics-pass call's statistics; returns the pass's calls so far merged."""
         self.pass_calls.append(current)
-        plain = [call._replace(grad_mean=None, grad_var=None) for call in self.pass_calls]
-        merged = plain[-1]
-        for before in plain[-2::-1]:  # the statistics only: the derivatives are not pooled
-            merged = CF.merge_stats(before, merged)
-        return merged
+        plain = current._replace(grad_mean=None, grad_var=None)  # the derivatives: not pooled
+        self._pass_merged = plain if self._pass_merged is None else CF.merge_stats(
+            self._pass_merged, plain)
+        return self._pass_merged
 
     def others(self, index: int, owner: str) -> CF.SlotStats | None:
         """The statistics pass's calls other than call ``index``, merged (``None``: it had
@@ -236,7 +241,7 @@ class CrossIterationWindow:
             else:
                 self._skipped.add_(call.skips)
         self.last_calls, self.calls = self.calls, {}
-        self.pass_calls = []
+        self.start_pass()
 
     def skipped_records(self):
         """Calls whose statistics were not finite (left out), this step's included."""
@@ -405,7 +410,8 @@ class CrossIterationWindow:
             elif isinstance(incoming, Tensor):
                 self._buffers[name] = torch.empty_like(incoming, device=device)
         self._views.clear()
-        self.calls, self.last_calls, self.pass_calls = {}, {}, []
+        self.calls, self.last_calls = {}, {}
+        self.start_pass()
 
     def numel(self) -> int:
         """Numbers held by the entries (the memory the window costs)."""

@@ -202,3 +202,19 @@ def test_bind_needs_a_conv_for_the_exact_two_pass_gradient():
         cbn_plugin.bind(model, logger=None)
     model[1].stats_backward = 'current'  # its own share only: no conv needed
     assert cbn_plugin.bind(model, logger=None) == [('1', None)]
+
+
+def test_statistics_pass_normalises_each_call_with_the_step_so_far():
+    """In the statistics pass call i is normalised as 'merge' would normalise it: with the
+    statistics of calls 0..i (the first step: no window yet), which is BN over them."""
+    _, split = _pair(3)
+    xs = torch.randn(6, 3, 5, 5, dtype=torch.float64).split(2)
+    with cbn_plugin.statistics_pass(split):
+        outs = [split(x) for x in xs]
+    bn = split.bn
+    for i, out in enumerate(outs):
+        y = split.conv(torch.cat(xs[:i + 1])).detach()
+        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        expected = torch.nn.functional.batch_norm(split.conv(xs[i]).detach(), mean, var,
+                                                  bn.weight, bn.bias, False, 0.0, bn.eps)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
