@@ -22,6 +22,7 @@ from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa:
 from .hook import CBNHook  # noqa: E402
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
 from .loops import TwoPassEpochBasedTrainLoop, TwoPassIterBasedTrainLoop  # noqa: E402,F401
+from .options import derived_window_size  # noqa: E402
 from .precise_bn import PreciseCBNHook, recompute_statistics  # noqa: E402
 from .registry import register  # noqa: E402
 
@@ -31,4 +32,5 @@ register()
 
 __all__ = ['CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'PreciseCBNHook', 'SyncCBN',
            'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
-           'convert_sync_cbn', 'convert_to_bn', 'recompute_statistics', 'statistics_pass', 'step']
+           'convert_sync_cbn', 'convert_to_bn', 'derived_window_size', 'recompute_statistics',
+           'statistics_pass', 'step']

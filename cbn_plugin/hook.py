@@ -23,7 +23,7 @@ from mmengine.registry import HOOKS
 from .binding import bind, cbn_layers, step
 from .loops import TwoPassLoopMixin
 from .mmengine_internals import accumulative_counts
-from .options import check_int, check_number
+from .options import WINDOW_IMAGES, check_int, check_number, derived_window_size
 
 
 def _norm_types(node) -> set:
@@ -92,7 +92,7 @@ class CBNHook(Hook):
 
     def __init__(self, burn_in_epochs: float | None = None, burn_in_iters: int | None = None,
                  ramp_iters: int = 0, pairs: dict[str, str] | None = None,
-                 window_images: int | None = 32) -> None:
+                 window_images: int | None = WINDOW_IMAGES) -> None:
         if (burn_in_epochs is None) == (burn_in_iters is None):
             raise ValueError(
                 'CBNHook needs exactly one of burn_in_epochs or burn_in_iters (use 0 for no '
@@ -172,7 +172,7 @@ class CBNHook(Hook):
                              f'{len(derived)} CBN layers: give them a window_size, or '
                              'window_images=None')
         images = batch * accumulative_counts(runner.optim_wrapper)
-        window = max(2, round(self.window_images / images))
+        window = derived_window_size(images, self.window_images)
         for layer in derived:
             layer.set_window_size(window)
         print_log(f'CBNHook: {len(derived)} CBN layers without a window_size pool k = '

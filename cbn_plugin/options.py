@@ -12,6 +12,9 @@ VARIANCE_RULES = ('clamp', 'exclude')
 # A layer built without a window_size: CBNHook derives one from the images per optimizer
 # step (``window_images``); a layer used on its own pools this many steps.
 DEFAULT_WINDOW_SIZE = 4
+# The images a derived window pools: the window sweep (docs/small_batch_detection.md) and
+# the classification study (docs/small_batch.md) both peak at about 32.
+WINDOW_IMAGES = 32
 COMPENSATIONS = ('mu_nu', 'var')
 RUNNING_STATS_SOURCES = ('batch', 'window')
 STATS_BACKWARD = ('current', 'pooled', 'compensated')
@@ -106,3 +109,12 @@ def check_layer_options(window_size, rho, variance_rule, mode, running_stats, st
                 variance_rule=variance_rule,
                 dvar_stride=dvar_stride, per_call_windows=per_call_windows,
                 accumulation=accumulation, **choices)
+
+
+def derived_window_size(images_per_step: int, window_images: int = WINDOW_IMAGES) -> int:
+    """The window ``CBNHook`` gives a layer whose config sets none: the steps that hold
+    about ``window_images`` images, ``max(2, round(window_images / images_per_step))``
+    (``images_per_step``: per process, batch size x accumulated micro-batches)."""
+    check_int('images_per_step', images_per_step, 1, 'derived_window_size')
+    check_int('window_images', window_images, 1, 'derived_window_size')
+    return max(2, round(window_images / images_per_step))

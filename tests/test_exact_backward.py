@@ -89,8 +89,17 @@ def test_exact_backward_matches_brute_force(window_size, rho, rule, compensation
     run(window_size, rho, rule, compensation)
 
 
+@pytest.fixture(params=['product_and_sum', 'batched_product'])
+def slot_combination(request, monkeypatch):
+    """Both ways ``_slot_combination`` sums the slots' ``dvar/dW``: the threshold decides
+    by size, and the tests' windows are small, so the second is forced here."""
+    if request.param == 'batched_product':
+        monkeypatch.setattr(CF, '_TEMPORARY_NUMEL', 0)
+    return request.param
+
+
 @pytest.mark.parametrize('compensation', ['mu_nu', 'var'])
-def test_exact_backward_conv_bias_and_groups(compensation):
+def test_exact_backward_conv_bias_and_groups(compensation, slot_combination):
     run(4, 1.0, 'clamp', compensation, conv_bias=True, groups=2)
     run(3, 0.5, 'exclude', compensation, conv_bias=True, groups=2, seed=1)
     run(3, 1.0, 'clamp', compensation, conv_bias=True, dilation=2, seed=2)
@@ -155,7 +164,7 @@ def test_oracle_fails_without_the_past_entry_term():
 
 @pytest.mark.parametrize('rule', ['clamp', 'exclude'])
 @pytest.mark.parametrize('form', ['mu_nu', 'var'])
-def test_gradcheck_compensated_pool(form, rule):
+def test_gradcheck_compensated_pool(form, rule, slot_combination):
     """The pooled statistics' written-out derivative in the conv weight and bias, grouped
     conv, slots in and out of use. (A step's earlier calls enter as values taken with the
     current weight, not recomputed from it here: the brute-force oracle covers them.)"""
