@@ -67,17 +67,25 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
         assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.01 * per_step), row
         assert cfg.optim_wrapper.get('accumulative_counts', 1) == job['accum'], row
         if job['norm']['kind'] == 'cbn':
-            # the window spans the large batch: k steps of per_step images
-            assert job['norm']['cbn_args']['window_size'] == \
-                sbd.ROWS[row].get('window', max(2, 8 // per_step)), row
+            # a row without a fixed window gives none: CBNHook derives 32 images' worth
+            fixed = sbd.ROWS[row].get('window')
+            assert job['norm']['cbn_args'].get('window_size') == fixed, row
+            assert job['norm']['window'] == (fixed or max(2, round(32 / per_step))), row
             assert [h.type for h in cfg.custom_hooks] == ['CBNHook']
+            assert cfg.custom_hooks[0].get('window_images', 32) == 32
         else:
             assert not cfg.get('custom_hooks'), row
     assert jobs['bn-large']['batch'] == 8 and jobs['bn']['batch'] == 2
     assert jobs['bn-accum']['accum'] == 4 and jobs['bn-accum']['batch'] == 1
-    assert jobs['cbn-paper']['norm']['cbn_args'] == dict(mode='paper', window_size=4)
-    assert jobs['cbn']['norm']['cbn_args'] == dict(window_size=4)
-    assert jobs['naive-cbn']['norm']['cbn_args'] == dict(rho=0.0, window_size=4)
+    assert jobs['cbn-paper']['norm'] == dict(kind='cbn', cbn_args=dict(mode='paper'), window=16)
+    assert jobs['cbn']['norm'] == dict(kind='cbn', cbn_args={}, window=16)
+    assert jobs['naive-cbn']['norm'] == dict(kind='cbn', cbn_args=dict(rho=0.0), window=16)
+    assert jobs['cbn-accum']['norm']['window'] == 8
+    # --window fixes every CBN row's window that the row does not fix itself
+    fixed = sbd.make_job('cbn', setting, 0, tmp_path, tmp_path, window=5)['norm']
+    assert fixed == dict(kind='cbn', cbn_args=dict(window_size=5), window=5)
+    assert sbd.make_job('cbn-accum-k2', setting, 0, tmp_path, tmp_path,
+                        window=5)['norm']['window'] == 2
     # the two-pass row: its layers take two_pass and its loop runs the statistics pass
     two_pass = sbd.build_config(jobs['cbn-accum-two-pass'])
     assert jobs['cbn-accum-two-pass']['norm']['cbn_args'] == dict(accumulation='two_pass',
@@ -94,10 +102,14 @@ def test_a_row_that_repeats_another_runs_once(sbd):
     assert repeats == {'bn-4': 'bn-large'} and kept == [r for r in rows if r != 'bn-4']
     kept, repeats = sbd.distinct_rows(rows, _setting(sbd, large=8, small=4))
     assert repeats == {'bn-4': 'bn'}
-    # a fixed window: the same run as the default row where that row's window is the same
-    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k8'], _setting(sbd, large=32))[1] == \
-        {'cbn-accum-k8': 'cbn-accum'}
-    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k8'], _setting(sbd, large=4))[1] == {}
+    # a fixed window: the same run as the default row where the derived window is the
+    # same (1 x 4 accumulated: 32 images are 8 steps), whatever the large batch
+    for large in (4, 32):
+        assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k8'], _setting(sbd, large=large)
+                                 )[1] == {'cbn-accum-k8': 'cbn-accum'}
+    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k4'], _setting(sbd))[1] == {}
+    assert sbd.distinct_rows(['cbn-accum', 'cbn-accum-k4'], _setting(sbd), window=4)[1] == \
+        {'cbn-accum-k4': 'cbn-accum'}
 
 
 def test_summary_mean_and_spread(sbd):
@@ -158,9 +170,12 @@ def test_tiny_comparison_end_to_end(sbd, tmp_path):
         assert r['iters'] == run['setting']['images'] // job['batch']
         if job['norm']['kind'] == 'cbn':
             # all 32 norm layers are CBN, counted every optimizer step (not every
-            # micro-batch), and pooled their full window at the end
-            k = job['norm']['cbn_args']['window_size']
-            assert r['cbn'] == dict(layers=32, steps=[r['iters'] // job['accum']], window=[k])
+            # micro-batch), pool the derived window (32 images), and hold every step
+            # they could at the end (the tiny run is shorter than the window)
+            k, steps = job['norm']['window'], r['iters'] // job['accum']
+            assert k == max(2, round(32 / job['images_per_step']))
+            assert r['cbn'] == dict(layers=32, steps=[steps], window=[min(k, steps + 1)],
+                                    window_size=[k])
         else:
             assert r['cbn'] is None
     doc = (out / sbd.DOC).read_text()
@@ -209,3 +224,26 @@ def test_config_file_swaps_every_norm_to_bn(sbd):
     # the base's backbone GN (num_groups=8) must not merge into the BN dict
     assert cfg.model.backbone.norm_cfg == bn
     assert cfg.model.neck.norm_cfg == bn and cfg.model.roi_head.bbox_head.norm_cfg == bn
+
+
+def test_reuse_takes_identical_jobs_from_the_results_json(sbd, tmp_path, monkeypatch):
+    """--reuse without the work dirs (a fresh clone): the committed json's runs of
+    identical jobs are kept, and a job that differs (another window) is trained."""
+    out, work = tmp_path / 'docs', tmp_path / 'work'
+    common = ['--tiny', '--workers', '0', '--out-dir', str(out), '--data-root',
+              str(tmp_path / 'data'), '--work-dir', str(work)]
+    sbd.main(common + ['--rows', 'bn', 'cbn'])
+    first = json.loads((out / sbd.RESULTS_JSON).read_text())['results']
+    for saved in work.rglob('result.json'):  # as on a fresh clone: no finished work dirs
+        saved.unlink()
+    jobs_module = sys.modules[sbd.run_jobs.__module__]
+    trained = []
+    real = jobs_module.run_one
+    monkeypatch.setattr(jobs_module, 'run_one', lambda job, *a: trained.append(job['row'])
+                        or real(job, *a))
+    sbd.main(common + ['--rows', 'bn', 'cbn', '--reuse'])
+    assert trained == [] and json.loads((out / sbd.RESULTS_JSON).read_text())['results'] == first
+    sbd.main(common + ['--rows', 'bn', 'cbn', '--reuse', '--window', '3'])
+    again = json.loads((out / sbd.RESULTS_JSON).read_text())['results']
+    assert trained == ['cbn'] and again[0] == first[0]
+    assert again[1]['job']['norm']['cbn_args'] == dict(window_size=3)

@@ -7,8 +7,9 @@ _base_ = './faster-rcnn_r18-w32_fpn_4conv1fc-bn-all_1xb1-2400img_digits.py'
 demo = dict(row='cbn', label='CBN (new defaults)')
 
 custom_imports = dict(imports=['cbn_plugin'], allow_failed_imports=False)
-# The window spans the comparison's large batch: k = 4 steps of 1 image.
-norm_cfg = dict(type='CBN', requires_grad=True, window_size=4)
+# No window_size: CBNHook derives it from the images per optimizer step, k = 32 steps of
+# 1 image here (cbn_plugin.derived_window_size; the README's rule).
+norm_cfg = dict(type='CBN', requires_grad=True)
 model = dict(
     backbone=dict(norm_cfg=norm_cfg),
     neck=dict(norm_cfg=norm_cfg),

@@ -6,8 +6,9 @@ data from ``tools/make_digits_det.py``) trained from scratch with the studied no
 and the box-head convs (``configs/small_batch_det/``). Every run sees the same number of
 training images; the learning rate is scaled linearly with the images per optimizer step
 (Goyal et al.), and warm-up, learning-rate steps and CBN burn-in are fixed fractions of
-the images seen. CBN's window spans the large reference batch: ``k = large / batch``
-optimizer steps.
+the images seen. CBN's rows give no window_size, as the README tells users: CBNHook
+derives ``k = max(2, round(32 / images per step))`` (``--window K`` fixes it instead, for
+the window sweep).
 
 Three modes, one json each, rendered into ``docs/small_batch_detection.md``:
 
@@ -67,11 +68,15 @@ def parse_args(argv=None):
                     help='--probe: the BN batches (drops are measured against --large\'s)')
     ap.add_argument('--rows', nargs='+', choices=list(ROWS), default=DEFAULT_ROWS)
     ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    ap.add_argument('--window', type=int, default=None,
+                    help='every CBN row without a fixed window pools this many steps '
+                         '(default: the window CBNHook derives, 32 images)')
     ap.add_argument('--workers', type=int, default=2,
                     help='child processes at a time, one torch thread each; 0: in this process')
     ap.add_argument('--reuse', action='store_true',
-                    help='keep the finished results already in the work dirs of identical jobs '
-                    '(resume an interrupted study)')
+                    help='keep the finished results of identical jobs, from their work dirs '
+                    'or from the results json in --out-dir (resume an interrupted study; '
+                    'rerun only the rows a change touches)')
     ap.add_argument('--tiny', action='store_true',
                     help='a tiny data set and a few iterations: the pipeline in seconds')
     ap.add_argument('--from-json', action='store_true',
@@ -151,16 +156,24 @@ def main(argv=None):
         return run_probes(setting, args.batches, args.seeds, data_root, args.work_dir, out_dir,
                           args.workers, args.reuse, meta)
 
-    rows, repeats = distinct_rows(args.rows, setting)
+    if args.window is not None and args.window < 1:
+        raise SystemExit(f'--window {args.window}: a window holds at least 1 step')
+    rows, repeats = distinct_rows(args.rows, setting, args.window)
     for row, same in repeats.items():
         print(f'row {row!r} trains the same runs as {same!r} in this setting: run once',
               flush=True)
-    jobs = [make_job(row, setting, seed, data_root, args.work_dir / 'compare')
+    jobs = [make_job(row, setting, seed, data_root, args.work_dir / 'compare',
+                     window=args.window)
             for seed in args.seeds for row in rows]
     print(f'{len(jobs)} runs, {args.workers} at a time; setting: {setting_name(setting)}',
           flush=True)
+    # --reuse also takes identical jobs from the json this run rewrites (the committed
+    # comparison: its rows need no work dirs to be kept).
+    recorded = out_dir / RESULTS_JSON
+    recorded = (recorded, json.loads(recorded.read_text())['results']) \
+        if args.reuse and recorded.is_file() else None
     results = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
-                       reuse=args.reuse)
+                       reuse=args.reuse, recorded=recorded)
     run = dict(meta, setting=setting, rows=rows, seeds=args.seeds, workers=args.workers,
                wall_s=time.perf_counter() - t0, load_end=load_average(), results=results)
     (out_dir / RESULTS_JSON).write_text(json.dumps(run, indent=1, default=float) + '\n')

@@ -2,8 +2,8 @@
 
 Each run is one ``small_batch_detection.py`` invocation (the study's setting, one row, one
 seed) in its own folder under ``--out-dir``: ``cbn_b{B}_L{B*k}_s{S}`` for CBN at ``B``
-images per step with a window of ``k`` steps (the study pools ``large / B`` steps, so
-``--large B*k``), ``gn_b{B}_L4_s{S}`` for GN. A folder that already holds a finished run is
+images per step with a window of ``k`` steps (the study's ``--window k``; the folder
+names the images pooled, ``B*k``), ``gn_b{B}_L4_s{S}`` for GN. A folder that already holds a finished run is
 reused, so an interrupted sweep resumes and runs made one at a time join the table. The
 table (every finished run under ``--out-dir``, whichever invocation made it) goes into the
 generated block of ``docs/small_batch_detection.md`` and every run into
@@ -40,12 +40,12 @@ from study_markdown import md_table, write_block  # noqa: E402
 STUDY = Path(__file__).resolve().parent / 'small_batch_detection.py'
 DOC_BEGIN = '<!-- window-sweep:begin (written by tools/analysis_tools/window_sweep.py; do not edit) -->'
 DOC_END = '<!-- window-sweep:end -->'
-GN_LARGE = 4  # GN has no window; its runs are the study's own (--large 4)
+STUDY_LARGE = 4  # the study's large batch (its --large 4), for every run of the sweep
 RUN_NAME = re.compile(r'^(gn|cbn)_b(\d+)_L(\d+)_s(\d+)$')
 
 
 def run_name(row: str, batch: int, window: int | None, seed: int) -> str:
-    large = GN_LARGE if row == 'gn' else batch * window
+    large = STUDY_LARGE if row == 'gn' else batch * window
     return f'{row}_b{batch}_L{large}_s{seed}'
 
 
@@ -73,9 +73,9 @@ def finished(out_dir: Path, run: dict) -> dict | None:
 
 
 def launch(out_dir: Path, work_dir: Path, run: dict) -> int:
-    large = GN_LARGE if run['row'] == 'gn' else run['batch'] * run['window']
+    window = [] if run['row'] == 'gn' else ['--window', str(run['window'])]
     cmd = [sys.executable, str(STUDY), '--rows', run['row'], '--small', str(run['batch']),
-           '--large', str(large), '--seeds', str(run['seed']), '--workers', '1',
+           '--large', str(STUDY_LARGE), *window, '--seeds', str(run['seed']), '--workers', '1',
            '--out-dir', str(out_dir / run['name']), '--work-dir', str(work_dir / run['name'])]
     log = out_dir / f'{run["name"]}.log'
     with log.open('w') as fh:

@@ -26,9 +26,10 @@ def load_average() -> str:
 
 
 def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Path,
-             group: str = 'compare') -> dict:
-    """Everything a run needs, as plain json (a child process gets it on its command line)."""
-    t = training_of(row, setting)
+             group: str = 'compare', window: int | None = None) -> dict:
+    """Everything a run needs, as plain json (a child process gets it on its command line);
+    ``window``: ``training_of``'s."""
+    t = training_of(row, setting, window)
     return dict(group=group, row=row, label=ROWS[row]['label'], seed=seed, batch=t['batch'],
                 accum=t['accum'], images_per_step=t['images_per_step'], setting=setting,
                 norm=t['norm'], data_root=str(data_root),
@@ -98,11 +99,12 @@ def run_one(job: dict, started: float | None = None) -> dict:
         status = f'{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ""}'
     end = time.perf_counter()
     m, losses = recorder.metrics, recorder.losses
-    # What the CBN layers did: optimizer steps counted, and the window they hold at the end
-    # (past steps recorded + the current one).
+    # What the CBN layers did: optimizer steps counted, the window they hold at the end
+    # (past steps recorded + the current one) and the window they pool once full.
     layers = [layer for _, layer in cbn_plugin.cbn_layers(runner.model)]
     cbn = dict(layers=len(layers), steps=sorted({layer.steps_done for layer in layers}),
-               window=sorted({int(layer.window_filled.max()) + 1 for layer in layers})) \
+               window=sorted({int(layer.window_filled.max()) + 1 for layer in layers}),
+               window_size=sorted({layer.window_size for layer in layers})) \
         if layers else None
     val_start = recorder.val_start or end
     tail = losses[-max(1, len(losses) // 10):]
@@ -139,18 +141,27 @@ def _saved_result(job: dict) -> dict | None:
     return None
 
 
-def run_jobs(jobs: list[dict], workers: int, log=print, reuse: bool = False) -> list[dict]:
+def run_jobs(jobs: list[dict], workers: int, log=print, reuse: bool = False,
+             recorded: tuple[Path, list[dict]] | None = None) -> list[dict]:
     """Run the jobs (costliest first), ``workers`` child processes at a time (0: in this
-    process). With ``reuse``, a job whose finished result is already in its work dir is not
+    process). With ``reuse``, a job whose finished result is already in its work dir, or
+    in ``recorded`` (a results json and its results: the committed comparison), is not
     run again. Returns the results in the jobs' order."""
     order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
     results: dict[int, dict] = {}
     if reuse:
+        source, earlier = recorded or (None, [])
         for i in order:
             saved = _saved_result(jobs[i])
             if saved is not None:
                 results[i] = saved
                 log(f'reusing {jobs[i]["work_dir"]}/result.json')
+                continue
+            saved = next((r for r in earlier
+                          if r.get('job') == jobs[i] and r.get('status') == 'ok'), None)
+            if saved is not None:
+                results[i] = saved
+                log(f'reusing {jobs[i]["row"]} seed {jobs[i]["seed"]} from {source}')
         order = [i for i in order if i not in results]
     start = time.perf_counter()
 

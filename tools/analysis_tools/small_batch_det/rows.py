@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 
-# Each row: the norm (``kind`` plus CBN arguments, the window filled in per batch), the
-# images per micro-batch (``batch``: 'small', 'large' or a number) and the micro-batches
-# per optimizer step (``accum``); a ``window`` fixes CBN's window instead.
+from cbn_plugin import derived_window_size
+
+# Each row: the norm (``kind`` plus CBN arguments), the images per micro-batch (``batch``:
+# 'small', 'large' or a number) and the micro-batches per optimizer step (``accum``). A CBN
+# row gives no window_size, as a user following the README would: CBNHook derives it from
+# the images per optimizer step (``cbn_plugin.derived_window_size``: 32 images, k = 32 at 1
+# image per step); a ``window`` fixes it instead.
 ROWS = {
     'bn-large': dict(label='BN, large batch', kind='bn', batch='large'),
     'bn': dict(label='BN', kind='bn', batch='small'),
@@ -23,8 +27,11 @@ ROWS = {
     'bn-accum': dict(label='BN, 1 x 4 accumulated', kind='bn', batch=1, accum=4),
     'cbn-accum': dict(label='CBN (new defaults), 1 x 4 accumulated', kind='cbn', batch=1,
                       accum=4, cbn={}),
-    # Not in the default comparison: the accumulation row with a longer window (k steps of
-    # 4 images), to see whether pooling more past steps closes its gap to BN at 4 images.
+    # Not in the default comparison: the accumulation row with a fixed window (k steps of
+    # 4 images): k = 2 was the comparison's window before the derived one (the steps that
+    # hold the large batch of 4), k = 8 equals the derived window.
+    'cbn-accum-k2': dict(label='CBN (new defaults), 1 x 4 accumulated, k=2', kind='cbn',
+                         batch=1, accum=4, cbn={}, window=2),
     'cbn-accum-k4': dict(label='CBN (new defaults), 1 x 4 accumulated, k=4', kind='cbn',
                          batch=1, accum=4, cbn={}, window=4),
     'cbn-accum-k8': dict(label='CBN (new defaults), 1 x 4 accumulated, k=8', kind='cbn',
@@ -74,10 +81,12 @@ def norm_cfg(spec: dict) -> dict:
     return dict(type='CBN', requires_grad=True, **spec['cbn_args'])
 
 
-def training_of(row: str, setting: dict) -> dict:
+def training_of(row: str, setting: dict, window: int | None = None) -> dict:
     """What a row trains in ``setting``: images per micro-batch, micro-batches per step,
-    images per step and the norm (CBN's window spans the large batch unless the row
-    fixes it)."""
+    images per step and the norm. A CBN row's ``cbn_args`` name its window only where the
+    row fixes it (or ``window`` fixes it for every CBN row without one: the window sweep);
+    otherwise CBNHook derives it. ``norm['window']`` is the window the layers pool either
+    way."""
     r = ROWS[row]
     batch = r['batch']
     batch = setting['small'] if batch == 'small' else setting['large'] if batch == 'large' \
@@ -86,17 +95,28 @@ def training_of(row: str, setting: dict) -> dict:
     per_step = batch * accum
     norm = dict(kind=r['kind'])
     if r['kind'] == 'cbn':
-        window = r.get('window', max(2, setting['large'] // per_step))
-        norm['cbn_args'] = dict(r['cbn'], window_size=window)
+        fixed = r.get('window', window)
+        norm['cbn_args'] = dict(r['cbn']) if fixed is None else dict(r['cbn'], window_size=fixed)
+        norm['window'] = derived_window_size(per_step) if fixed is None else fixed
     return dict(batch=batch, accum=accum, images_per_step=per_step, norm=norm)
 
 
-def distinct_rows(rows: list[str], setting: dict) -> tuple[list[str], dict[str, str]]:
+def _trains(training: dict) -> str:
+    """What a row's runs train, as a key: a derived window and the same window given
+    explicitly train the same layers."""
+    norm = dict(training['norm'])
+    if 'cbn_args' in norm:
+        norm['cbn_args'] = {k: v for k, v in norm['cbn_args'].items() if k != 'window_size'}
+    return json.dumps(dict(training, norm=norm), sort_keys=True)
+
+
+def distinct_rows(rows: list[str], setting: dict, window: int | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
     """``rows`` without those that would train exactly an earlier row's runs (with
     ``--large 4``, 'BN, 4 images' is 'BN, large batch'); and which row each one repeats."""
     kept, repeats, seen = [], {}, {}
     for row in rows:
-        key = json.dumps(training_of(row, setting), sort_keys=True)
+        key = _trains(training_of(row, setting, window))
         if key in seen:
             repeats[row] = seen[key]
         else:
