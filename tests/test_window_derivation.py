@@ -43,6 +43,18 @@ def test_cbn_hook_derives_the_window_from_the_images_per_step(tmp_path, accumula
     assert model.bn.window_mean.shape[1] == window - 1  # it pooled that window
 
 
+def test_the_rule_is_public_and_checks_its_inputs():
+    """``cbn_plugin.derived_window_size``: the hook's rule, which the studies use too."""
+    rule = cbn_plugin.derived_window_size
+    assert [rule(n) for n in (1, 2, 3, 4, 8, 16, 24, 64)] == [32, 16, 11, 8, 4, 2, 2, 2]
+    assert rule(4, window_images=64) == 16
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match='images_per_step'):
+            rule(bad)
+    with pytest.raises(ValueError, match='window_images'):
+        rule(2, window_images=0)
+
+
 def test_a_given_window_size_is_kept(tmp_path):
     assert _train(tmp_path, window_size=3).bn.window_size == 3
 

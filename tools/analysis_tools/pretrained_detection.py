@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO / 'tools'))
 sys.path.insert(0, str(REPO / 'tools' / 'analysis_tools'))
 
 import pretrain_backbone  # noqa: E402
+from cbn_plugin.options import derived_window_size  # noqa: E402
 import small_batch_detection as sbd  # noqa: E402
 
 TOOL = 'tools/analysis_tools/pretrained_detection.py'
@@ -102,8 +103,6 @@ ROWS = {
               head='bn', batch='large'),
 }
 PRETRAINED_OF = dict(bn='bn', cbn='bn', gn='gn')  # the checkpoint each backbone norm loads
-# The README's window rule: window_size about 32 / images per device.
-IMAGES_PER_WINDOW = 32
 
 
 def is_baseline(row: str) -> bool:
@@ -162,7 +161,7 @@ def make_job(row: str, setting: dict, seed: int, data_root: Path, work_root: Pat
     CBN's window is ``window_size``, or the README's rule (about 32 images pooled) when None."""
     r = ROWS[row]
     batch = setting['small'] if r['batch'] == 'small' else setting['large']
-    window = max(2, IMAGES_PER_WINDOW // batch) if window_size is None else window_size
+    window = derived_window_size(batch) if window_size is None else window_size
     cbn_args = dict(r.get('cbn', {}), window_size=window)
     head = dict(kind=r['head'])
     if r['head'] == 'cbn':
@@ -525,8 +524,8 @@ def parse_args(argv=None):
     ap.add_argument('--workers', type=int, default=1,
                     help='child processes at a time, one torch thread each; 0: in this process')
     ap.add_argument('--window', type=int, default=None,
-                    help='CBN window_size of the CBN rows (default: the README rule, '
-                    f'{IMAGES_PER_WINDOW} // images per step)')
+                    help='CBN window_size of the CBN rows (default: the window CBNHook '
+                    'derives, cbn_plugin.derived_window_size: 32 images)')
     ap.add_argument('--reuse', action='store_true',
                     help='keep the finished results already in the work dirs of identical jobs '
                     '(resume an interrupted study)')
