@@ -155,6 +155,11 @@ class StepRing:
         return mask.to(device)
 
 
+def _merged(a: CF.SlotStats | None, b: CF.SlotStats | None) -> CF.SlotStats | None:
+    """``a`` and ``b`` merged (``functional.merge_stats``); either may be ``None``."""
+    return b if a is None else a if b is None else CF.merge_stats(a, b)
+
+
 class CrossIterationWindow:
     """The last ``slots`` steps' records of one layer, per call position, and this step's.
 
@@ -178,6 +183,11 @@ class CrossIterationWindow:
         # and their statistics merged so far (what the pass normalises with).
         self.pass_calls: list[CF.SlotStats] = []
         self._pass_merged: CF.SlotStats | None = None
+        # What ``others`` merges from, so that a step of A calls costs O(A) merges, not
+        # O(A^2): the pass's calls from j on, merged (built when the pass last grew), and
+        # the calls before the training pass's next call, merged as it goes.
+        self._suffixes: list[CF.SlotStats | None] = [None]
+        self._prefix: tuple[int, CF.SlotStats | None] = (0, None)
         self._skipped: Tensor | None = None  # minus the finite single-call records
         self._records = 0                    # single-call records written
 
@@ -193,6 +203,7 @@ class CrossIterationWindow:
     def start_pass(self) -> None:
         """A new statistics pass for this step: the calls of an earlier one are forgotten."""
         self.pass_calls, self._pass_merged = [], None
+        self._suffixes, self._prefix = [None], (0, None)
 
     def collect(self, current: CF.SlotStats) -> CF.SlotStats:
         """Keep a statistics-pass call's statistics; returns the pass's calls so far merged."""
@@ -211,11 +222,18 @@ class CrossIterationWindow:
                 f'training pass, but its statistics pass made {len(self.pass_calls)}: run '
                 'every micro-batch of the step through the model inside '
                 'cbn_plugin.statistics_pass(model) before the training pass')
-        merged = None
-        for i, call in enumerate(self.pass_calls):
-            if i != index:
-                merged = call if merged is None else CF.merge_stats(merged, call)
-        return merged
+        calls = self.pass_calls
+        if len(self._suffixes) != len(calls) + 1:  # the pass grew (a step in parts)
+            self._suffixes = [None] * (len(calls) + 1)
+            for j in range(len(calls) - 1, -1, -1):
+                self._suffixes[j] = _merged(calls[j], self._suffixes[j + 1])
+        done, prefix = self._prefix
+        if done != index:  # not the call after the last one: merge from the start
+            done, prefix = 0, None
+        for j in range(done, index):
+            prefix = _merged(prefix, calls[j])
+        self._prefix = (index + 1, _merged(prefix, calls[index]))
+        return _merged(prefix, self._suffixes[index + 1])
 
     def keep(self, position: int, call: StepCall) -> None:
         """Keep a forward's record (only a forward that succeeded changes the window)."""

@@ -218,3 +218,27 @@ def test_statistics_pass_normalises_each_call_with_the_step_so_far():
         expected = torch.nn.functional.batch_norm(split.conv(xs[i]).detach(), mean, var,
                                                   bn.weight, bn.bias, False, 0.0, bn.eps)
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_a_repeated_training_call_pools_the_same_other_calls():
+    """The training pass's calls take the pass's other calls from merges kept as the pass
+    goes (O(A) per step); a call repeated as the step's first (``discard_step``, as a
+    gradient check does) must get the same: all calls but its own, whatever came before."""
+    _, split = _pair(3)
+    xs = torch.randn(8, 3, 5, 5, dtype=torch.float64).split(2)
+    with cbn_plugin.statistics_pass(split):
+        for x in xs:
+            split(x)
+    first = [split(x).detach() for x in xs[:3]]
+    split.bn.discard_step()
+    again = [split(x).detach() for x in (xs[0], xs[1])]
+    for got, expected in zip(again, first):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # call i is normalised with the whole step: BN over the 8 images of all four calls
+    y = split.conv(torch.cat(xs)).detach()
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    bn = split.bn
+    for x, out in zip(xs, first):
+        expected = torch.nn.functional.batch_norm(split.conv(x).detach(), mean, var,
+                                                  bn.weight, bn.bias, False, 0.0, bn.eps)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
