@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DIGITS_CONFIG = (ROOT / 'configs' / 'small_batch_det'
                  / 'faster-rcnn_r18-w32_fpn_4conv1fc-bn-all_digits.py')
 DIGITS_GN_GROUPS = 8   # the study's GN
-DIGITS_WINDOW = 4      # the study's window at 1 image per step (large batch 4 / 1)
+DIGITS_WINDOW = 4      # the study's window at 1 image per step until the derived one
+DIGITS_DERIVED_WINDOW = 32  # what CBNHook derives at 1 image per step (32 images)
 DIGITS_CANVAS = 128    # the study's canvas
 CHANNELS, MAP = 8, 4   # the tiny stack: conv 1x1 8->8 on 1x8x4x4
 TINY_GN_GROUPS = 4
@@ -491,6 +492,8 @@ DIGITS_VARIANTS = {
     'GN': dict(type='GN', num_groups=DIGITS_GN_GROUPS, requires_grad=True),
     'CBN burn-in (acts as BN)': dict(type='CBN', window_size=DIGITS_WINDOW),
     'CBN default': dict(type='CBN', window_size=DIGITS_WINDOW),
+    f'CBN default, window {DIGITS_DERIVED_WINDOW} (derived at 1 image)': dict(
+        type='CBN', window_size=DIGITS_DERIVED_WINDOW),
     'CBN paper': dict(type='CBN', window_size=DIGITS_WINDOW, mode='paper'),
     'naive CBN (rho=0)': dict(type='CBN', window_size=DIGITS_WINDOW, rho=0.0),
     'CBN default, dvar_stride=4': dict(type='CBN', window_size=DIGITS_WINDOW, dvar_stride=4),
@@ -752,7 +755,8 @@ def render(name: str, record: dict, baseline: dict | None, run_text: str = '') -
     lines += _render_sync(record.get('sync'), cuda)
     lines += _render_detector('Digits detector, every norm swapped (the small-batch detection '
                               'study\'s Faster R-CNN R18-w32 FPN 4conv1fc, 1 image of 128x128 '
-                              'with 4 random boxes, window 4)', record.get('digits'),
+                              'with 4 random boxes, window 4 unless the row names another)',
+                              record.get('digits'),
                               ('BN', 'GN'), cuda, baseline.get('digits') if before else None)
     lines += _render_detector('R50-FPN detector, norm in FPN + box head (part 2\'s setting)',
                               record.get('r50'), ('BN',), cuda,
