@@ -131,6 +131,13 @@ def test_host_section_has_a_row_for_every_norm(host_record):
     assert accumulated['baseline'] == accumulated['norm']
     assert rows['CBN default']['persistent_kib'] > rows['BN']['persistent_kib']
     assert dict(host_record['top_ops']['CBN default'])
+    # Every op of a CBN layer step has a site: the sites add up to the op count, the
+    # layer's conv and SGD ops are outside the plugin, and the pool's are in it.
+    sites = dict(host_record['sites'])
+    assert sum(sites.values()) == rows['CBN default']['ops_per_layer']
+    assert sites[host_overhead.OUTSIDE_THE_PLUGIN] >= 3
+    assert sites['functional._CompensatedPool.forward'] > 0
+    assert sites['window.CrossIterationWindow.write'] > 0
 
 
 def test_host_section_compile_sync_and_digits_rows(host_record):

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -88,6 +90,35 @@ class OpCounter(TorchDispatchMode):
 def count_ops(fn) -> collections.Counter:
     """The aten ops one call of ``fn`` dispatches, by name."""
     with OpCounter() as counter:
+        fn()
+    return counter.counts
+
+
+OUTSIDE_THE_PLUGIN = 'outside the plugin (conv, ReLU, loss, SGD, autograd)'
+
+
+def _issuing_site() -> str:
+    """The innermost ``cbn_plugin`` function on the Python stack (``module.qualname``)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if f'{os.sep}cbn_plugin{os.sep}' in path:
+            return f'{Path(path).stem}.{frame.f_code.co_qualname}'
+        frame = frame.f_back
+    return OUTSIDE_THE_PLUGIN
+
+
+class SiteCounter(OpCounter):
+    """Counts every aten op dispatched while active by the plugin function that issued it:
+    what the remaining ops of a layer step are, by concept."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[_issuing_site()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_sites(fn) -> collections.Counter:
+    with SiteCounter() as counter:
         fn()
     return counter.counts
 
@@ -322,6 +353,23 @@ def tiny_rows(variants: dict, args, device) -> tuple[list[dict], dict]:
             row['host_ratio'] = row['host_us_per_layer'] / base['host_us_per_layer']
             row['ops_ratio'] = row['ops_per_layer'] / base['ops_per_layer']
     return rows, per_layer_ops
+
+
+def site_rows(args, device, name: str = 'CBN default') -> list[tuple[str, float]]:
+    """Ops per layer per step of ``name`` by the plugin function that issues them (deep
+    minus shallow stack, as the op counts), most first."""
+    shallow, deep = args.host_layers
+    counts = {}
+    for layers in (shallow, deep):
+        model, optimizer, inputs = make_tiny(TINY_VARIANTS[name], layers, device)
+        step = training_step(model, optimizer, inputs, TINY_VARIANTS[name].get('calls', 1))
+        for _ in range(warm_steps()):
+            step()
+        counts[layers] = count_sites(step)
+    span = deep - shallow
+    per = {site: (counts[deep][site] - counts[shallow][site]) / span
+           for site in set(counts[deep]) | set(counts[shallow])}
+    return sorted(((site, n) for site, n in per.items() if n), key=lambda t: (-t[1], t[0]))
 
 
 def top_ops(per_layer: dict, limit: int = 15) -> list[tuple[str, float]]:
@@ -624,6 +672,7 @@ def run(args, device, detector_step=None) -> dict:
     record['top_ops'] = {n: top_ops(per_layer_ops[n], args.top_ops)
                          for n in ('BN', 'CBN default')}
     record['per_layer_ops'] = per_layer_ops
+    record['sites'] = site_rows(args, device)
     for part, flag, fn in (('compile', 'host_compile', lambda: compile_rows(args, device)),
                            ('sync', 'host_sync', lambda: sync_rows(args, device)),
                            ('digits', 'host_digits', lambda: digits_rows(args, device)),
@@ -751,6 +800,13 @@ def render(name: str, record: dict, baseline: dict | None, run_text: str = '') -
         per_bn = record.get('per_layer_ops', {}).get('BN', bn_ops)
         for op, n in record['top_ops']['CBN default']:
             lines.append(f'| {op} | {n:.0f} | {per_bn.get(op, 0):.0f} |')
+    if record.get('sites'):
+        lines += ['', '#### Where the ops of a CBN default layer step are issued', '',
+                  'Per layer per step, by the innermost `cbn_plugin` function on the Python '
+                  'stack when the op is dispatched (`module.function`); the conv, ReLU, loss '
+                  'and optimizer ops of the layer are outside the plugin.', '',
+                  '| issued by | ops per layer per step |', '|---|---|']
+        lines += [f'| {site} | {n:.0f} |' for site, n in record['sites']]
     lines += _render_compile(record.get('compile'))
     lines += _render_sync(record.get('sync'), cuda)
     lines += _render_detector('Digits detector, every norm swapped (the small-batch detection '
