@@ -242,8 +242,13 @@ def test_reuse_takes_identical_jobs_from_the_results_json(sbd, tmp_path, monkeyp
     monkeypatch.setattr(jobs_module, 'run_one', lambda job, *a: trained.append(job['row'])
                         or real(job, *a))
     sbd.main(common + ['--rows', 'bn', 'cbn', '--reuse'])
-    assert trained == [] and json.loads((out / sbd.RESULTS_JSON).read_text())['results'] == first
+    reused = json.loads((out / sbd.RESULTS_JSON).read_text())['results']
+    where = str(out / sbd.RESULTS_JSON)
+    assert trained == [] and [dict(r, reused_from=where) for r in first] == reused
+    assert '0 trained by it; reused, as finished earlier: 2 from ' in (out / sbd.DOC).read_text()
     sbd.main(common + ['--rows', 'bn', 'cbn', '--reuse', '--window', '3'])
     again = json.loads((out / sbd.RESULTS_JSON).read_text())['results']
-    assert trained == ['cbn'] and again[0] == first[0]
+    assert trained == ['cbn'] and again[0] == reused[0]  # still says where it came from
     assert again[1]['job']['norm']['cbn_args'] == dict(window_size=3)
+    assert 'reused_from' not in again[1]
+    assert '1 trained by it; reused, as finished earlier: 1 from ' in (out / sbd.DOC).read_text()

@@ -154,13 +154,14 @@ def run_jobs(jobs: list[dict], workers: int, log=print, reuse: bool = False,
         for i in order:
             saved = _saved_result(jobs[i])
             if saved is not None:
-                results[i] = saved
+                results[i] = dict(saved, reused_from=saved.get('reused_from') or 'its work dir')
                 log(f'reusing {jobs[i]["work_dir"]}/result.json')
                 continue
             saved = next((r for r in earlier
                           if r.get('job') == jobs[i] and r.get('status') == 'ok'), None)
             if saved is not None:
-                results[i] = saved
+                # a result the json had reused keeps where it came from
+                results[i] = dict(saved, reused_from=saved.get('reused_from') or str(source))
                 log(f'reusing {jobs[i]["row"]} seed {jobs[i]["seed"]} from {source}')
         order = [i for i in order if i not in results]
     start = time.perf_counter()
