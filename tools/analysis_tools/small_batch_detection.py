@@ -170,7 +170,9 @@ def main(argv=None):
     # --reuse also takes identical jobs from the json this run rewrites (the committed
     # comparison: its rows need no work dirs to be kept).
     recorded = out_dir / RESULTS_JSON
-    recorded = (recorded, json.loads(recorded.read_text())['results']) \
+    shown = recorded.resolve()
+    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
+    recorded = (shown, json.loads(recorded.read_text())['results']) \
         if args.reuse and recorded.is_file() else None
     results = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
                        reuse=args.reuse, recorded=recorded)
