@@ -176,8 +176,8 @@ class CBNHook(Hook):
         for layer in derived:
             layer.set_window_size(window)
         print_log(f'CBNHook: {len(derived)} CBN layers without a window_size pool k = '
-                  f'{window} steps ({images} images per optimizer step, window_images='
-                  f'{self.window_images})', logger='current')
+                  f'{window} steps ({images} image{"s" if images != 1 else ""} per optimizer '
+                  f'step, window_images={self.window_images})', logger='current')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         """The layers compute their window figures only on the iterations the logger writes."""

@@ -8,7 +8,8 @@
 2. trains the config's detector with mmengine's Runner and one torch thread; the default
    config (``faster-rcnn_r18-w32_fpn_4conv1fc-cbn-all_1xb1-2400img_digits.py`` in
    ``configs/small_batch_det/``) is a Faster R-CNN R18-w32-FPN from scratch with CBN (the
-   defaults, window 4) in *every* norm layer at 1 image per optimizer step;
+   defaults: ``CBNHook`` derives a window of 32 steps) in *every* norm layer at 1 image per
+   optimizer step;
 3. validates it (COCO box mAP on the val canvases, unseen digits) and prints its mAP beside
    the committed rows of the small-batch detection comparison
    (``docs/small_batch_detection.json``: BN at the same batch, BN at the large batch, GN and
