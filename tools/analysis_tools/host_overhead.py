@@ -804,7 +804,12 @@ def render(name: str, record: dict, baseline: dict | None, run_text: str = '') -
         lines += ['', '#### Where the ops of a CBN default layer step are issued', '',
                   'Per layer per step, by the innermost `cbn_plugin` function on the Python '
                   'stack when the op is dispatched (`module.function`); the conv, ReLU, loss '
-                  'and optimizer ops of the layer are outside the plugin.', '',
+                  'and optimizer ops of the layer are outside the plugin. Most of the '
+                  'rest is per-channel arithmetic on `C`- and `K x C`-sized tensors (the '
+                  'pool, its written-out backward, the normalisation\'s backward, the '
+                  'running statistics, the window\'s write): each op is one dispatch and, '
+                  'on a GPU, one launch. Fewer of them takes fusing them, by a custom '
+                  'kernel or by `torch.compile` (the table after this one).', '',
                   '| issued by | ops per layer per step |', '|---|---|']
         lines += [f'| {site} | {n:.0f} |' for site, n in record['sites']]
     lines += _render_compile(record.get('compile'))
