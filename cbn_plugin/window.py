@@ -185,7 +185,9 @@ class CrossIterationWindow:
         self._pass_merged: CF.SlotStats | None = None
         # What ``others`` merges from, so that a step of A calls costs O(A) merges, not
         # O(A^2): the pass's calls from j on, merged (built when the pass last grew), and
-        # the calls before the training pass's next call, merged as it goes.
+        # the calls before the training pass's next call, merged as it goes. The suffixes
+        # hold A merged records with their derivatives until the step ends: memory the
+        # size of the pass's own records, for time.
         self._suffixes: list[CF.SlotStats | None] = [None]
         self._prefix: tuple[int, CF.SlotStats | None] = (0, None)
         self._skipped: Tensor | None = None  # minus the finite single-call records
