@@ -21,7 +21,8 @@ demo: $(STAMP)
 
 # The comparison the demo prints (docs/small_batch_detection.md): BN, GN, naive CBN, CBN
 # (paper, defaults) at 1 image per step, BN at the large batch, gradient accumulation;
-# 2 seeds, 2 processes of one torch thread (54 min measured on 2 cores). To resume an
+# 2 seeds, 2 processes of one torch thread (about an hour on 2 cores: 6,500 s of CPU in the
+# committed runs; 54 min measured when CBN pooled k = 4). To resume an
 # interrupted comparison: make demo-compare COMPARE_ARGS=--reuse
 .PHONY: demo-compare
 demo-compare: $(STAMP)
