@@ -33,6 +33,22 @@ def test_plan_names_each_run_by_batch_pooled_images_and_seed():
     assert [r['name'] for r in ws.plan(args)] == ['cbn_b1_L8_s2']
 
 
+def test_each_run_s_command_trains_its_batch_seed_and_window(tmp_path):
+    """The study, given a run's command line, builds the job the sweep names: CBN with
+    the sweep's window (``--window``), GN with none."""
+    import small_batch_detection as sbd
+    args = ws.parse_args(['--batches', '2', '--windows', '16', '--seeds', '1'])
+    rows = []
+    for run in ws.plan(args):
+        study = sbd.parse_args(ws.command(tmp_path / 'out', tmp_path / 'work', run)[2:])
+        (row,) = study.rows
+        job = sbd.make_job(row, sbd.setting_from_args(study), study.seeds[0], tmp_path,
+                           tmp_path, window=study.window)
+        assert (job['batch'], job['accum'], job['seed']) == (2, 1, 1)
+        rows.append((row, job['norm'].get('window'), job['norm'].get('cbn_args')))
+    assert rows == [('gn', None, None), ('cbn', 16, dict(window_size=16))]
+
+
 def test_finished_runs_are_reused_and_failed_ones_are_not(tmp_path):
     _result(tmp_path, 'cbn_b1_L8_s0', 0.6, 500)
     _result(tmp_path, 'cbn_b1_L8_s1', 0.0, 10, status='error at step 3')

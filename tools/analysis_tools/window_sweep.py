@@ -72,14 +72,21 @@ def finished(out_dir: Path, run: dict) -> dict | None:
         else None
 
 
-def launch(out_dir: Path, work_dir: Path, run: dict) -> int:
+def command(out_dir: Path, work_dir: Path, run: dict) -> list[str]:
+    """The study invocation that trains ``run``: its row, batch and seed, and for CBN the
+    sweep's window (``--window``)."""
     window = [] if run['row'] == 'gn' else ['--window', str(run['window'])]
-    cmd = [sys.executable, str(STUDY), '--rows', run['row'], '--small', str(run['batch']),
-           '--large', str(STUDY_LARGE), *window, '--seeds', str(run['seed']), '--workers', '1',
-           '--out-dir', str(out_dir / run['name']), '--work-dir', str(work_dir / run['name'])]
+    return [sys.executable, str(STUDY), '--rows', run['row'], '--small', str(run['batch']),
+            '--large', str(STUDY_LARGE), *window, '--seeds', str(run['seed']), '--workers',
+            '1', '--out-dir', str(out_dir / run['name']),
+            '--work-dir', str(work_dir / run['name'])]
+
+
+def launch(out_dir: Path, work_dir: Path, run: dict) -> int:
     log = out_dir / f'{run["name"]}.log'
     with log.open('w') as fh:
-        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command(out_dir, work_dir, run), stdout=fh,
+                              stderr=subprocess.STDOUT).returncode
 
 
 def _mean_sd(values: list[float]) -> str:
