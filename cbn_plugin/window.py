@@ -211,8 +211,7 @@ class CrossIterationWindow:
         """Keep a statistics-pass call's statistics; returns the pass's calls so far merged."""
         self.pass_calls.append(current)
         plain = current._replace(grad_mean=None, grad_var=None)  # the derivatives: not pooled
-        self._pass_merged = plain if self._pass_merged is None else CF.merge_stats(
-            self._pass_merged, plain)
+        self._pass_merged = _merged(self._pass_merged, plain)
         return self._pass_merged
 
     def others(self, index: int, owner: str) -> CF.SlotStats | None:

@@ -52,7 +52,7 @@ DIGITS_CONFIG = (ROOT / 'configs' / 'small_batch_det'
                  / 'faster-rcnn_r18-w32_fpn_4conv1fc-bn-all_digits.py')
 DIGITS_GN_GROUPS = 8   # the study's GN
 DIGITS_WINDOW = 4      # the study's window at 1 image per step until the derived one
-DIGITS_DERIVED_WINDOW = 32  # what CBNHook derives at 1 image per step (32 images)
+DIGITS_DERIVED_WINDOW = cbn_plugin.derived_window_size(1)  # CBNHook's at 1 image per step
 DIGITS_CANVAS = 128    # the study's canvas
 CHANNELS, MAP = 8, 4   # the tiny stack: conv 1x1 8->8 on 1x8x4x4
 TINY_GN_GROUPS = 4
@@ -67,39 +67,18 @@ BASELINE_RECORD = 'before the lean layer'
 
 
 # ---------------------------------------------------------------- counting
-class OpCounter(TorchDispatchMode):
-    """Counts every aten op dispatched while active, by overload packet (``aten.mul``).
-
-    Ops run below autograd: a composite op (``aten.batch_norm``) is counted as what it
-    decomposes into, the ops a backend really executes.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-def count_ops(fn) -> collections.Counter:
-    """The aten ops one call of ``fn`` dispatches, by name."""
-    with OpCounter() as counter:
-        fn()
-    return counter.counts
+def op_name(func) -> str:
+    """An aten op by its overload packet (``aten.mul``)."""
+    return str(func.overloadpacket)
 
 
 OUTSIDE_THE_PLUGIN = 'outside the plugin (conv, ReLU, loss, SGD, autograd)'
 
 
-def _issuing_site() -> str:
-    """The innermost ``cbn_plugin`` function on the Python stack (``module.qualname``)."""
-    frame = sys._getframe(2)
+def issuing_site(func) -> str:
+    """An aten op by the innermost ``cbn_plugin`` function on the Python stack when it is
+    dispatched (``module.qualname``): what the ops of a layer step are, by concept."""
+    frame = sys._getframe(1)
     while frame is not None:
         path = frame.f_code.co_filename
         if f'{os.sep}cbn_plugin{os.sep}' in path:
@@ -108,19 +87,40 @@ def _issuing_site() -> str:
     return OUTSIDE_THE_PLUGIN
 
 
-class SiteCounter(OpCounter):
-    """Counts every aten op dispatched while active by the plugin function that issued it:
-    what the remaining ops of a layer step are, by concept."""
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active, by ``key(func)`` (default: its name).
+
+    Ops run below autograd: a composite op (``aten.batch_norm``) is counted as what it
+    decomposes into, the ops a backend really executes.
+    """
+
+    def __init__(self, key=op_name):
+        super().__init__()
+        self.key = key
+        self.counts: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[_issuing_site()] += 1
+        self.counts[self.key(func)] += 1
         return func(*args, **(kwargs or {}))
 
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
 
-def count_sites(fn) -> collections.Counter:
-    with SiteCounter() as counter:
+
+def count_ops(fn, key=op_name) -> collections.Counter:
+    """The aten ops one call of ``fn`` dispatches, by ``key`` (name, or ``issuing_site``)."""
+    with OpCounter(key) as counter:
         fn()
     return counter.counts
+
+
+def per_layer(counts: dict[int, collections.Counter]) -> dict[str, float]:
+    """Per conv+norm layer: the deep stack's counts minus the shallow one's, per extra
+    layer (``counts``: by number of layers, the two stacks)."""
+    shallow, deep = sorted(counts)
+    return {name: (counts[deep][name] - counts[shallow][name]) / (deep - shallow)
+            for name in set(counts[deep]) | set(counts[shallow])}
 
 
 def sync(device):
@@ -311,26 +311,29 @@ def warm_steps() -> int:
     return cbn_plugin.CBN(1).window_size + 1
 
 
+def warmed_tiny(spec: dict, layers: int, device):
+    """A tiny stack of ``layers`` conv+norm layers, its optimizer, and its training step
+    (``spec['calls']`` forwards), warmed up: ``(model, optimizer, step)``."""
+    model, optimizer, inputs = make_tiny(spec, layers, device)
+    step = training_step(model, optimizer, inputs, spec.get('calls', 1))
+    for _ in range(warm_steps()):
+        step()
+    return model, optimizer, step
+
+
 def tiny_rows(variants: dict, args, device) -> tuple[list[dict], dict]:
     """Per variant: aten ops and host time per conv+norm layer per step, kernels (CUDA),
     peak memory of a step of the deep stack. Also the per-layer op counts by name."""
     shallow, deep = args.host_layers
-    built, fns = {}, {}
-    for name, spec in variants.items():
-        for layers in (shallow, deep):
-            model, optimizer, inputs = make_tiny(spec, layers, device)
-            step = training_step(model, optimizer, inputs, spec.get('calls', 1))
-            for _ in range(warm_steps()):
-                step()
-            built[name, layers] = (model, optimizer, step)
-            fns[name, layers] = step
+    built = {(name, layers): warmed_tiny(spec, layers, device)
+             for name, spec in variants.items() for layers in (shallow, deep)}
+    fns = {key: step for key, (_, _, step) in built.items()}
     times = time_interleaved(fns, args.host_repeats, args.host_steps, device)
     rows, per_layer_ops = [], {}
+    span = deep - shallow
     for name in variants:
         ops = {layers: count_ops(built[name, layers][2]) for layers in (shallow, deep)}
-        span = deep - shallow
-        names = set(ops[deep]) | set(ops[shallow])
-        per_layer_ops[name] = {op: (ops[deep][op] - ops[shallow][op]) / span for op in names}
+        per_layer_ops[name] = per_layer(ops)
         model, optimizer, step = built[name, deep]
         kernels = {layers: device_kernels(built[name, layers][2], device)
                    for layers in (shallow, deep)}
@@ -358,17 +361,8 @@ def tiny_rows(variants: dict, args, device) -> tuple[list[dict], dict]:
 def site_rows(args, device, name: str = 'CBN default') -> list[tuple[str, float]]:
     """Ops per layer per step of ``name`` by the plugin function that issues them (deep
     minus shallow stack, as the op counts), most first."""
-    shallow, deep = args.host_layers
-    counts = {}
-    for layers in (shallow, deep):
-        model, optimizer, inputs = make_tiny(TINY_VARIANTS[name], layers, device)
-        step = training_step(model, optimizer, inputs, TINY_VARIANTS[name].get('calls', 1))
-        for _ in range(warm_steps()):
-            step()
-        counts[layers] = count_sites(step)
-    span = deep - shallow
-    per = {site: (counts[deep][site] - counts[shallow][site]) / span
-           for site in set(counts[deep]) | set(counts[shallow])}
+    per = per_layer({layers: count_ops(warmed_tiny(TINY_VARIANTS[name], layers, device)[2],
+                                       issuing_site) for layers in args.host_layers})
     return sorted(((site, n) for site, n in per.items() if n), key=lambda t: (-t[1], t[0]))
 
 

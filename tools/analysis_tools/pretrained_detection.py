@@ -61,8 +61,8 @@ sys.path.insert(0, str(REPO / 'tools'))
 sys.path.insert(0, str(REPO / 'tools' / 'analysis_tools'))
 
 import pretrain_backbone  # noqa: E402
-from cbn_plugin.options import derived_window_size  # noqa: E402
 import small_batch_detection as sbd  # noqa: E402
+from cbn_plugin import derived_window_size  # noqa: E402
 
 TOOL = 'tools/analysis_tools/pretrained_detection.py'
 PROBES_JSON = 'pretrained_detection_probes.json'

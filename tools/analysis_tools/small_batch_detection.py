@@ -169,11 +169,10 @@ def main(argv=None):
           flush=True)
     # --reuse also takes identical jobs from the json this run rewrites (the committed
     # comparison: its rows need no work dirs to be kept).
-    recorded = out_dir / RESULTS_JSON
-    shown = recorded.resolve()
-    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
-    recorded = (shown, json.loads(recorded.read_text())['results']) \
-        if args.reuse and recorded.is_file() else None
+    recorded, path = None, (out_dir / RESULTS_JSON).resolve()
+    if args.reuse and path.is_file():
+        shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+        recorded = (shown, json.loads(path.read_text())['results'])
     results = run_jobs(jobs, args.workers, log=lambda s: print(s, flush=True),
                        reuse=args.reuse, recorded=recorded)
     run = dict(meta, setting=setting, rows=rows, seeds=args.seeds, workers=args.workers,

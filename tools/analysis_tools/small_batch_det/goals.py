@@ -28,7 +28,9 @@ def summarise(results: list[dict], rows: list[str]) -> list[dict]:
         cpu, _, _ = stats([r.get('cpu_s', float('nan')) for r in rs])
         loss, _, _ = stats([r['final_loss'] for r in rs])
         out.append(dict(row=row, label=j['label'], batch=j['batch'], accum=j['accum'],
-                        window=j['norm'].get('window', j['norm'].get('cbn_args', {}).get('window_size')),
+                        # results from before the derived window name it in cbn_args only
+                        window=j['norm'].get('window',
+                                             j['norm'].get('cbn_args', {}).get('window_size')),
                         lr=rs[0]['lr'], iters=rs[0]['iters'], seeds=len(rs), finished=n,
                         mAP=mAP, mAP_spread=mAP_spread, mAP50=mAP50, mAP50_spread=mAP50_spread,
                         final_loss=loss, wall_s=wall, cpu_s=cpu,
