@@ -7,6 +7,7 @@ time (the conv's output must be exactly the tensor the norm receives).
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 
 import torch
@@ -116,13 +117,24 @@ def bind(model: nn.Module, pairs: dict[str, str] | None = None, logger='current'
         cbn.attach(conv if cbn.needs_conv else None, name, conv_name or '')
         table.append((name, conv_name))
     if logger is not None and table:
-        from mmengine.logging import print_log
         width = max(len(n) for n, _ in table)
         rows = '\n'.join(f'  {n:<{width}}  <-  {c or "(none: rho=0 or window 1)"}'
                          for n, c in table)
-        print_log(f'cbn_plugin: bound {len(table)} CBN layers to their convs\n{rows}',
-                  logger=logger)
+        _log(f'cbn_plugin: bound {len(table)} CBN layers to their convs\n{rows}', logger)
     return table
+
+
+def _log(message: str, logger) -> None:
+    """MMEngine's ``print_log`` where it is installed (its logger names, ``'current'``);
+    with torch alone, the ``logging`` module's ``'cbn_plugin'`` logger (or ``logger``
+    itself when it is a ``logging.Logger``)."""
+    try:
+        from mmengine.logging import print_log
+    except ImportError:
+        target = logger if isinstance(logger, logging.Logger) else logging.getLogger('cbn_plugin')
+        target.info(message)
+        return
+    print_log(message, logger=logger)
 
 
 def step(model: nn.Module) -> None:
