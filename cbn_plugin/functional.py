@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compat
 from .options import COMPENSATIONS, VARIANCE_RULES  # noqa: F401  (re-exported)
 
 
@@ -650,7 +651,7 @@ def pool_compensated(step_mean: Tensor, step_var: Tensor, entries: WindowEntries
     ``weight`` and ``bias`` (the compensated backward); otherwise constants.
     """
     device = step_mean.device.type
-    if torch.is_autocast_enabled(device):  # the statistics stay in their own dtype
+    if compat.is_autocast_enabled(device):  # the statistics stay in their own dtype
         with torch.autocast(device, enabled=False):
             return pool_compensated(step_mean, step_var, entries, weight, bias, rho,
                                     compensation, rule, differentiable, earlier)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compat
 from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
@@ -251,7 +252,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         return self.schedule.active(self._steps)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        if compat.is_fx_symbolic_tracing():
             return self._traced_forward(x)
         self._check_input_dim(x)
         conv_io, self._conv_io = self._conv_io, None
