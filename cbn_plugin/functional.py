@@ -90,8 +90,11 @@ def _conv_geometry(conv_input: Tensor, conv: torch.nn.Conv2d) -> tuple[Tensor, t
     return conv_input, conv.padding
 
 
-def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
-    """Sum of the input patches over all output positions, per group: ``groups x P'``.
+def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """Sum of the input patches over all output positions, per group: ``groups x P'``,
+    accumulated and returned in ``dtype`` (``inp``'s when not given: a float16 input's
+    sums are float32, not rounded to float16 on the way).
 
     The same for every output channel, and linear in the input: sum the batch
     first, then each kernel offset sees a strided window of the padded sum.
@@ -99,9 +102,10 @@ def _patch_sum(inp: Tensor, padding, conv: torch.nn.Conv2d, out_hw) -> Tensor:
     full one on CPU.)
     """
     kh, kw = conv.weight.shape[2:]
+    dtype = inp.dtype if dtype is None else dtype
     if (kh, kw) == (1, 1) and tuple(conv.stride) == (1, 1) and tuple(padding) == (0, 0):
-        return inp.sum(dim=(0, 2, 3)).view(conv.groups, -1)  # a 1x1 patch is a pixel
-    total = inp.sum(0)
+        return inp.sum(dim=(0, 2, 3), dtype=dtype).view(conv.groups, -1)  # a 1x1 patch: a pixel
+    total = inp.sum(0, dtype=dtype)
     ph, pw = padding
     total = F.pad(total, (pw, pw, ph, ph))
     (sh, sw), (dh, dw), (ho, wo) = conv.stride, conv.dilation, out_hw
@@ -201,12 +205,25 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
     samples than a map has positions (RoI features: hundreds of 7x7 maps,
     where strided rows would keep 16 of 49 positions, not 12), every
     ``stride^2``-th sample.
+
+    Under float16/bfloat16 autocast (``conv_output`` in that dtype) the
+    weight-gradient convolution runs in it, as the conv's own backward does
+    (float32 would double its input's memory traffic and leave the tensor
+    cores), and accumulates in float32; the statistics, the mean patch and
+    the result are float32. Its rounding (about 1e-3 relative in float16)
+    would break ``<grad_var, W> = 2 var``, on which every compensation rests
+    (``<grad_var, W_t> - 2 var_old`` must vanish when the weight has not
+    moved): so, as for ``stride > 1``, the result is corrected along ``W``
+    (the float32 weight the compensation reads) until it holds to float32
+    rounding.
     """
     dtype = mean.dtype
-    inp, padding = _conv_geometry(as_dtype(conv_input, dtype), conv)  # (under no_grad)
-    out = as_dtype(conv_output, dtype)
+    low = conv_output.dtype in (torch.float16, torch.bfloat16)
+    conv_dtype = conv_output.dtype if low else dtype
+    inp, padding = _conv_geometry(as_dtype(conv_input, conv_dtype), conv)  # (under no_grad)
+    out = as_dtype(conv_output, conv_dtype)
     n, c, h, w = out.shape
-    grad_mean = _patch_sum(inp, padding, conv, (h, w)).div_(n * h * w)
+    grad_mean = _patch_sum(inp, padding, conv, (h, w), dtype).div_(n * h * w)
     conv_stride = tuple(conv.stride)
     if stride > 1 and n > h * w:
         out, inp = out[::stride * stride], inp[::stride * stride]
@@ -215,15 +232,15 @@ def conv_stat_grads(conv_input: Tensor, conv_output: Tensor, mean: Tensor, var: 
         out = out[:, :, ::stride, ::stride]
         conv_stride = tuple(s * stride for s in conv.stride)
     sampled = out.shape[0] * out.shape[2] * out.shape[3]
-    centred = out - mean.view(1, c, 1, 1)
-    grad_var = _weight_grad(inp, centred, conv, conv_stride, tuple(padding))
+    centred = out - as_dtype(mean, conv_dtype).view(1, c, 1, 1)
+    grad_var = as_dtype(_weight_grad(inp, centred, conv, conv_stride, tuple(padding)), dtype)
     # sum_i (x_i - mu) is 0 in exact arithmetic but not in float32, and times
     # large input patches it would break <grad_var, W> = 2 var. Subtracting it
-    # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead;
-    # the same pass scales by 2/m.
-    grad_var = _centre_patches_(grad_var, centred.sum(dim=(0, 2, 3)), grad_mean,
+    # along the mean patch computes sum_i (x_i - mu) (p_i - p_bar) instead
+    # (whatever the rounding of mu was); the same pass scales by 2/m.
+    grad_var = _centre_patches_(grad_var, centred.sum(dim=(0, 2, 3), dtype=dtype), grad_mean,
                                 2.0 / sampled)
-    if stride > 1:
+    if stride > 1 or low:
         weight = conv.weight.detach().to(dtype).flatten(1)
         gap = 2.0 * var - _row_dot(grad_var, weight)
         grad_var.addcmul_((gap / _row_dot(weight, weight).clamp_min(1e-30)).unsqueeze(1), weight)
@@ -242,7 +259,9 @@ def shifted_sums(x: Tensor, shift: Tensor, conv_input: Tensor | None,
     out = as_dtype(x.detach(), dtype)
     n, c, h, w = out.shape
     centred = out - as_dtype(shift, dtype).view(1, c, 1, 1)
-    parts = [out.new_tensor([float(n * h * w)]), centred.sum(dim=(0, 2, 3)),
+    # The count as a fill on the device (its value a kernel argument): ``new_tensor``
+    # would copy it from the host, a blocking copy per layer and forward.
+    parts = [out.new_full((1,), float(n * h * w)), centred.sum(dim=(0, 2, 3)),
              (centred * centred).sum(dim=(0, 2, 3))]
     if conv is not None:
         inp, padding = _conv_geometry(as_dtype(conv_input.detach(), dtype), conv)
@@ -664,6 +683,30 @@ def pool_compensated(step_mean: Tensor, step_var: Tensor, entries: WindowEntries
             step_mean, step_var, entries, None, float(rho), compensation, rule))
 
 
+def bn_reductions(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                  invstd: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(sum g x_hat, sum g)`` per channel, ``x_hat = (x - mean) invstd``: BN's backward
+    reduction kernel, with the statistics given as its saved ones.
+
+    What every device's kernel accepts (``batch_norm_backward_cuda`` in
+    ``aten/src/ATen/native/cuda/Normalization.cu``): without the input gradient
+    it skips its fused path and asserts that ``save_mean`` and ``save_invstd``
+    are defined, so they are passed, with ``train=True`` (the CPU kernel then
+    reads them too, where ``train=False`` would recompute ``invstd`` from the
+    running variance). Its reduction allocates the weight and bias gradients
+    with the weight's options: an undefined weight (``affine=False``) would
+    leave them without a device, so a tensor of ones stands in (only its dtype
+    and device are used: the input gradient is not asked for). ``grad`` and
+    ``x`` share a dtype; ``weight``, ``mean`` and ``invstd`` are float32 when
+    they are float16/bfloat16 (the kernels' mixed-precision mode).
+    """
+    if weight is None:
+        weight = torch.ones_like(mean)
+    _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, None, None, mean, invstd, True, eps, [False, True, True])
+    return sum_g_xhat, sum_g
+
+
 class _PooledBatchNorm(torch.autograd.Function):
     """BN's fused kernels with pooled statistics, and the exact gradient through this call's.
 
@@ -680,6 +723,8 @@ class _PooledBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, stat_weight, eps, count, group):
+        # ``x`` is saved in its own dtype (float16/bfloat16 under autocast), as BN saves it;
+        # the statistics and affine parameters are float32: BN's mixed-precision kernels.
         ctx.save_for_backward(x, weight, mean, var, stat_weight)
         ctx.eps, ctx.count, ctx.group = eps, count, group
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
@@ -691,8 +736,7 @@ class _PooledBatchNorm(torch.autograd.Function):
         if x.numel() == 0:  # an empty batch (BN's CPU kernel would divide by zero)
             sum_g_xhat, sum_g = mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
         else:  # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
-            _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-                grad, x, weight, mean, var, None, None, False, ctx.eps, [False, True, True])
+            sum_g_xhat, sum_g = bn_reductions(grad, x, weight, mean, invstd, ctx.eps)
         total_g, total_g_xhat = sum_g, sum_g_xhat
         if ctx.group is not None:
             # The statistics were over every device's positions: so is their gradient
@@ -706,8 +750,10 @@ class _PooledBatchNorm(torch.autograd.Function):
         coef = (scale * stat_weight).div_(ctx.count)
         slope = (coef * total_g_xhat).mul_(invstd).neg_()
         offset = torch.addcmul(coef * total_g, slope, mean).neg_()
+        # (In the statistics' dtype: float32 for a float16 ``x``, then back to x's dtype.)
         grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
         grad_x.addcmul_(grad, scale.view(shape))
+        grad_x = as_dtype(grad_x, x.dtype)
         needs = ctx.needs_input_grad
         grad_mean = grad_var = None
         if needs[3] or needs[4]:
@@ -732,16 +778,22 @@ def pooled_batch_norm(x: Tensor, mean: Tensor, var: Tensor, stat_weight: Tensor,
     on only where they carry it for other reasons (``pool_compensated``),
     never back into this call's. ``count``: positions behind this call's
     statistics (all devices' with ``group``, whose backward then sums the
-    statistics' gradient across the group). Computed in the statistics'
-    dtype, returned in ``x``'s.
+    statistics' gradient across the group).
+
+    ``x`` stays in its dtype and is saved as it is: under float16/bfloat16
+    autocast BN saves the half-precision input, and a float32 copy would
+    double what the layer keeps for the backward. The statistics and the
+    affine parameters are float32 (BN's kernels on every device take a
+    half-precision input with float32 parameters, all four of them float32);
+    the output is in ``x``'s dtype.
     """
     dtype = mean.dtype
     count = x.numel() // x.shape[1] if count is None else count
     if weight is not None and weight.dtype != dtype:
-        weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
-    y = _PooledBatchNorm.apply(x if x.dtype == dtype else x.to(dtype), weight, bias, mean, var,
-                               stat_weight, eps, count, group)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return _PooledBatchNorm.apply(x, weight, bias, mean, var, stat_weight, eps, count, group)
 
 
 def empty_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -21,8 +21,8 @@ from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
 from .plain_bn import PlainBatchNorm
-from .window import (WINDOW_BUFFERS, CrossIterationWindow, PastEntries,  # noqa: F401
-                     StepCall, WindowSchedule, saved_window_size)
+from .window import (ENTRY_BUFFERS, WINDOW_BUFFERS, CrossIterationWindow,  # noqa: F401
+                     PastEntries, StepCall, WindowSchedule, moved_like, saved_window_size)
 
 
 class Binding(NamedTuple):
@@ -191,6 +191,16 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self.window.discard()
         self._reset_step_state()
 
+    def skip_step(self) -> None:
+        """The optimizer step did not happen (``GradScaler`` skipped it for inf/NaN
+        gradients): forget this step's forward calls and statistics pass, so that the
+        window is as if its batches had never come. The step counter does not advance;
+        the running statistics keep the step's update, as BN's do.
+        """
+        self.window.discard()
+        self.window.start_pass()
+        self._reset_step_state()
+
     def begin_statistics_pass(self) -> None:
         """The forwards until ``end_statistics_pass`` are this step's statistics pass
         (``accumulation='two_pass'``, ``cbn_plugin.statistics_pass``): their statistics
@@ -356,6 +366,27 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             torch._foreach_copy_(buffers, self._running_at_step_start)
 
     # ------------------------------------------------------------------ state
+    def _apply(self, fn, *args, **kwargs):
+        """``Module._apply`` (``.cuda()``, ``.to()``, ``.half()``, ...), and then:
+
+        * the window's entries keep the statistics' dtype: a float16/bfloat16 cast
+          (``model.half()``) would round them and mix dtypes in the next pool (the
+          statistics of a float16 input are float32), so they move with the module
+          but are not cast to those dtypes;
+        * the tensors kept outside the buffers follow the module's device.
+        """
+        entries = {name: self._buffers[name] for name in ENTRY_BUFFERS
+                   if self._buffers.get(name) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in entries.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype and after.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = moved_like(before, fn)
+        self.window.follow(fn)
+        if getattr(self, '_running_at_step_start', None) is not None:  # as the running stats
+            self._running_at_step_start = [fn(t) for t in self._running_at_step_start]
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # The host mirrors: the one time they are read from tensors.

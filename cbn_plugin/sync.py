@@ -9,6 +9,7 @@ from torch import Tensor
 
 from . import functional as CF
 from .layer import CrossIterationBatchNorm2d
+from .window import moved_like
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
@@ -49,6 +50,15 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             raise ValueError(f'{self._describe()}: stats_shift must have shape '
                              f'({self.num_features},), got {tuple(value.shape)}')
         self._shift = value
+
+    def _apply(self, fn, *args, **kwargs):
+        """The shift follows the module's device (``model.cuda()``), in its own dtype: it
+        is no buffer (rank-local, outside the ``state_dict``; ``cbn_plugin.engine``
+        saves it)."""
+        super()._apply(fn, *args, **kwargs)
+        if self._shift is not None:
+            self._shift = moved_like(self._shift, fn)
+        return self
 
     def _group(self):
         if dist.is_available() and dist.is_initialized() \

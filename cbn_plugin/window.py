@@ -131,14 +131,17 @@ class StepRing:
     def recent_mask(self, position: int, ages: int, device: torch.device) -> Tensor:
         """``slots x 1`` bool: the ``ages`` newest slots (a window ramping up).
 
-        Made once per distinct value: a fresh tensor from host values is a
-        host-to-device copy, which from pageable memory waits for the device.
+        Made on ``device`` from Python numbers (an ``arange`` and a comparison,
+        the numbers passed as kernel arguments): a tensor built from host values,
+        or an index list, would be a host-to-device copy, which from pageable
+        memory waits for the device. Cached per distinct value.
         """
-        key = (self.newest_first(position, ages), str(device))
+        key = (self.next[position], ages, str(device))
         if key not in self._masks:
-            mask = torch.zeros(self.slots, 1, dtype=torch.bool)
-            mask[list(key[0])] = True
-            self._masks[key] = mask.to(device)
+            # slot s is (newest - s) % slots steps back; the ``ages`` newest are < ages back
+            back = (self.next[position] - 1 - torch.arange(self.slots, device=device)) \
+                .remainder_(self.slots)
+            self._masks[key] = (back < ages).view(self.slots, 1)
         return self._masks[key]
 
     def advance(self, position: int) -> None:
@@ -153,6 +156,14 @@ class StepRing:
             for slot in self.newest_first(p, self.filled[p]):
                 mask[p, slot] = True
         return mask.to(device)
+
+
+def moved_like(t: Tensor, fn) -> Tensor:
+    """``t`` where ``Module._apply``'s ``fn`` moves it, in its own dtype: a float16 or
+    bfloat16 cast (``model.half()``) does not reach the statistics, whose dtype is
+    float32 for half-precision inputs (``functional.stats_dtype``)."""
+    moved = fn(t)
+    return moved if moved.dtype == t.dtype else t.to(moved.device)
 
 
 def _merged(a: CF.SlotStats | None, b: CF.SlotStats | None) -> CF.SlotStats | None:
@@ -192,6 +203,12 @@ class CrossIterationWindow:
         self._prefix: tuple[int, CF.SlotStats | None] = (0, None)
         self._skipped: Tensor | None = None  # minus the finite single-call records
         self._records = 0                    # single-call records written
+
+    def follow(self, fn) -> None:
+        """Move the state kept outside the buffers with the module (``Module._apply``'s
+        ``fn``: ``model.cuda()``, ``.to(device)``), keeping its dtype."""
+        if self._skipped is not None:
+            self._skipped = moved_like(self._skipped, fn)
 
     # ----------------------------------------------------------- this step's calls
     def merge(self, position: int, current: CF.SlotStats):
