@@ -1,11 +1,14 @@
 """No host synchronisation in a steady-state training step.
 
 On a GPU every ``.item()``, ``int(t)``, ``float(t)``, ``if t:``, ``t.tolist()``
-or a tensor used as a Python index waits for the device's queue to drain. A
-steady-state step (forward, backward, optimizer step, ``cbn_plugin.step``) of
-CBN and SyncCBN must make none, in every mode, and ``CBNHook`` reads its
-diagnostics only on the iterations the logger writes. The trap counts every
-call of those ``Tensor`` methods while it is set.
+or a tensor used as a Python index waits for the device's queue to drain, and so
+does a host-to-device copy from pageable memory: ``torch.tensor(data)``,
+``t.new_tensor(data)``, an index given as a Python list, ``.to(device)`` of a host
+tensor. A steady-state step (forward, backward, optimizer step,
+``cbn_plugin.step``) of CBN and SyncCBN must make none, in every mode, and
+``CBNHook`` reads its diagnostics only on the iterations the logger writes. The
+trap counts every call of those ``Tensor`` methods, and every tensor made from
+host data or copied from the host to another device, while it is set.
 """
 import contextlib
 import traceback
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbn_plugin
 from cbn_plugin import CBN, SyncCBN
@@ -22,9 +26,34 @@ from cbn_plugin import CBN, SyncCBN
 HOST_READS = ('item', '__int__', '__float__', '__bool__', '__index__', 'tolist')
 
 
+class _HostToDevice(TorchDispatchMode):
+    """Records ``('host data' or 'host-to-device copy', where)`` for every tensor made from
+    host data (``lift_fresh``: ``torch.tensor``, ``new_tensor``, a list index; on a GPU a
+    copy to the device) and every copy from the host to another device."""
+
+    def __init__(self, calls: list) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        target = kwargs.get('device')
+        if name == 'aten.lift_fresh.default':
+            self.calls.append(('host data', ''.join(traceback.format_stack(limit=8)[:-1])))
+        elif (name == 'aten._to_copy.default' and args[0].device.type == 'cpu'
+              and target is not None and torch.device(target).type != 'cpu') or (
+                name == 'aten.copy_.default' and args[1].device.type == 'cpu'
+                and args[0].device.type != 'cpu'):
+            self.calls.append(('host-to-device copy',
+                               ''.join(traceback.format_stack(limit=8)[:-1])))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def trapped_host_reads():
-    """Record (method, where) for every host read of a tensor while in the block."""
+    """Record (method, where) for every host read of a tensor, and every host-to-device
+    copy, while in the block."""
     calls, originals = [], {name: getattr(torch.Tensor, name) for name in HOST_READS}
 
     def spy(name, original):
@@ -36,7 +65,8 @@ def trapped_host_reads():
     for name, original in originals.items():
         setattr(torch.Tensor, name, spy(name, original))
     try:
-        yield calls
+        with _HostToDevice(calls):
+            yield calls
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
@@ -96,6 +126,24 @@ def test_cbn_step_reads_nothing_back(mode):
     assert calls == [], calls[0][1] if calls else ''
 
 
+def test_a_ramping_window_reads_and_copies_nothing():
+    """While the window ramps up each step pools a new set of slots (a new mask)."""
+    torch.manual_seed(0)
+    model = Net(CBN, window_size=4)
+    cbn_plugin.bind(model, logger=None)
+    for layer in (model.bn1, model.bn2):
+        layer.set_schedule(burn_in_steps=1, ramp_steps=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    train_steps(model, opt, 2)
+    with trapped_host_reads() as calls:
+        windows = []
+        for _ in range(5):
+            train_steps(model, opt, 1)
+            windows.append(model.bn1.diagnostics['window'])
+    assert windows == [2, 2, 3, 3, 4], windows  # the ramp (new masks) ran in the trap
+    assert calls == [], calls[0][1] if calls else ''
+
+
 def test_gradient_accumulation_reads_nothing_back():
     calls = host_reads_in_steady_state(calls=3, window_size=3)
     assert calls == [], calls[0][1] if calls else ''
@@ -109,6 +157,22 @@ def test_the_trap_catches_host_reads():
             pass
         int(counter), counter.item(), counter.tolist()
     assert [name for name, _ in calls] == ['__bool__', '__int__', 'item', 'tolist']
+
+
+def test_the_trap_catches_host_to_device_copies():
+    """A count built from a host number, a mask indexed by a Python list, a host tensor
+    sent to another device (``meta``: this machine has no GPU)."""
+    x = torch.zeros(3)
+    with trapped_host_reads() as calls:
+        x.new_tensor([float(6)])
+        mask = torch.zeros(3, dtype=torch.bool)
+        mask[[0, 2]] = True
+        mask.to('meta')
+        torch.zeros(3, device='meta').copy_(x)
+    names = [name for name, _ in calls]
+    # (the list index makes two host tensors: the index and the value)
+    assert names.count('host data') >= 2 and names.count('host-to-device copy') == 2, names
+    assert set(names) == {'host data', 'host-to-device copy'}, names
 
 
 def _sync_worker(rank, store, results):
