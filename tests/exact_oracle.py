@@ -31,8 +31,8 @@ class ExactOracle:
         self.accumulation = accumulation  # 'own': a call pools no earlier call of its step
         self.history = []  # per completed step: (inputs of its calls, weight, bias)
         self.calls = []    # this step's conv inputs so far
-        self.running_mean = torch.zeros(gamma.shape, dtype=torch.float64)
-        self.running_var = torch.ones(gamma.shape, dtype=torch.float64)
+        self.running_mean = torch.zeros(gamma.shape, dtype=torch.float64, device=gamma.device)
+        self.running_var = torch.ones(gamma.shape, dtype=torch.float64, device=gamma.device)
 
     def conv_with(self, inp, weight, bias):
         c = self.conv

@@ -46,8 +46,10 @@ class OracleCBN:
         self.k, self.rho, self.rule, self.eps, self.momentum = window_size, rho, rule, eps, momentum
         self.history = []   # (conv_input, weight, bias) per completed step
         self.current = None
-        self.running_mean = torch.zeros(norm_weight.shape, dtype=torch.float64)
-        self.running_var = torch.ones(norm_weight.shape, dtype=torch.float64)
+        self.running_mean = torch.zeros(norm_weight.shape, dtype=torch.float64,
+                                        device=norm_weight.device)
+        self.running_var = torch.ones(norm_weight.shape, dtype=torch.float64,
+                                      device=norm_weight.device)
         self.entries_dropped = 0
 
     def __call__(self, conv_input):

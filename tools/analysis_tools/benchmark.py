@@ -219,31 +219,44 @@ LAYER_SHAPES = [
 ]
 
 
+def layer_steps(batch: int, cin: int, cout: int, kernel: int, size, cfgs: dict, device,
+                fill: int) -> tuple[dict, dict]:
+    """A conv + norm layer step per variant of ``cfgs`` (name -> ``norm_configs`` entry;
+    ``None`` skipped) on a ``batch`` x ``cin`` x ``size`` input (an int: square; or
+    ``(h, w)``): forward, backward, ``cbn_plugin.step``, called ``fill`` times first (the
+    windows filled). Returns ``(steps, models)`` by name."""
+    h, w = (size, size) if isinstance(size, int) else size
+    # The input needs its gradient, as inside a network: otherwise the conv's
+    # backward is its weight gradient alone and CBN's one extra looks twice as dear.
+    x = torch.randn(batch, cin, h, w, device=device, requires_grad=True)
+    grad = torch.randn(batch, cout, h, w, device=device)
+    fns, models = {}, {}
+    for norm, cfg in cfgs.items():
+        if cfg is None:
+            continue
+        torch.manual_seed(0)
+        model = prepare(nn.Sequential(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+            build_norm(cfg, cout)).to(device), norm)
+
+        def call(model=model):
+            model(x).backward(grad)
+            x.grad = None
+            cbn_plugin.step(model)
+        for _ in range(fill):
+            call()
+        fns[norm], models[norm] = call, model
+    return fns, models
+
+
 def layer_part(args, device):
     rows = []
     for name, batch, cin, cout, kernel, size in LAYER_SHAPES:
         batch = batch or args.rois
         label = name.replace('RoIs', f'{batch} RoIs')
-        # The input needs its gradient, as inside a network: otherwise the conv's
-        # backward is its weight gradient alone and CBN's one extra looks twice as dear.
-        x = torch.randn(batch, cin, size, size, device=device, requires_grad=True)
-        grad = torch.randn(batch, cout, size, size, device=device)
-        fns, models = {}, {}
-        for norm, cfg in norm_configs(args.window, args.dvar_strides).items():
-            if cfg is None:
-                continue
-            torch.manual_seed(0)
-            model = prepare(nn.Sequential(
-                nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-                build_norm(cfg, cout)).to(device), norm)
-
-            def call(model=model):
-                model(x).backward(grad)
-                x.grad = None
-                cbn_plugin.step(model)
-            for _ in range(args.window + 1):  # fill the windows
-                call()
-            fns[norm], models[norm] = call, model
+        fns, models = layer_steps(batch, cin, cout, kernel, size,
+                                  norm_configs(args.window, args.dvar_strides), device,
+                                  args.window + 1)
         times = interleaved(fns, args.repeats, device)
         for norm, seconds in times.items():
             rows.append(dict(shape=label, norm=norm, ms=seconds * 1e3,

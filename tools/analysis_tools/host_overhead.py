@@ -38,6 +38,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -219,17 +220,45 @@ def time_interleaved(fns: dict, repeats: int, steps: int, device) -> dict:
     return best
 
 
-def median_and_fastest(fns: dict, repeats: int, device) -> tuple[dict, dict]:
-    """Median and fastest seconds per call, one call per repeat, interleaved."""
+class CallTime(NamedTuple):
+    """One call's seconds: ``wall`` from a synchronised start to a synchronised end;
+    ``host`` until the call returned (on a GPU the device may still be working: the
+    host's own cost, launches included); ``device`` between CUDA events recorded
+    before and after it (on the CPU, the wall time)."""
+    wall: float
+    host: float
+    device: float
+
+
+def call_times(fns: dict, repeats: int, device) -> dict[str, list[CallTime]]:
+    """Each function's :class:`CallTime` per repeat, one call per repeat, interleaved."""
+    cuda = device.type == 'cuda'
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
+            if cuda:
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                events[0].record()
             start = time.perf_counter()
             fn()
+            issued = time.perf_counter()
+            if cuda:
+                events[1].record()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            wall = time.perf_counter() - start
+            times[name].append(CallTime(wall, issued - start, events[0].elapsed_time(
+                events[1]) / 1e3 if cuda else wall))
+    return times
+
+
+def median_and_fastest(fns: dict, repeats: int, device, clock: str = 'wall'
+                       ) -> tuple[dict, dict]:
+    """Median and fastest seconds per call (``clock``: a :class:`CallTime` field), one
+    call per repeat, interleaved."""
     import statistics
+    times = {n: [getattr(t, clock) for t in ts]
+             for n, ts in call_times(fns, repeats, device).items()}
     return ({n: statistics.median(t) for n, t in times.items()},
             {n: min(t) for n, t in times.items()})
 
