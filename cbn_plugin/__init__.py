@@ -23,7 +23,7 @@ from .versions import check_versions
 
 check_versions()
 
-from .binding import bind, cbn_layers, statistics_pass, step  # noqa: E402
+from .binding import StepTracker, bind, cbn_layers, skip_step, statistics_pass, step  # noqa: E402
 from .convert import convert_bn_to_cbn, convert_sync_cbn, convert_to_bn  # noqa: E402
 from .layer import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d  # noqa: E402
 from .options import derived_window_size  # noqa: E402
@@ -31,9 +31,10 @@ from .options import derived_window_size  # noqa: E402
 CBN = CrossIterationBatchNorm2d
 SyncCBN = SyncCrossIterationBatchNorm2d
 
-__all__ = ['CBN', 'CrossIterationBatchNorm2d', 'SyncCBN', 'SyncCrossIterationBatchNorm2d',
-           'bind', 'cbn_layers', 'convert_bn_to_cbn', 'convert_sync_cbn', 'convert_to_bn',
-           'derived_window_size', 'statistics_pass', 'step']
+__all__ = ['CBN', 'CrossIterationBatchNorm2d', 'StepTracker', 'SyncCBN',
+           'SyncCrossIterationBatchNorm2d', 'bind', 'cbn_layers', 'convert_bn_to_cbn',
+           'convert_sync_cbn', 'convert_to_bn', 'derived_window_size', 'skip_step',
+           'statistics_pass', 'step']
 
 # The OpenMMLab integration: only the import of mmengine itself is optional; once it
 # imports, a failure of the integration is an error like any other.

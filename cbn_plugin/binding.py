@@ -144,6 +144,46 @@ def step(model: nn.Module) -> None:
             module.step()
 
 
+def skip_step(model: nn.Module) -> None:
+    """The optimizer step did not happen: every CBN layer in ``model`` forgets this
+    step's forwards (``CrossIterationBatchNorm2d.skip_step``)."""
+    for module in model.modules():
+        if _is_cbn(module):
+            module.skip_step()
+
+
+class StepTracker:
+    """Marks the CBN layers' optimizer steps from the optimizer itself.
+
+    ``GradScaler.step(optimizer)`` does not call ``optimizer.step()`` when the
+    gradients hold inf/NaN (routine in float16 training). ``cbn_plugin.step``
+    after it would record the skipped step's batches as a step, and leaving it
+    out would merge them into the next step's record. Create a tracker before
+    training and call ``end_step()`` where ``cbn_plugin.step`` would go (after
+    ``scaler.step(optimizer)`` and ``scaler.update()``): it marks the step if the
+    optimizer stepped since the last call, and ``skip_step`` otherwise. An
+    optimizer step post-hook tells it, on the host: no read from the device.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.stepped = False
+        self._handle = optimizer.register_step_post_hook(self._on_step)
+
+    def _on_step(self, *_) -> None:
+        self.stepped = True
+
+    def end_step(self) -> bool:
+        """The end of an optimizer step (of its last micro-batch under accumulation):
+        whether the optimizer stepped, and so whether the step joined the windows."""
+        stepped, self.stepped = self.stepped, False
+        (step if stepped else skip_step)(self.model)
+        return stepped
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 @contextlib.contextmanager
 def statistics_pass(model: nn.Module):
     """The first pass of a two-pass step, for layers with ``accumulation='two_pass'``.

@@ -20,7 +20,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .binding import bind, cbn_layers, step
+from .binding import bind, cbn_layers, skip_step, step
 from .loops import TwoPassLoopMixin
 from .mmengine_internals import accumulative_counts
 from .options import WINDOW_IMAGES, check_int, check_number, derived_window_size
@@ -109,6 +109,7 @@ class CBNHook(Hook):
         self.ramp_iters, self.pairs = ramp_iters, pairs
         self._step_hook = None
         self._layers = []
+        self._model, self._stepped = None, False  # (set in before_train)
 
     def _schedule_in_steps(self, runner) -> tuple[int, int, int]:
         accumulate = accumulative_counts(runner.optim_wrapper)
@@ -154,8 +155,13 @@ class CBNHook(Hook):
                   f'{self._layers[0].steps_done}', logger='current')
         # The window advances once per real optimizer step, however many
         # forwards (gradient accumulation) or skipped steps there are.
+        self._model, self._stepped = model, False
         self._step_hook = runner.optim_wrapper.optimizer.register_step_post_hook(
-            lambda *_: step(model))
+            self._optimizer_stepped)
+
+    def _optimizer_stepped(self, *_) -> None:
+        step(self._model)
+        self._stepped = True
 
     def _derive_windows(self, runner) -> None:
         """The window of layers whose config gives none and that hold no window yet (a
@@ -194,6 +200,7 @@ class CBNHook(Hook):
         """
         if not self._layers:
             return
+        self._forget_a_skipped_step(runner)
         hub = runner.message_hub
         windows, shifts, negatives = [], [], []
         for layer in self._layers:
@@ -208,6 +215,18 @@ class CBNHook(Hook):
                                            torch.stack(negatives).mean()]).tolist()
             hub.update_scalar('train/cbn_mean_shift', shift)
             hub.update_scalar('train/cbn_negative_fraction', negative)
+
+    def _forget_a_skipped_step(self, runner) -> None:
+        """An iteration that ends an optimizer step (the wrapper's ``should_update``)
+        without the optimizer having stepped (``AmpOptimWrapper``'s ``GradScaler``
+        skipped it for inf/NaN gradients): its forwards leave the windows, which would
+        otherwise merge them into the next step's record."""
+        should_update = getattr(getattr(runner, 'optim_wrapper', None), 'should_update', None)
+        if self._model is None or should_update is None or not should_update():
+            return
+        if not self._stepped:
+            skip_step(self._model)
+        self._stepped = False
 
     def _logs_now(self, runner, batch_idx: int) -> bool:
         """Whether the logger hook writes this iteration (mmengine's LoggerHook rule)."""

@@ -69,7 +69,10 @@ class TwoPassLoopMixin:
         counts = accumulative_counts(self.runner.optim_wrapper)
         end = min((self._iter // counts + 1) * counts, self._max_iters, stop)
         batches = [data_batch] + ahead.peek(end - self._iter - 1)
-        with statistics_pass(model):
+        # Inside the wrapper's optim_context, as train_step runs the training pass: under
+        # AmpOptimWrapper that is autocast, and the statistics must be of the same
+        # (float16) activations the training pass normalises.
+        with self.runner.optim_wrapper.optim_context(self.runner.model), statistics_pass(model):
             for batch in batches:
                 data = model.data_preprocessor(batch, True)
                 if isinstance(data, dict):

@@ -1,0 +1,294 @@
+"""Mixed precision on the CPU: float16/bfloat16 autocast and GradScaler (issue 31, item 3).
+
+* a conv + CBN stack trains a few hundred steps under autocast: finite, the statistics
+  and the window float32;
+* what a training forward saves for the backward is within 10% of BN's under the same
+  autocast (the pooled norm keeps its half-precision input, as BN does);
+* the ``dvar/dW`` weight-gradient convolution runs in the autocast dtype and
+  ``<dvar/dW, W> = 2 var`` still holds to float32 rounding;
+* a step ``GradScaler`` skips (inf/NaN gradients) leaves no trace in the window: the
+  run equals one where that batch never came, with ``cbn_plugin.StepTracker`` and with
+  ``CBNHook`` under an AMP optimizer wrapper (mmengine's ``AmpOptimWrapper`` refuses a
+  CPU-only machine; ``CpuAmpOptimWrapper`` below does what it does, on the CPU);
+* the two-pass statistics pass runs inside the wrapper's ``optim_context`` (autocast).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import cbn_plugin
+import cbn_plugin.functional as CF
+from cbn_plugin import CBN
+
+DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+needs_cpu_scaler = pytest.mark.skipif(
+    not hasattr(torch.amp, 'GradScaler'), reason='torch.amp.GradScaler (CPU) is torch >= 2.3')
+
+
+def stack(norm, layers: int = 3, width: int = 16, **cbn) -> nn.Sequential:
+    """``layers`` x (conv 3x3, norm, ReLU) and a 1x1 conv head."""
+    modules, cin = [], 3
+    for _ in range(layers):
+        modules += [nn.Conv2d(cin, width, 3, padding=1, bias=False), norm(width, **cbn),
+                    nn.ReLU()]
+        cin = width
+    modules.append(nn.Conv2d(width, 1, 1))
+    return nn.Sequential(*modules)
+
+
+def batches(n: int, seed: int = 0, size: int = 12):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, size, size, generator=gen) + 0.3 for _ in range(n)]
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    return (out.float() - 0.5).pow(2).mean()
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.parametrize('mode', ['default', 'paper'])
+@pytest.mark.parametrize('dtype', sorted(DTYPES))
+def test_a_conv_cbn_stack_trains_under_autocast(dtype, mode):
+    torch.manual_seed(0)
+    model = stack(CBN, window_size=4, mode=mode)
+    cbn_plugin.bind(model, logger=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    losses = []
+    for x in batches(300):
+        with torch.autocast('cpu', dtype=DTYPES[dtype]):
+            out = model(x)
+        assert out.dtype == DTYPES[dtype]
+        loss = loss_of(out)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        cbn_plugin.step(model)
+        losses.append(loss.detach())
+    losses = torch.stack(losses)
+    assert torch.isfinite(losses).all()
+    assert losses[-50:].mean() < losses[:50].mean()  # it learns
+    for _, layer in cbn_plugin.cbn_layers(model):
+        assert layer.diagnostics['window'] == 4
+        for name in ('window_mean', 'window_var', 'window_grad_mean', 'window_grad_var',
+                     'running_mean', 'running_var'):
+            t = getattr(layer, name)
+            assert t.dtype == torch.float32 and torch.isfinite(t).all(), name
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def saved_bytes(model, x, dtype) -> int:
+    """Bytes a training forward keeps for the backward (each storage once)."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast('cpu', dtype=dtype):
+        out = model(x)
+    loss_of(out).backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize('dtype', sorted(DTYPES))
+def test_saved_activations_within_ten_percent_of_bn(dtype):
+    """The pooled norm saves its float16/bfloat16 input as BN does (a float32 copy made
+    CBN save 1.47x BN's bytes over this stack, float16 and bfloat16 alike)."""
+    xs = batches(6, size=24)
+    found = {}
+    for name, norm, cbn in (('BN', nn.BatchNorm2d, {}), ('CBN', CBN, dict(window_size=4)),
+                            ('CBN paper', CBN, dict(window_size=4, mode='paper'))):
+        torch.manual_seed(0)
+        model = stack(norm, **cbn)
+        if cbn:
+            cbn_plugin.bind(model, logger=None)
+        for x in xs[:5]:  # the window is full: the step pools it
+            with torch.autocast('cpu', dtype=DTYPES[dtype]):
+                loss_of(model(x)).backward()
+            model.zero_grad()
+            if cbn:
+                cbn_plugin.step(model)
+        found[name] = saved_bytes(model, xs[5], DTYPES[dtype])
+    for name in ('CBN', 'CBN paper'):
+        ratio = found[name] / found['BN']
+        print(f'{dtype}: {name} saves {found[name]} bytes, BN {found["BN"]}: {ratio:.3f}x')
+        assert ratio <= 1.10, (name, found)
+
+
+@pytest.mark.parametrize('dtype', sorted(DTYPES))
+def test_dvar_dw_in_half_precision_keeps_the_identity(dtype):
+    """``<dvar/dW, W> = 2 var`` to float32 rounding (what makes the compensation vanish
+    when the weight has not moved), and ``dvar/dW`` itself close to the float32 one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    x = torch.randn(4, 16, 20, 20) + 0.5
+    with torch.no_grad(), torch.autocast('cpu', dtype=DTYPES[dtype]):
+        out = conv(x)
+    assert out.dtype == DTYPES[dtype]
+    mean, var = CF.batch_stats(out)
+    grad_mean, grad_var = CF.conv_stat_grads(x, out, mean, var, conv)
+    assert grad_var.dtype == grad_mean.dtype == torch.float32
+    weight = conv.weight.detach().flatten(1)
+    identity = ((grad_var * weight).sum(1) - 2 * var).abs().max() / (2 * var).max()
+    reference = CF.conv_stat_grads(x.to(out.dtype).float(), out.float(), mean, var, conv)[1]
+    deviation = (grad_var - reference).norm() / reference.norm()
+    print(f'{dtype} dvar/dW: identity error {identity:.2e}, vs float32 {deviation:.2e}')
+    assert identity < 1e-5
+    assert deviation < (2e-3 if dtype == 'float16' else 1e-2)
+
+
+# ---------------------------------------------------------------- skipped steps
+def _scaled_run(batch_list, skip_at=None, per_call_windows=False, halve_after=None):
+    """fp16 autocast + GradScaler; the step at ``skip_at`` gets inf gradients (its
+    forward is finite), so the scaler skips its optimizer step (and halves its scale:
+    ``halve_after`` halves it after that step in a run without the skip, so that both
+    runs round their float16 gradients alike)."""
+    torch.manual_seed(0)
+    model = stack(CBN, layers=2, window_size=3, per_call_windows=per_call_windows)
+    cbn_plugin.bind(model, logger=None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8, growth_interval=10 ** 6)
+    tracker = cbn_plugin.StepTracker(model, opt)
+    stepped = []
+    for i, x in enumerate(batch_list):
+        with torch.autocast('cpu', dtype=torch.float16):
+            loss = loss_of(model(x))
+        if i == skip_at:
+            loss = loss * float('inf')
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if i == halve_after:
+            scaler.update(new_scale=scaler.get_scale() / 2)
+        opt.zero_grad()
+        stepped.append(tracker.end_step())
+    return model, stepped
+
+
+def _windows(model) -> dict:
+    return {f'{n}.{k}': v.clone() for n, layer in cbn_plugin.cbn_layers(model)
+            for k, v in layer.state_dict().items() if k.startswith(('window_', 'num_steps'))}
+
+
+@needs_cpu_scaler
+@pytest.mark.parametrize('per_call_windows', [False, True])
+def test_a_skipped_step_leaves_no_trace_in_the_window(per_call_windows):
+    xs = batches(9, seed=3)
+    skipped, stepped = _scaled_run(xs, skip_at=5, per_call_windows=per_call_windows)
+    assert stepped == [i != 5 for i in range(9)]
+    never, _ = _scaled_run(xs[:5] + xs[6:], per_call_windows=per_call_windows, halve_after=4)
+    a, b = _windows(skipped), _windows(never)
+    assert a.keys() == b.keys()
+    for key in a:  # one window position, the same records
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f'{key}: {m}')
+    assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), never.parameters()))
+
+
+# ---------------------------------------------------------------- mmengine
+def _cpu_amp_wrapper():
+    """mmengine's AmpOptimWrapper, on the CPU: GradScaler('cpu') and float16 autocast."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.registry import OPTIM_WRAPPERS
+
+    if 'CpuAmpOptimWrapper' in OPTIM_WRAPPERS.module_dict:
+        return
+
+    @OPTIM_WRAPPERS.register_module()
+    class CpuAmpOptimWrapper(OptimWrapper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8,
+                                                    growth_interval=10 ** 6)
+
+        def backward(self, loss, **kwargs):
+            self.loss_scaler.scale(loss).backward(**kwargs)
+            self._inner_count += 1
+
+        def step(self, **kwargs):
+            self.loss_scaler.unscale_(self.optimizer)
+            self.loss_scaler.step(self.optimizer, **kwargs)
+            self.loss_scaler.update()
+
+        @contextlib.contextmanager
+        def optim_context(self, model):
+            with super().optim_context(model), torch.autocast('cpu', dtype=torch.float16):
+                yield
+
+
+class _Subset(torch.utils.data.Dataset):
+    """``ToyData`` with sample ``bad``'s target infinite (its loss, not its forward), or
+    without samples ``drop``."""
+
+    def __init__(self, n, bad=(), drop=()):
+        from helpers import ToyData
+        self.data, self.bad = ToyData(n, shift=0.5), set(bad)
+        self.index = [i for i in range(n) if i not in set(drop)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        item = dict(self.data[self.index[i]])
+        if self.index[i] in self.bad:
+            item['y'] = torch.full_like(item['y'], float('inf'))
+        return item
+
+
+def _runner_run(tmp_path, dataset, loop=None, accumulate=1, accumulation='merge', iters=None):
+    from helpers import ToyNet, tiny_runner
+    _cpu_amp_wrapper()
+    torch.manual_seed(0)
+    model = ToyNet(window_size=3)
+    model.bn.accumulation = accumulation
+    runner = tiny_runner(tmp_path, model, dataset, shuffle=False, lr=0.05, momentum=0.9,
+                         hooks=[dict(type='CBNHook', burn_in_iters=0)],
+                         accumulate=accumulate, loop=loop, max_iters=iters,
+                         max_epochs=1, default_hooks=dict(checkpoint=None),
+                         log_level='WARNING', default_scope='mmengine')
+    runner.optim_wrapper = dict(type='CpuAmpOptimWrapper', accumulative_counts=accumulate,
+                                optimizer=dict(type='SGD', lr=0.05, momentum=0.9))
+    runner.train()
+    return model
+
+
+@needs_cpu_scaler
+def test_cbn_hook_forgets_a_step_the_amp_wrapper_skipped(tmp_path):
+    """Batch 3 (samples 6, 7) has an infinite loss: the scaler skips its step, and the
+    windows equal those of the run where it never came."""
+    skipped = _runner_run(tmp_path / 'a', _Subset(16, bad=[7]))
+    never = _runner_run(tmp_path / 'b', _Subset(16, drop=[6, 7]))
+    assert skipped.bn.steps_done == never.bn.steps_done == 7
+    a, b = _windows(skipped), _windows(never)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f'{key}: {m}')
+
+
+@needs_cpu_scaler
+def test_the_statistics_pass_runs_under_the_wrappers_autocast(tmp_path):
+    """The two-pass loop's statistics pass sees what the training pass sees: the conv's
+    float16 output under the AMP wrapper's autocast."""
+    seen = []
+
+    from helpers import ToyNet
+    original = ToyNet.forward
+
+    def forward(self, x, y, mode='tensor'):
+        if not hasattr(self, '_dtype_hook'):
+            self._dtype_hook = self.bn.register_forward_pre_hook(
+                lambda m, args: seen.append((torch.is_grad_enabled(), args[0].dtype)))
+        return original(self, x, y, mode)
+
+    ToyNet.forward = forward
+    try:
+        _runner_run(tmp_path, _Subset(8), loop='TwoPassIterBasedTrainLoop', accumulate=2,
+                    accumulation='two_pass', iters=4)
+    finally:
+        ToyNet.forward = original
+    statistics = {dtype for grad, dtype in seen if not grad}
+    training = {dtype for grad, dtype in seen if grad}
+    assert statistics == training == {torch.float16}, seen
