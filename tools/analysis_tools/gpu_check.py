@@ -10,7 +10,9 @@ Built for the GPU machine this project borrows: one H100 or H200, Python 3.12 wi
 It needs the plugin's core and torch alone (``tests/test_torch_only.py``); the models
 are plain torch modules (``detection_stack.py``), the oracles ``tests/oracle.py`` and
 ``tests/exact_oracle.py``. Nothing needs carrying. Through the device tool, as one call
-(``timeout_s`` 540, leaving room to rerun once within the 15 minutes of device time):
+(``timeout_s`` 450: the parts stop at ``--budget-s`` 345 s, a compile row 20 s past it at
+the latest; with the machine's start, under 8 minutes, leaving room to rerun once within
+the 15 minutes of device time):
 
     set -o pipefail; PYTHONUNBUFFERED=1 python3 tools/analysis_tools/gpu_check.py \\
         --out $OUT/gpu.md 2>&1 | tee $OUT/gpu_check.log
@@ -256,7 +258,7 @@ def oracle_run(spec: dict, device, steps: int, seed: int = 0) -> dict:
     worst = dict.fromkeys(ORACLE_TOLERANCES, 0.0)
 
     def check(kind, got, want):
-        worst[kind] = max(worst[kind], float((got - want).abs().max()))
+        worst[kind] = max(worst[kind], float((got - want).detach().abs().max()))
         rtol, atol = ORACLE_TOLERANCES[kind]
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f'{kind}: {m}')
 
@@ -323,6 +325,10 @@ def forced_skip(model, args, data, device, scale: float) -> dict:
     on ``data[0]``; run B, a copy of the model: the step on ``data[0]`` alone, both from
     the trained ``scale``. A skipped step must leave no trace: the windows of A and B
     equal, their clocks too."""
+    # From a clean state on both: the last of the trained steps may itself have been
+    # skipped, and its pending forward is not this experiment's.
+    for _, layer in cbn_plugin.cbn_layers(model):
+        layer.discard_step()
     other = copy.deepcopy(model)
     poison = [True]
 
@@ -402,7 +408,10 @@ def state_dict_part(args, device) -> dict:
                 round_trip=(window_difference(before, after) == 0.0
                             and clocks(model) == clocks(fresh)
                             and devices == [str(torch.empty(0, device=device).device)]
-                            and bool(torch.equal(losses[0], losses[1]))))
+                            # the same windows and weights: the same loss, up to the
+                            # order of a nondeterministic kernel's sums
+                            and bool(torch.allclose(losses[0], losses[1], rtol=1e-6,
+                                                    atol=0.0))))
 
 
 # ---------------------------------------------------------------- part: layers
@@ -896,7 +905,7 @@ def parser() -> argparse.ArgumentParser:
                    help='the page; the json goes beside it')
     p.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
     p.add_argument('--smoke', action='store_true', help='tiny sizes for the CPU (SMOKE)')
-    p.add_argument('--budget-s', type=float, default=390,
+    p.add_argument('--budget-s', type=float, default=345,
                    help='seconds for the parts; what is left when it is spent is skipped')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')

@@ -1,0 +1,141 @@
+"""The GPU check (tools/analysis_tools/gpu_check.py) on the CPU: every part runs end to end
+at tiny sizes and is reported, a part that raises is recorded and the others still run,
+the verdicts follow the figures (a ratio on the wrong side of its goal fails), and a run
+with no budget left still writes its report."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'tools' / 'analysis_tools' / 'gpu_check.py'
+sys.path.insert(0, str(SCRIPT.parent))
+
+import gpu_check  # noqa: E402
+
+# Smaller than --smoke: a test's budget. The compile row is BN's (the CBN rows recompile
+# until the window is filled; minutes on this CPU), with dynamo alone.
+TINY = ['--device', 'cpu', '--smoke', '--steps', '4', '--window', '2', '--oracle-steps', '2',
+        '--layer-repeats', '1', '--stack-repeats', '2', '--fpn-sizes', '8x12', '--no-peak',
+        '--compile-norms', 'BN', '--compile-modes', 'default', '--compile-backend', 'eager',
+        '--compile-steps', '1', '--compile-repeats', '1']
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('gpu') / 'gpu.md'
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, '--out', str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f'smoke run: {time.perf_counter() - start:.1f} s')
+    return out, json.loads(out.with_suffix('.json').read_text())
+
+
+def test_every_part_runs_and_is_reported(smoke):
+    out, results = smoke
+    assert list(results['parts']) == list(gpu_check.PARTS)
+    assert {n: p['status'] for n, p in results['parts'].items()} == dict.fromkeys(
+        gpu_check.PARTS, 'ok')
+    page = out.read_text()
+    assert page.startswith('# CBN on a GPU') and 'No GPU has run this check yet' in page
+    for name in gpu_check.PARTS:
+        assert f'\n## {name}\n' in page
+    assert results['machine']['device'] == 'cpu' and results['machine']['torch']
+    parts = {n: p['result'] for n, p in results['parts'].items()}
+    assert len(parts['oracles']) == len(gpu_check.ORACLE_RUNS)
+    assert parts['train']['steps'] == 4 and parts['train']['syncs'] is None
+    assert parts['train']['window_clocks'] == [4]
+    assert parts['state_dict']['round_trip']
+    variants = gpu_check.layer_variants()
+    assert len(parts['layers']) == 2 * len(variants)  # one FPN size and the box head
+    assert [r['norm'] for r in parts['stack']] == list(gpu_check.STACK_ROWS)
+    assert [(r['norm'], r['mode']) for r in parts['compile']] == [('BN', 'default')]
+    assert parts['compile'][0]['graphs'] >= 1
+
+
+def test_the_verdicts_follow_the_figures(smoke):
+    """Each verdict is recomputed here from the rows the json holds."""
+    out, results = smoke
+    verdicts = {v['goal']: v for v in results['verdicts']}
+    assert len(verdicts) == 6
+    rows = {r['norm']: r for r in results['parts']['stack']['result']}
+    bn = rows['BN']['wall_fastest_ms']
+    for name, goal in (('CBN in FPN + head', gpu_check.GOAL_TIME_FPN_HEAD),
+                       ('CBN everywhere', gpu_check.GOAL_TIME_ALL)):
+        ratio = rows[name]['wall_fastest_ms'] / bn
+        verdict = next(v for g, v in verdicts.items() if 'step time' in g and name in g)
+        assert verdict['measured'] == f'{ratio:.3f}x'
+        assert verdict['met'] == (ratio <= goal)
+    memory = next(v for g, v in verdicts.items() if 'peak memory' in g)
+    assert memory['met'] is None  # --no-peak, and k = 2 is not the goal's k = 8
+    syncs = next(v for g, v in verdicts.items() if 'syncs' in g)
+    assert syncs['met'] is None and 'no CUDA' in syncs['measured']
+    crashes = next(v for g, v in verdicts.items() if 'crashes' in g)
+    assert crashes['met'] is True
+    for v in results['verdicts']:
+        mark = 'not measured' if v['met'] is None else 'PASS' if v['met'] else 'FAIL'
+        assert f'- {mark}: {v["goal"]}: {v["measured"]}' in out.read_text()
+
+
+def synthetic(ratios: dict, peak: float, syncs, window: int = 8) -> dict:
+    rows = [dict(norm='BN', wall_fastest_ms=100.0, peak_mib=1000.0)]
+    rows += [dict(norm=n, wall_fastest_ms=100.0 * r, peak_mib=1000.0 * peak)
+             for n, r in ratios.items()]
+    for row in rows:
+        row['wall_vs_bn'] = row['wall_fastest_ms'] / 100.0
+        row['peak_vs_bn'] = row['peak_mib'] / 1000.0
+    return dict(settings=dict(window=window), parts=dict(
+        train=dict(status='ok', result=dict(syncs=syncs, steps_checked=10, first_sync=None)),
+        stack=dict(status='ok', result=rows)))
+
+
+@pytest.mark.parametrize('fpn_head, everywhere, peak, syncs, expect', [
+    (1.10, 1.5, 1.15, 0, [True, True, True, True, True]),
+    (1.11, 1.5, 1.15, 0, [True, True, False, True, True]),
+    (1.05, 1.51, 1.16, 1, [True, False, True, False, False]),
+])
+def test_verdict_thresholds(fpn_head, everywhere, peak, syncs, expect):
+    results = synthetic({'CBN in FPN + head': fpn_head, 'CBN everywhere': everywhere}, peak,
+                        syncs)
+    got = [v['met'] for v in gpu_check.verdicts(results)]
+    # crashes, syncs, amp (not run: None), time FPN + head, time everywhere, memory
+    assert got[2] is None
+    assert [got[0], got[1], got[3], got[4], got[5]] == expect
+
+
+def test_memory_verdict_needs_the_goals_window():
+    results = synthetic({'CBN in FPN + head': 1.0, 'CBN everywhere': 1.0}, 1.0, 0, window=4)
+    memory = gpu_check.verdicts(results)[-1]
+    assert memory['met'] is None and 'k = 4' in memory['measured']
+
+
+def test_a_failing_part_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
+    def planted(args, device):
+        raise RuntimeError('planted failure')
+    monkeypatch.setattr(gpu_check, 'state_dict_part', planted)
+    out = tmp_path / 'gpu.md'
+    code = gpu_check.main([*TINY, '--parts', 'oracles', 'state_dict', '--out', str(out)])
+    assert code == 1
+    results = json.loads(out.with_suffix('.json').read_text())
+    failed = results['parts']['state_dict']
+    assert failed['status'] == 'failed' and failed['error'] == 'RuntimeError: planted failure'
+    assert 'planted' in failed['traceback'] and 'in planted' in failed['traceback']
+    assert results['parts']['oracles']['status'] == 'ok'
+    assert results['parts']['train'] == dict(status='skipped',
+                                             reason='not asked for (--parts)')
+    page = out.read_text()
+    assert '### state_dict failed' in page
+    assert '- FAIL: 0 crashes (every part and compile row ran without raising): 1 failed: ' \
+           'state_dict' in page
+
+
+def test_no_budget_left_still_writes_the_report(tmp_path):
+    out = tmp_path / 'gpu.md'
+    assert gpu_check.main([*TINY, '--budget-s', '0', '--out', str(out)]) == 0
+    results = json.loads(out.with_suffix('.json').read_text())
+    assert {p['status'] for p in results['parts'].values()} == {'skipped'}
+    assert all(v['met'] in (None, True) for v in results['verdicts'])
