@@ -30,3 +30,19 @@ demo-compare: $(STAMP)
 
 clean-venv:
 	rm -rf .venv
+
+# The GPU check (tools/analysis_tools/gpu_check.py -> docs/gpu.md and docs/gpu.json). On the
+# borrowed GPU machine there is no .venv: its python3 has torch, and the plugin's core needs
+# nothing else, so nothing is carried. Through the device tool, one call, timeout_s 450:
+#   set -o pipefail; PYTHONUNBUFFERED=1 make gpu-check GPU_OUT=$OUT/gpu.md 2>&1 | tee $OUT/gpu_check.log
+# (where make is absent: python3 tools/analysis_tools/gpu_check.py --out $OUT/gpu.md), then
+# copy gpu.md and gpu.json from the call's files into docs/.
+# gpu-check-cpu: the same script on this machine's CPU at tiny sizes (the smoke run).
+GPU_PY ?= python3
+GPU_OUT ?= docs/gpu.md
+.PHONY: gpu-check gpu-check-cpu
+gpu-check:
+	$(GPU_PY) tools/analysis_tools/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
+
+gpu-check-cpu: $(STAMP)
+	$(PY) tools/analysis_tools/gpu_check.py --device cpu --smoke --out $(GPU_OUT) $(GPU_ARGS)
