@@ -139,3 +139,7 @@ def test_no_budget_left_still_writes_the_report(tmp_path):
     results = json.loads(out.with_suffix('.json').read_text())
     assert {p['status'] for p in results['parts'].values()} == {'skipped'}
     assert all(v['met'] in (None, True) for v in results['verdicts'])
+    page = out.read_text()
+    out.write_text('')
+    assert gpu_check.main(['--from-json', '--out', str(out)]) == 0  # measures nothing
+    assert out.read_text() == page and gpu_check.GPU_COMMAND in page

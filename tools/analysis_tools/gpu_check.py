@@ -105,6 +105,10 @@ ORACLE_RUNS = {
     "paper's backward and compensation, exclude rule (OracleCBN)":
         dict(oracle=OracleCBN, cbn=dict(mode='paper'), rule='exclude'),
 }
+# What to run on the borrowed GPU machine (device tool: one call, timeout_s 450, nothing
+# carried), as the docstring says.
+GPU_COMMAND = ('set -o pipefail; PYTHONUNBUFFERED=1 python3 tools/analysis_tools/gpu_check.py '
+               '--out $OUT/gpu.md 2>&1 | tee $OUT/gpu_check.log')
 # Tiny sizes for the CPU: every part runs, in seconds (tests, the committed smoke page).
 SMOKE = dict(image=(64, 96), train_image=(64, 96), rois=8, base=8, channels=32,
              blocks=(1, 1, 1, 1), layer_channels=32, fpn_sizes=('16x24', '8x12'),
@@ -121,24 +125,18 @@ def sync_debug(mode):
 
 
 def make_optimizer(model, lr: float):
-    """SGD with momentum; ``cbn_plugin.step`` after each step the optimizer really takes
-    (a post-hook, as CBNHook: a step ``GradScaler`` skips never reaches it). Returns the
-    optimizer and the list of step indices taken (appended by the hook)."""
+    """SGD with momentum and the plugin's ``StepTracker``, as a training loop without
+    OpenMMLab uses it: a step ``GradScaler`` skipped is forgotten, not recorded."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    taken: list[int] = []
-
-    def after_step(*_):
-        cbn_plugin.step(model)
-        taken.append(len(taken))
-    optimizer.register_step_post_hook(after_step)
-    return optimizer, taken
+    return optimizer, cbn_plugin.StepTracker(model, optimizer)
 
 
-def training_step(model, optimizer, batches, loss_fn=None, scaler=None, amp=None,
-                  before=None):
-    """``step(i)``: one optimizer step on ``batches[i % len]`` (``loss_fn``: a compiled
-    ``model.loss``; ``amp``: an autocast dtype, with ``scaler``; ``before``: called first,
-    e.g. CUDA graphs' step mark). Returns the loss, on the device (no sync)."""
+def training_step(model, optimizer, tracker, batches, loss_fn=None, scaler=None, amp=None,
+                  before=None, taken=None):
+    """``step(i)``: one optimizer step on ``batches[i % len]`` and ``tracker.end_step()``
+    (``loss_fn``: a compiled ``model.loss``; ``amp``: an autocast dtype, with ``scaler``;
+    ``before``: called first, e.g. CUDA graphs' step mark; ``taken``: a list that gets
+    whether the optimizer stepped). Returns the loss, on the device (no sync)."""
     loss_fn = loss_fn or model.loss
     device_type = batches[0].images.device.type
 
@@ -155,6 +153,9 @@ def training_step(model, optimizer, batches, loss_fn=None, scaler=None, amp=None
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+        stepped = tracker.end_step()
+        if taken is not None:
+            taken.append(stepped)
         return loss.detach()
     return step
 
@@ -219,8 +220,7 @@ def run_steps(step, steps: int, warmup: int, device, model) -> dict:
                 sites[f'{Path(frames[-1].filename).name}:{frames[-1].lineno}'] += 1
                 first = first or dict(step=i, error=str(exc).splitlines()[0][:300],
                                       traceback=traceback.format_exc(limit=-8)[-3000:])
-                for _, layer in cbn_plugin.cbn_layers(model):
-                    layer.discard_step()
+                cbn_plugin.skip_step(model)  # the interrupted step's forwards
                 mode = 'warn'
             finally:
                 sync_debug(0)
@@ -295,14 +295,15 @@ def oracles_part(args, device) -> dict:
 # ---------------------------------------------------------------- part: train
 def train_part(args, device) -> dict:
     model = stack(args, 'cbn', 'all', device)
-    optimizer, taken = make_optimizer(model, args.lr)
-    step = training_step(model, optimizer, batches(args, args.train_image, device))
+    taken = []
+    step = training_step(model, *make_optimizer(model, args.lr),
+                         batches(args, args.train_image, device), taken=taken)
     start = time.perf_counter()
     ran = run_steps(step, args.steps, args.warmup, device, model)
     seconds = time.perf_counter() - start
     losses = ran.pop('losses')
     return dict(ran, model='CBN everywhere', window=args.window, steps=args.steps,
-                optimizer_steps=len(taken), seconds=seconds,
+                optimizer_steps=sum(taken), seconds=seconds,
                 sync_mode='error after warm-up' if device.type == 'cuda'
                 else 'not available on the CPU (torch.cuda.set_sync_debug_mode is CUDA\'s)',
                 finite=bool(torch.isfinite(losses).all()), first_loss=float(losses[0]),
@@ -313,11 +314,12 @@ def train_part(args, device) -> dict:
 
 # ---------------------------------------------------------------- part: amp
 def amp_steps(model, args, data, device, loss_fn=None, init_scale: float = 2.0 ** 16):
-    """A GradScaler-driven fp16 ``step(i)`` of ``model``, the steps taken, the scaler."""
-    optimizer, taken = make_optimizer(model, args.lr)
+    """A GradScaler-driven fp16 ``step(i)`` of ``model``, whether each step was taken
+    (a list), the scaler."""
+    taken = []
     scaler = torch.amp.GradScaler(device.type, init_scale=init_scale)
-    return (training_step(model, optimizer, data, loss_fn, scaler, amp=torch.float16), taken,
-            scaler)
+    return (training_step(model, *make_optimizer(model, args.lr), data, loss_fn, scaler,
+                          amp=torch.float16, taken=taken), taken, scaler)
 
 
 def forced_skip(model, args, data, device, scale: float) -> dict:
@@ -325,10 +327,6 @@ def forced_skip(model, args, data, device, scale: float) -> dict:
     on ``data[0]``; run B, a copy of the model: the step on ``data[0]`` alone, both from
     the trained ``scale``. A skipped step must leave no trace: the windows of A and B
     equal, their clocks too."""
-    # From a clean state on both: the last of the trained steps may itself have been
-    # skipped, and its pending forward is not this experiment's.
-    for _, layer in cbn_plugin.cbn_layers(model):
-        layer.discard_step()
     other = copy.deepcopy(model)
     poison = [True]
 
@@ -342,10 +340,10 @@ def forced_skip(model, args, data, device, scale: float) -> dict:
     step_a(0)
     step_b(0)
     difference = window_difference(window_state(model), window_state(other))
-    return dict(steps_taken_a=len(taken_a), steps_taken_b=len(taken_b),
+    return dict(steps_taken_a=sum(taken_a), steps_taken_b=sum(taken_b),
                 window_difference=difference, clocks_a=clocks(model), clocks_b=clocks(other),
                 no_trace=difference <= 1e-6 and clocks(model) == clocks(other)
-                and len(taken_a) == len(taken_b) == 1)
+                and taken_a == [False, True] and taken_b == [True])
 
 
 def amp_part(args, device) -> dict:
@@ -355,17 +353,12 @@ def amp_part(args, device) -> dict:
     # GradScaler's step reads found_inf on the host (one sync per step by design): this
     # part runs outside the sync debug mode. Which steps were taken is known on the host
     # (the optimizer's post-hook ran or not).
-    losses, flags = [], []
-    for i in range(args.steps):
-        before = len(taken)
-        losses.append(step(i))
-        flags.append(len(taken) > before)
-    losses = torch.stack(losses).cpu()
+    losses = torch.stack([step(i) for i in range(args.steps)]).cpu()
+    flags, taken = taken, sum(taken)
     taken_losses = losses[torch.tensor(flags)]
     state = window_state(model)
     dtypes = sorted({str(v.dtype) for k, v in state.items() if k.endswith(('_mean', '_var'))})
-    result = dict(steps=args.steps, optimizer_steps=len(taken),
-                  skipped_steps=args.steps - len(taken),
+    result = dict(steps=args.steps, optimizer_steps=taken, skipped_steps=args.steps - taken,
                   skipped_at=[i for i, f in enumerate(flags) if not f][:20],
                   finite_losses=int(torch.isfinite(taken_losses).sum()),
                   last_loss=float(losses[-1]), scale=scaler.get_scale(),
@@ -373,8 +366,8 @@ def amp_part(args, device) -> dict:
                   window_finite=all(bool(torch.isfinite(v.double()).all())
                                     for v in state.values()))
     result['forced_skip'] = forced_skip(model, args, data, device, result['scale'])
-    result['trains'] = (result['finite_losses'] == len(taken) > 0
-                        and result['window_clocks'] == [len(taken)]
+    result['trains'] = (result['finite_losses'] == taken > 0
+                        and result['window_clocks'] == [taken]
                         and result['window_finite'] and dtypes == ['torch.float32']
                         and result['forced_skip']['no_trace'])
     return result
@@ -383,9 +376,8 @@ def amp_part(args, device) -> dict:
 # ---------------------------------------------------------------- part: state_dict
 def state_dict_part(args, device) -> dict:
     model = stack(args, 'cbn', 'all', device)
-    optimizer, _ = make_optimizer(model, args.lr)
     data = batches(args, args.train_image, device)
-    step = training_step(model, optimizer, data)
+    step = training_step(model, *make_optimizer(model, args.lr), data)
     for i in range(args.window + 1):  # the window filled
         step(i)
     buffer = io.BytesIO()
@@ -469,11 +461,12 @@ def layers_part(args, device) -> list:
 
 # ---------------------------------------------------------------- part: stack
 def stack_row(args, name: str, device):
-    """(model, optimizer, data, eager step) of a ``STACK_ROWS`` entry at the speed size."""
+    """(model, optimizer, tracker, data, eager step) of a ``STACK_ROWS`` entry at the
+    speed size."""
     model = stack(args, *STACK_ROWS[name], device)
-    optimizer, _ = make_optimizer(model, args.lr)
+    optimizer, tracker = make_optimizer(model, args.lr)
     data = batches(args, args.image, device, count=1)
-    return model, optimizer, data, training_step(model, optimizer, data)
+    return model, optimizer, tracker, data, training_step(model, optimizer, tracker, data)
 
 
 def memory_mib(step, model, optimizer, device, peak: bool) -> dict:
@@ -488,7 +481,7 @@ def memory_mib(step, model, optimizer, device, peak: bool) -> dict:
 def stack_part(args, device) -> list:
     built = {}
     for name in STACK_ROWS:
-        model, optimizer, _, step = stack_row(args, name, device)
+        model, optimizer, _, _, step = stack_row(args, name, device)
         for i in range(args.window + 1):  # the window filled
             step(i)
         built[name] = (model, optimizer, step)
@@ -528,7 +521,7 @@ def compile_row(args, name: str, mode: str, device) -> dict:
     compile + first steps, then interleaved-free timing, memory, dynamo's counts."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    model, optimizer, data, eager = stack_row(args, name, device)
+    model, optimizer, tracker, data, eager = stack_row(args, name, device)
     for i in range(args.window + 1):
         eager(i)
     torch._dynamo.reset()
@@ -539,7 +532,7 @@ def compile_row(args, name: str, mode: str, device) -> dict:
         loss_fn = torch.compile(model.loss, backend=args.compile_backend,
                                 mode=None if mode == 'default' else mode)
         mark = torch.compiler.cudagraph_mark_step_begin if mode == 'reduce-overhead' else None
-        step = training_step(model, optimizer, data, loss_fn, before=mark)
+        step = training_step(model, optimizer, tracker, data, loss_fn, before=mark)
         start, graphs = time.perf_counter(), []
         for i in range(args.compile_steps):
             step(i)
@@ -765,8 +758,10 @@ def render(results: dict) -> list[str]:
         lines += ['**No GPU has run this check yet.** The figures below are the CPU smoke run '
                   '(`--device cpu`, tiny sizes): they show that every part runs end to end, '
                   'not how CBN does on a GPU, and the verdicts are computed from them the way '
-                  'the GPU run\'s will be. The command for the GPU machine is in '
-                  '`tools/analysis_tools/gpu_check.py`\'s docstring and the Makefile.', '']
+                  'the GPU run\'s will be.', '',
+                  'On the GPU machine (the device tool, one call, `timeout_s` 450, nothing '
+                  f'carried): `{GPU_COMMAND}`, then `gpu.md` and `gpu.json` from the call\'s '
+                  'files into `docs/`.', '']
     lines += [f'Command: `{results["command"]}`, {results["date"]}, '
               f'{results.get("seconds", 0):.0f} s in all.', '',
               '| machine | |', '|---|---|',
@@ -879,7 +874,8 @@ def render_compile(rows, results) -> list[str]:
              'first steps (compile time included in them); vs eager: the eager row of the '
              'stack part, same run.', '',
              '| norm | mode | compile + first steps s | step ms (fastest) | vs eager | peak MiB '
-             '| graphs | graph breaks | note |', '|---|---|---|---|---|---|---|---|---|']
+             '| graphs by first step | graphs in all | recompile-limit fallbacks | graph breaks '
+             '| note |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         base = eager.get(r['norm'])
         ratio = (r['wall_fastest_ms'] / base['wall_fastest_ms']
@@ -887,7 +883,10 @@ def render_compile(rows, results) -> list[str]:
         note = r.get('skipped') or r.get('error') or ', '.join(r.get('break_reasons', []))
         lines.append(f'| {r["norm"]} | {r["mode"]} | {_fmt(r.get("compile_and_first_steps_s"), ".1f")} '
                      f'| {_fmt(r.get("wall_fastest_ms"), ".1f")} | {_fmt(ratio, ".3f")} | '
-                     f'{_fmt(r.get("peak_mib"), ".1f")} | {_fmt(r.get("graphs"), "d")} | '
+                     f'{_fmt(r.get("peak_mib"), ".1f")} | '
+                     f'{", ".join(map(str, r.get("graphs_by_first_step", []))) or "-"} | '
+                     f'{_fmt(r.get("graphs"), "d")} | {_fmt(r.get("recompile_limit_hits"), "d")} '
+                     f'(limit {_fmt(r.get("recompile_limit"), "d")}) | '
                      f'{_fmt(r.get("graph_breaks"), "d")} | {note.replace("|", "/")[:300]} |')
     return lines
 
@@ -905,6 +904,8 @@ def parser() -> argparse.ArgumentParser:
                    help='the page; the json goes beside it')
     p.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
     p.add_argument('--smoke', action='store_true', help='tiny sizes for the CPU (SMOKE)')
+    p.add_argument('--from-json', action='store_true',
+                   help="measure nothing: render the page again from the json beside --out")
     p.add_argument('--budget-s', type=float, default=345,
                    help='seconds for the parts; what is left when it is spent is skipped')
     p.add_argument('--seed', type=int, default=0)
@@ -962,13 +963,17 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    out = Path(args.out)
+    if args.from_json:
+        write_report(json.loads(out.with_suffix('.json').read_text()), out)
+        print(f'wrote {out}')
+        return 0
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('--device cuda: torch sees no CUDA device here (--device cpu --smoke '
                          'runs the CPU smoke check)')
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     results = run(args, device, out, args.parts)
     for v in results['verdicts']:
         print(f'{"not measured" if v["met"] is None else "PASS" if v["met"] else "FAIL"}: '
