@@ -78,6 +78,25 @@ def contract_violations(func, args, kwargs) -> list[str]:
     return []
 
 
+def cpu_trains_in(dtype: torch.dtype) -> bool:
+    """Whether this torch's CPU kernels train a conv + BN under ``dtype`` autocast with
+    a ``dtype`` BN input (torch 2.1's CPU autocast takes bfloat16 only, and its CPU
+    BN backward has no float16 kernel; a GPU has both)."""
+    import warnings
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with torch.autocast('cpu', dtype=dtype):
+                y = torch.nn.functional.conv2d(x, torch.randn(3, 3, 1, 1))
+                out = torch.nn.functional.batch_norm(y, None, None, torch.ones(3),
+                                                     torch.zeros(3), True)
+        out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return y.dtype == dtype
+
+
 class KernelContracts(TorchDispatchMode):
     """Records every aten call (``calls``, by name) and each CUDA-contract violation
     (``violations``: message and where it was issued)."""
