@@ -50,6 +50,7 @@ def test_every_part_runs_and_is_reported(smoke):
     parts = {n: p['result'] for n, p in results['parts'].items()}
     assert len(parts['oracles']) == len(gpu_check.ORACLE_RUNS)
     assert parts['train']['steps'] == 4 and parts['train']['syncs'] is None
+    assert parts['train']['host_reads'] == 0  # no host read in a step, as on CUDA
     assert parts['train']['window_clocks'] == [4]
     assert parts['state_dict']['round_trip']
     variants = gpu_check.layer_variants()
@@ -75,12 +76,30 @@ def test_the_verdicts_follow_the_figures(smoke):
     memory = next(v for g, v in verdicts.items() if 'peak memory' in g)
     assert memory['met'] is None  # --no-peak, and k = 2 is not the goal's k = 8
     syncs = next(v for g, v in verdicts.items() if 'syncs' in g)
-    assert syncs['met'] is None and 'no CUDA' in syncs['measured']
+    assert syncs['met'] is (results['parts']['train']['result']['host_reads'] == 0)
+    assert 'CPU stand-in' in syncs['measured']
     crashes = next(v for g, v in verdicts.items() if 'crashes' in g)
     assert crashes['met'] is True
     for v in results['verdicts']:
         mark = 'not measured' if v['met'] is None else 'PASS' if v['met'] else 'FAIL'
         assert f'- {mark}: {v["goal"]}: {v["measured"]}' in out.read_text()
+
+
+def test_host_reads_counts_what_would_sync_on_cuda():
+    """The CPU's stand-in for the sync debug mode sees a host read and host data."""
+    import torch
+    x = torch.ones(3)
+
+    def step(i):
+        y = (x * i).sum()
+        if float(y) > 100:  # a host read
+            raise AssertionError
+        return y + torch.tensor([1.0])  # host data: a blocking copy on CUDA
+    losses = []
+    reads = gpu_check.host_reads(step, range(2), None, losses)
+    assert len(losses) == 2
+    assert reads['host_read_ops'] == {'aten._local_scalar_dense': 2, 'aten.lift_fresh': 2}
+    assert reads['host_reads'] == 4
 
 
 def synthetic(ratios: dict, peak: float, syncs, window: int = 8) -> dict:
