@@ -6,28 +6,38 @@ they agree). They are what the code needs, not what it was last run with:
 the exact, tested stack is pinned in ``constraints.txt``, which
 ``tools/install_env.sh`` installs. Why each bound:
 
-- torch >= 2.0: ``Optimizer.register_step_post_hook`` (``CBNHook`` advances
-  the windows after each real optimizer step) is torch 2.0's.
+- torch >= 2.1: mmcv 2.1.0's prebuilt CUDA wheels serve torch 2.0 and 2.1;
+  2.1 is what the oldest test lane runs (``make test-oldest``, torch 2.1.2,
+  ``constraints-oldest.txt``), 2.0 is not tested (and lacks
+  ``torch._foreach_copy_``, which the layer calls). The calls whose form
+  changed inside the range go through :mod:`cbn_plugin.compat`.
+  ``Optimizer.register_step_post_hook``
+  (``CBNHook`` advances the windows after each real optimizer step) is 2.0's;
   ``torch.batch_norm_update_stats``, ``torch.nn.grad.conv2d_weight`` and
   ``aten.native_batch_norm_backward`` are older. From torch 2.6,
   ``torch.load`` defaults to ``weights_only=True``: that is what makes
   ``cbn_plugin.engine.load_checkpoint`` a safe load. Older torch
   loads the same files with full unpickling. No upper bound: torch is left
   to the user (a CUDA build of their own).
-- mmengine >= 0.8.0, < 1.0.0: with 0.7.1 the checkpoint tests of the saved
-  ``meta`` iteration and of the atomic rewrite of the newest checkpoint, and
-  the bit-exact auto-resume test, failed when tried by hand (no committed
-  command reruns that; MMDetection 3.3 itself asks for >= 0.7.1).
-- mmcv >= 2.0.0rc4, < 2.2.0: MMCV 2.x builds norms through MMEngine's
-  ``MODELS`` registry, where the plugin registers ``'CBN'``; the range
-  MMDetection 3.x and MMSegmentation 1.x accept (neither imports with an
-  mmcv of 2.2 or later).
-- mmdet 3.x and mmsegmentation 1.x (optional, checked only when installed):
-  the MMCV 2.x / MMEngine generation whose configs and registries the
-  plugin's configs use (``mmdet::``, ``mmseg::`` bases).
+- mmengine >= 0.8.0, < 1.0.0: the oldest test lane runs 0.8.0 (with yapf
+  0.40.1: 0.8.0 formats configs with an argument yapf 0.40.2 removed). With
+  0.7.1 the checkpoint tests of the saved ``meta`` iteration and of the
+  atomic rewrite of the newest checkpoint, and the bit-exact auto-resume
+  test, failed when tried by hand (MMDetection 3.3 itself asks for >= 0.7.1).
+- mmcv >= 2.1.0, < 2.2.0: MMCV 2.x builds norms through MMEngine's
+  ``MODELS`` registry, where the plugin registers ``'CBN'``; MMDetection 3.x
+  and MMSegmentation 1.x import with no mmcv of 2.2 or later. 2.1.0 is the
+  release both test lanes build (its wheels serve torch 2.0-2.1); the 2.0.x
+  releases, which MMDetection 3.3 still accepts, are not tested.
+- mmdet >= 3.3.0, < 4.0.0 and mmsegmentation >= 1.2.2, < 2.0.0 (optional,
+  checked only when installed): the MMCV 2.x / MMEngine generation whose
+  configs and registries the plugin's configs use (``mmdet::``, ``mmseg::``
+  bases); the floors are the releases both lanes run (the last of each line;
+  mmdet 3.0-3.1 refuse mmcv 2.1, and 3.2 and mmseg 1.0-1.2.1 are not tested).
 
-What is tested is one point of these ranges: the stack pinned in the
-repository's ``constraints.txt`` (``make test``). ``import cbn_plugin`` raises
+What is tested is the newest and the oldest point of these ranges: the stacks
+pinned in the repository's ``constraints.txt`` (``make test``) and
+``constraints-oldest.txt`` (``make test-oldest``). ``import cbn_plugin`` raises
 :class:`UnsupportedVersionError` for an installed version outside these
 ranges, naming it and the supported range, as MMDetection's own
 ``__init__`` does. Set ``CBN_PLUGIN_SKIP_VERSION_CHECK=1`` to try another
@@ -54,11 +64,11 @@ class Requirement(NamedTuple):
 
 
 SUPPORTED: dict[str, Requirement] = {
-    'torch': Requirement(('torch',), 'torch', '>=2.0', True),
+    'torch': Requirement(('torch',), 'torch', '>=2.1', True),
     'mmengine': Requirement(('mmengine', 'mmengine-lite'), 'mmengine', '>=0.8.0,<1.0.0', True),
-    'mmcv': Requirement(('mmcv', 'mmcv-full', 'mmcv-lite'), 'mmcv', '>=2.0.0rc4,<2.2.0', True),
-    'mmdet': Requirement(('mmdet',), 'mmdet', '>=3.0.0,<4.0.0', False),
-    'mmsegmentation': Requirement(('mmsegmentation',), 'mmseg', '>=1.0.0,<2.0.0', False),
+    'mmcv': Requirement(('mmcv', 'mmcv-full', 'mmcv-lite'), 'mmcv', '>=2.1.0,<2.2.0', True),
+    'mmdet': Requirement(('mmdet',), 'mmdet', '>=3.3.0,<4.0.0', False),
+    'mmsegmentation': Requirement(('mmsegmentation',), 'mmseg', '>=1.2.2,<2.0.0', False),
 }
 
 SKIP_ENV = 'CBN_PLUGIN_SKIP_VERSION_CHECK'

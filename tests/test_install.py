@@ -1,9 +1,12 @@
 """Installing the plugin into an existing environment, and the import-time version check.
 
 - ``setup.cfg`` states ranges, the same as ``cbn_plugin.versions.SUPPORTED``;
-  the one exact pin of the stack is ``constraints.txt``, which
-  ``tools/install_env.sh`` (and the Makefile's stamp) use, and this
-  environment is that stack.
+  the exact pins are ``constraints.txt`` (the newest stack, ``make test``) and
+  ``constraints-oldest.txt`` (the oldest, ``make test-oldest``: every lower
+  bound of the ranges is what it pins), which ``tools/install_env.sh`` (and
+  the Makefile's stamps) use, and this environment is the one its stamp names.
+- The code needs no newer Python than ``python_requires`` (``vermin``, static:
+  only one Python runs here).
 - pip, resolving the plugin's wheel offline (``--dry-run --no-index``) against
   this environment and against a stand-in for a CUDA user's OpenMMLab
   environment (torch 2.1.2+cu121, mmcv 2.1.0, mmengine 0.10.3, mmdet 3.2.0,
@@ -29,6 +32,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import cbn_plugin
 from cbn_plugin import versions
@@ -48,10 +52,13 @@ def setup_cfg_requirements() -> dict[str, list[Requirement]]:
             for key, value in out.items()}
 
 
-def constraints() -> dict[str, str]:
-    """``{canonical name: pinned version}`` of ``constraints.txt``."""
+NEWEST, OLDEST = 'constraints.txt', 'constraints-oldest.txt'
+
+
+def constraints(name: str = NEWEST) -> dict[str, str]:
+    """``{canonical name: pinned version}`` of a pin file (``constraints.txt`` by default)."""
     pins = {}
-    for line in (REPO / 'constraints.txt').read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         line = re.sub(r'(^|\s)#.*', '', line).strip()
         if line:
             name, version = line.split('==')
@@ -82,17 +89,36 @@ def test_the_stack_is_pinned_once_in_constraints_txt():
     for name, sup in SUPPORTED.items():
         assert versions.in_range(pins[name], sup.specifier), (name, pins[name])
     install_env = (REPO / 'tools' / 'install_env.sh').read_text()
-    assert '-c constraints.txt' in install_env
+    assert 'CONSTRAINTS=${CONSTRAINTS:-constraints.txt}' in install_env
+    assert '-c "$CONSTRAINTS"' in install_env
     code = [line for line in install_env.splitlines() if not line.lstrip().startswith('#')]
     assert not any(re.search(r'[\w\]]==\d', line) for line in code), 'a pin in install_env.sh'
     makefile = (REPO / 'Makefile').read_text()
     assert re.search(r'^\$\(STAMP\):.*\bconstraints\.txt\b', makefile, re.M)
+    assert re.search(r'^\$\(OLDEST_STAMP\):.*\bconstraints-oldest\.txt\b', makefile, re.M)
+    assert 'CONSTRAINTS=constraints-oldest.txt' in makefile
+
+
+def test_the_oldest_lane_pins_every_floor():
+    """A lower bound nothing runs is no floor: ``constraints-oldest.txt`` pins, for each
+    supported package, a release of the range's lower bound (torch ``>=2.1``: a 2.1.x)."""
+    oldest, newest = constraints(OLDEST), constraints()
+    assert set(oldest) >= {*STACK, 'setuptools', 'numpy'}
+    for name, sup in SUPPORTED.items():
+        (floor,) = [Version(s.version) for s in SpecifierSet(sup.specifier) if s.operator == '>=']
+        pin = Version(oldest[name])
+        assert versions.in_range(oldest[name], sup.specifier), (name, oldest[name])
+        assert pin.release[:len(floor.release)] == floor.release, \
+            f'{name}: the oldest lane runs {pin}, the declared floor is {floor}'
+        assert pin <= Version(newest[name].split('+')[0]), name
 
 
 # The environment tools/install_env.sh made (make install / test / demo touch this stamp in
-# it): there the whole pinned stack must be installed. Anywhere else (a user's own
-# environment, README "Use it in your environment") only the supported ranges apply.
-PINNED_ENVIRONMENT = (Path(sys.prefix) / '.stack-installed').is_file()
+# it; make test-oldest's names constraints-oldest.txt in it): there the whole stack of that
+# pin file must be installed. Anywhere else (a user's own environment, README "Use it in
+# your environment") only the supported ranges apply.
+STAMP = Path(sys.prefix) / '.stack-installed'
+PINNED_ENVIRONMENT = STAMP.is_file()
 
 
 @pytest.mark.skipif(not PINNED_ENVIRONMENT, reason='not the environment tools/install_env.sh '
@@ -105,9 +131,10 @@ def test_this_environment_is_the_pinned_stack():
     site = sorted({sysconfig.get_paths()['purelib'], sysconfig.get_paths()['platlib']})
     installed = {canonicalize_name(d.metadata['Name']): d.version
                  for d in md.distributions(path=site)}
-    wrong = {name: (pin, installed.get(name)) for name, pin in constraints().items()
+    pin_file = STAMP.read_text().strip() or NEWEST
+    wrong = {name: (pin, installed.get(name)) for name, pin in constraints(pin_file).items()
              if installed.get(name) != pin}
-    assert not wrong, (f'{{name: (constraints.txt, installed)}}: {wrong}; '
+    assert not wrong, (f'{{name: ({pin_file}, installed)}}: {wrong}; '
                        'run bash tools/install_env.sh')
 
 
@@ -144,8 +171,8 @@ def build_wheel(tmp: Path, setup_cfg: str | None = None) -> Path:
 
 
 # A CUDA user's OpenMMLab environment: what pip sees of it (distribution metadata).
-USER_ENV = {'torch': '2.1.2+cu121', 'mmcv': '2.1.0', 'mmengine': '0.10.3', 'mmdet': '3.2.0',
-            'mmsegmentation': '1.1.2', 'pycocotools': '2.0.7', 'ftfy': '6.1.1',
+USER_ENV = {'torch': '2.1.2+cu121', 'mmcv': '2.1.0', 'mmengine': '0.10.3', 'mmdet': '3.3.0',
+            'mmsegmentation': '1.2.2', 'pycocotools': '2.0.7', 'ftfy': '6.1.1',
             'regex': '2023.10.3', 'packaging': '23.2'}
 
 
@@ -222,6 +249,51 @@ def test_a_pin_the_environment_lacks_fails_to_resolve(bad, tmp_path):
     assert name in out.stderr and 'No matching distribution' in out.stderr, out.stderr
 
 
+# ------------------------------------------------------------------ the Python floor
+def python_floor() -> str:
+    """``python_requires``'s lower bound (``>=3.10`` -> ``3.10``)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / 'setup.cfg')
+    (floor,) = [s.version for s in SpecifierSet(cfg['options']['python_requires'])
+                if s.operator == '>=']
+    return floor
+
+
+def vermin(*paths, target: str) -> subprocess.CompletedProcess:
+    """vermin's verdict on ``paths`` against ``target`` (``3.10``: nothing newer needed).
+
+    ``--eval-annotations`` and ``union-types``: annotations count as evaluated
+    (``X | Y`` is 3.10's, ``list[int]`` 3.9's) even under postponed evaluation, as
+    MMEngine's registries and dataclasses may evaluate them. ``--exclude long``:
+    ``Tensor.long()`` is not Python 2's ``long`` builtin.
+    """
+    exe = Path(sys.executable).with_name('vermin')
+    assert exe.is_file(), f'{exe} missing: vermin is installed by tools/install_env.sh'
+    return subprocess.run([exe, '--no-tips', '--violations', '--eval-annotations',
+                           '--feature', 'union-types', '--exclude', 'long', f'-t={target}-',
+                           *map(str, paths)], capture_output=True, text=True, timeout=300)
+
+
+def test_code_needs_no_newer_python_than_python_requires():
+    """What a user imports or runs (the package, ``tools/``, the configs MMEngine executes)
+    needs no Python newer than ``python_requires``: checked statically, since only one
+    Python (3.11) runs on these machines."""
+    floor = python_floor()
+    out = vermin(REPO / 'cbn_plugin', REPO / 'tools', REPO / 'configs', target=floor)
+    assert out.returncode == 0, f'needs a Python newer than {floor}:\n{out.stdout}{out.stderr}'
+    assert 'Minimum required versions: ' in out.stdout
+    # The declared floor is what ruff lints for, too.
+    assert f'target-version = "py{floor.replace(".", "")}"' in (REPO / 'pyproject.toml').read_text()
+
+
+def test_python_floor_check_fails_on_newer_syntax(tmp_path):
+    """The check above can fail: code needing 3.11 (``tomllib``, ``except*``) is refused."""
+    (tmp_path / 'newer.py').write_text(
+        'import tomllib\ntry:\n    pass\nexcept* ValueError:\n    pass\n')
+    out = vermin(tmp_path, target=python_floor())
+    assert out.returncode != 0 and 'Target versions not met' in out.stdout, out.stdout
+
+
 # ------------------------------------------------------------------ import-time check
 def test_installed_stack_passes_and_is_what_the_check_reads():
     check_versions()
@@ -234,14 +306,18 @@ def test_installed_stack_passes_and_is_what_the_check_reads():
 
 
 @pytest.mark.parametrize('name, module, bad, good', [
-    ('mmcv', 'mmcv', '2.2.0', '2.0.0rc4'),
+    ('mmcv', 'mmcv', '2.2.0', '2.1.0'),
+    ('mmcv', 'mmcv', '2.0.1', '2.1.0'),
     ('mmcv', 'mmcv', '1.7.2', '2.1.0'),
     ('mmengine', 'mmengine', '1.0.0', '0.8.0'),
     ('mmengine', 'mmengine', '0.7.1', '0.10.7'),
-    ('mmdet', 'mmdet', '2.28.2', '3.0.0'),
+    ('mmdet', 'mmdet', '2.28.2', '3.3.0'),
+    ('mmdet', 'mmdet', '3.2.0', '3.3.0'),
     ('mmdet', 'mmdet', '4.0.0', '3.3.0'),
     ('mmsegmentation', 'mmseg', '0.30.0', '1.2.2'),
-    ('torch', 'torch', '1.13.1', '2.1.2+cu121'),
+    ('mmsegmentation', 'mmseg', '1.1.2', '1.2.2'),
+    ('torch', 'torch', '2.0.1+cu118', '2.1.2+cu121'),
+    ('torch', 'torch', '1.13.1', '2.1.0'),
 ])
 def test_unsupported_version_is_refused_by_name(monkeypatch, name, module, bad, good):
     imported = pytest.importorskip(module)
@@ -281,7 +357,8 @@ def test_import_fails_clearly_with_an_unsupported_mmcv(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert 'UnsupportedVersionError' in out.stderr
-    assert 'mmcv 2.2.0 is installed, cbn_plugin supports mmcv>=2.0.0rc4,<2.2.0' in out.stderr
+    assert ('mmcv 2.2.0 is installed, cbn_plugin supports mmcv'
+            f"{SUPPORTED['mmcv'].specifier}") in out.stderr
 
 
 # ------------------------------------------------------------------ the README quotes
@@ -291,13 +368,19 @@ README_NAMES = {'torch': 'torch', 'mmcv': 'mmcv', 'mmengine': 'mmengine', 'mmdet
 
 
 def test_readme_quotes_the_pins_and_the_ranges():
-    """Versions live in constraints.txt (the tested stack) and versions.py (the ranges);
+    """Versions live in constraints*.txt (the tested stacks) and versions.py (the ranges);
     the README quotes them, and a quote that drifts fails here."""
     text = (REPO / 'README.md').read_text()
-    pins = constraints()
+    lanes = [{name: pin.split('+')[0] for name, pin in constraints(f).items()}
+             for f in (NEWEST, OLDEST)]
     quoted = re.findall(r'\b(' + '|'.join(README_NAMES) + r') (\d+\.\d+\.\d+)', text)
     assert {README_NAMES[name] for name, _ in quoted} == set(STACK)
     for name, version in quoted:
-        assert pins[README_NAMES[name]].split('+')[0] == version, (name, version)
+        assert version in {pins[README_NAMES[name]] for pins in lanes}, (name, version)
+    # The table of the tested stacks quotes both lanes.
+    said = {(README_NAMES[name], version) for name, version in quoted}
+    for pins in lanes:
+        for name in ('torch', 'mmcv', 'mmengine', 'mmdet'):
+            assert (name, pins[name]) in said, f'README does not quote {name} {pins[name]}'
     for name, sup in SUPPORTED.items():
         assert f'`{name}{sup.specifier}`' in text, f'README lacks the range {name}{sup.specifier}'
