@@ -69,7 +69,7 @@ clean-venv-oldest:
 
 # The GPU check (tools/analysis_tools/gpu_check.py -> docs/gpu.md and docs/gpu.json). On the
 # borrowed GPU machine there is no .venv: its python3 has torch, and the plugin's core needs
-# nothing else, so nothing is carried. Through the device tool, one call, timeout_s 450:
+# nothing else, so nothing is carried. Through the device tool, one call, timeout_s 420:
 #   set -o pipefail; PYTHONUNBUFFERED=1 make gpu-check GPU_OUT=$OUT/gpu.md 2>&1 | tee $OUT/gpu_check.log
 # (where make is absent: python3 tools/analysis_tools/gpu_check.py --out $OUT/gpu.md), then
 # copy gpu.md and gpu.json from the call's files into docs/.

@@ -10,7 +10,7 @@ Built for the GPU machine this project borrows: one H100 or H200, Python 3.12 wi
 It needs the plugin's core and torch alone (``tests/test_torch_only.py``); the models
 are plain torch modules (``detection_stack.py``), the oracles ``tests/oracle.py`` and
 ``tests/exact_oracle.py``. Nothing needs carrying. Through the device tool, as one call
-(``timeout_s`` 450: the parts stop at ``--budget-s`` 345 s, a compile row 20 s past it at
+(``timeout_s`` 420: the parts stop at ``--budget-s`` 315 s, a compile row 20 s past it at
 the latest; with the machine's start, under 8 minutes, leaving room to rerun once within
 the 15 minutes of device time):
 
@@ -111,7 +111,7 @@ ORACLE_RUNS = {
     "paper's backward and compensation, exclude rule (OracleCBN)":
         dict(oracle=OracleCBN, cbn=dict(mode='paper'), rule='exclude'),
 }
-# What to run on the borrowed GPU machine (device tool: one call, timeout_s 450, nothing
+# What to run on the borrowed GPU machine (device tool: one call, timeout_s 420, nothing
 # carried), as the docstring says.
 GPU_COMMAND = ('set -o pipefail; PYTHONUNBUFFERED=1 python3 tools/analysis_tools/gpu_check.py '
                '--out $OUT/gpu.md 2>&1 | tee $OUT/gpu_check.log')
@@ -788,7 +788,7 @@ def render(results: dict) -> list[str]:
                   '(`--device cpu`, tiny sizes): they show that every part runs end to end, '
                   'not how CBN does on a GPU, and the verdicts are computed from them the way '
                   'the GPU run\'s will be.', '',
-                  'On the GPU machine (the device tool, one call, `timeout_s` 450, nothing '
+                  'On the GPU machine (the device tool, one call, `timeout_s` 420, nothing '
                   f'carried): `{GPU_COMMAND}`, then `gpu.md` and `gpu.json` from the call\'s '
                   'files into `docs/`.', '']
     lines += [f'Command: `{results["command"]}`, {results["date"]}, '
@@ -941,7 +941,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--smoke', action='store_true', help='tiny sizes for the CPU (SMOKE)')
     p.add_argument('--from-json', action='store_true',
                    help="measure nothing: render the page again from the json beside --out")
-    p.add_argument('--budget-s', type=float, default=345,
+    p.add_argument('--budget-s', type=float, default=315,
                    help='seconds for the parts; what is left when it is spent is skipped')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
