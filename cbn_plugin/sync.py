@@ -36,6 +36,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         self.process_group = process_group
         self._warned = False
         self._shift: Tensor | None = None
+        # The shift at the end of the last step taken: a step the optimizer skipped
+        # (skip_step) must not leave its mean behind as the next step's shift.
+        self._shift_at_step = None
 
     @property
     def stats_shift(self) -> Tensor | None:
@@ -49,7 +52,7 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         if value is not None and tuple(value.shape) != (self.num_features,):
             raise ValueError(f'{self._describe()}: stats_shift must have shape '
                              f'({self.num_features},), got {tuple(value.shape)}')
-        self._shift = value
+        self._shift = self._shift_at_step = value
 
     def _apply(self, fn, *args, **kwargs):
         """The shift follows the module's device (``model.cuda()``), in its own dtype: it
@@ -58,7 +61,18 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
         super()._apply(fn, *args, **kwargs)
         if self._shift is not None:
             self._shift = moved_like(self._shift, fn)
+        if self._shift_at_step is not None:
+            self._shift_at_step = moved_like(self._shift_at_step, fn)
         return self
+
+    def step(self) -> None:
+        super().step()
+        self._shift_at_step = self._shift
+
+    def skip_step(self) -> None:
+        """CBN's, and the shift goes back to the last step taken's."""
+        super().skip_step()
+        self._shift = self._shift_at_step
 
     def _group(self):
         if dist.is_available() and dist.is_initialized() \

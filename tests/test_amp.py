@@ -149,13 +149,14 @@ def test_dvar_dw_in_half_precision_keeps_the_identity(dtype):
 
 
 # ---------------------------------------------------------------- skipped steps
-def _scaled_run(batch_list, skip_at=None, per_call_windows=False, halve_after=None):
+def _scaled_run(batch_list, skip_at=None, per_call_windows=False, halve_after=None,
+                norm=CBN):
     """fp16 autocast + GradScaler; the step at ``skip_at`` gets inf gradients (its
     forward is finite), so the scaler skips its optimizer step (and halves its scale:
     ``halve_after`` halves it after that step in a run without the skip, so that both
     runs round their float16 gradients alike)."""
     torch.manual_seed(0)
-    model = stack(CBN, layers=2, window_size=3, per_call_windows=per_call_windows)
+    model = stack(norm, layers=2, window_size=3, per_call_windows=per_call_windows)
     cbn_plugin.bind(model, logger=None)
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8, growth_interval=10 ** 6)
@@ -193,6 +194,40 @@ def test_a_skipped_step_leaves_no_trace_in_the_window(per_call_windows):
     for key in a:  # one window position, the same records
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=lambda m: f'{key}: {m}')
     assert all(torch.equal(p, q) for p, q in zip(skipped.parameters(), never.parameters()))
+
+
+def _sync_skip_worker(rank, store, results):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+    try:
+        xs = batches(9, seed=3 + rank)
+        skipped, stepped = _scaled_run(xs, skip_at=5, norm=cbn_plugin.SyncCBN)
+        never, _ = _scaled_run(xs[:5] + xs[6:], halve_after=4, norm=cbn_plugin.SyncCBN)
+        shifts = [m.stats_shift.clone() for model in (skipped, never)
+                  for _, m in cbn_plugin.cbn_layers(model)]
+        torch.save(dict(stepped=stepped, a=_windows(skipped), b=_windows(never),
+                        shifts=shifts), f'{results}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_cpu_scaler
+def test_a_skipped_step_leaves_no_trace_in_sync_cbn(tmp_path):
+    """Two processes: the windows (the same on both) and the shift of the all-reduced
+    sums equal those of the run where the batch never came."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_sync_skip_worker, args=(str(tmp_path / 'store'),
+                                                str(tmp_path / 'out')),
+                       nprocs=2, start_method='spawn')
+    for rank in range(2):
+        found = torch.load(tmp_path / f'out.{rank}')
+        assert found['stepped'] == [i != 5 for i in range(9)]
+        for key in found['a']:
+            torch.testing.assert_close(found['a'][key], found['b'][key], rtol=0, atol=0,
+                                       msg=lambda m: f'{rank} {key}: {m}')
+        half = len(found['shifts']) // 2
+        for a, b in zip(found['shifts'][:half], found['shifts'][half:]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- mmengine
@@ -298,3 +333,57 @@ def test_the_statistics_pass_runs_under_the_wrappers_autocast(tmp_path):
     statistics = {dtype for grad, dtype in seen if not grad}
     training = {dtype for grad, dtype in seen if grad}
     assert statistics == training == {torch.float16}, seen
+
+
+# ---------------------------------------------------------------- the digits detector
+DETECTOR_STEPS = 200
+
+
+@pytest.mark.parametrize('dtype', DTYPE_PARAMS)
+def test_the_digits_detector_trains_under_autocast(dtype):
+    """The study's Faster R-CNN (width 8, CBN in every norm) trains DETECTOR_STEPS steps
+    on one batch under autocast: finite, the windows float32, and a training forward
+    saves within 10% of BN's bytes under the same autocast."""
+    pytest.importorskip('mmdet')
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools' / 'analysis_tools'))
+    import host_overhead
+
+    cpu = torch.device('cpu')
+    saved = {}
+    for norm in ('BN', 'CBN'):
+        cfg = dict(type='BN', requires_grad=True) if norm == 'BN' else \
+            dict(type='CBN', window_size=4)
+        torch.manual_seed(0)
+        model = host_overhead.digits_detector(cfg, cpu, width=8)
+        cbn_plugin.bind(model, logger=None)
+        model.train()
+        data = model.data_preprocessor(host_overhead.digits_batch(cpu), True)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        losses = []
+        steps = DETECTOR_STEPS if norm == 'CBN' else 5
+        for i in range(steps):
+            kept = {}
+
+            def pack(t):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast('cpu', dtype=DTYPES[dtype]):
+                loss, _ = model.parse_losses(model(**data, mode='loss'))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            cbn_plugin.step(model)
+            losses.append(loss.detach())
+            if i == 4:  # past the window's filling (k = 4)
+                saved[norm] = sum(kept.values())
+        assert torch.isfinite(torch.stack(losses)).all(), (norm, losses)
+    layers = cbn_plugin.cbn_layers(model)
+    assert layers and all(layer.window_mean.dtype == torch.float32 for _, layer in layers)
+    ratio = saved['CBN'] / saved['BN']
+    print(f'digits detector {dtype}: CBN saves {ratio:.3f}x BN\'s bytes; loss '
+          f'{losses[0].item():.3f} -> {losses[-1].item():.3f} in {DETECTOR_STEPS} steps')
+    assert ratio <= 1.10
