@@ -164,3 +164,17 @@ def test_no_budget_left_still_writes_the_report(tmp_path):
     out.write_text('')
     assert gpu_check.main(['--from-json', '--out', str(out)]) == 0  # measures nothing
     assert out.read_text() == page and gpu_check.GPU_COMMAND in page
+
+
+def test_a_compile_row_past_the_budget_is_stopped_and_recorded():
+    """The deadline stops a compile row running past the budget; the rows after it are
+    skipped, and a stop is no crash."""
+    import torch
+    import torch._dynamo  # noqa: F401  (imported before the clock starts)
+    args = gpu_check.parse([*TINY, '--budget-s', '4', '--compile-grace-s', '0',
+                            '--compile-norms', 'BN', 'CBN in FPN + head'])
+    rows = gpu_check.compile_part(args, torch.device('cpu'), time.perf_counter())
+    assert rows[0]['error'].startswith('TimeoutError: stopped after')
+    assert rows[1]['skipped'].startswith('time budget')
+    results = dict(settings=dict(window=2), parts=dict(compile=dict(status='ok', result=rows)))
+    assert gpu_check.verdicts(results)[0]['met'] is True

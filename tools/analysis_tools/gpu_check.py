@@ -525,13 +525,17 @@ def stack_part(args, device) -> list:
 @contextlib.contextmanager
 def deadline(seconds: float):
     """Raise TimeoutError in this (the main) thread after ``seconds``: a compile that would
-    run past the budget is stopped and recorded, the report still written."""
+    run past the budget is stopped and recorded, the report still written. Yields a dict
+    whose ``'stopped'`` says whether it fired (dynamo may wrap the error in its own)."""
+    seconds, state = max(seconds, 1.0), dict(stopped=None)
+
     def expire(*_):
-        raise TimeoutError(f'stopped after {seconds:.0f} s: the time budget was spent')
+        state['stopped'] = f'stopped after {seconds:.0f} s: the time budget was spent'
+        raise TimeoutError(state['stopped'])
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1.0))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield state
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -609,12 +613,16 @@ def compile_guarded(args, name: str, mode: str, device, started: float) -> dict:
                     f'here: {args.compile_backend})')
     if left < args.compile_reserve_s:
         return dict(norm=name, mode=mode, skipped=f'time budget: {left:.0f} s left')
+    state = {}
     try:
-        with deadline(left + args.compile_grace_s):
+        with deadline(left + args.compile_grace_s) as state:
             return compile_row(args, name, mode, device)
     except Exception as exc:  # a row's failure is its figure; the next row still runs
-        return dict(norm=name, mode=mode, error=summary(exc),
-                    traceback=traceback.format_exc(limit=-8)[-3000:])
+        row = dict(norm=name, mode=mode, error=summary(exc),
+                   traceback=traceback.format_exc(limit=-8)[-3000:])
+        if state.get('stopped'):  # the budget's stop, not a crash
+            row.update(stopped=state['stopped'], error=f'TimeoutError: {state["stopped"]}')
+        return row
 
 
 # ---------------------------------------------------------------- running the parts
@@ -725,7 +733,7 @@ def verdicts(results: dict) -> list[dict]:
     out = []
     failed = sorted(n for n, p in results['parts'].items() if p.get('status') == 'failed')
     failed += [f'compile {r["norm"]} {r["mode"]}' for r in part_result(results, 'compile') or []
-               if r.get('error') and not r['error'].startswith('TimeoutError')]
+               if r.get('error') and not r.get('stopped')]
     out.append(dict(goal='0 crashes (every part and compile row ran without raising)',
                     met=not failed, measured=f'{len(failed)} failed' + (
                         f': {", ".join(failed)}' if failed else '')))
