@@ -815,11 +815,11 @@ def render(results: dict) -> list[str]:
     for v in results.get('verdicts', []):
         mark = 'not measured' if v['met'] is None else 'PASS' if v['met'] else 'FAIL'
         lines.append(f'- {mark}: {v["goal"]}: {v["measured"]}')
-    lines += ['', '## Parts', '', '| part | status | seconds | note |', '|---|---|---|---|']
-    for name, part in results['parts'].items():
-        note = part.get('error') or part.get('reason') or ''
-        lines.append(f'| {name} | {part["status"]} | {_fmt(part.get("seconds"), ".1f")} | '
-                     f'{note.replace("|", "/")} |')
+    lines += ['', '## Parts', ''] + table(
+        ['part', 'status', 'seconds', 'note'],
+        [[name, part['status'], _fmt(part.get('seconds'), '.1f'),
+          part.get('error') or part.get('reason') or '']
+         for name, part in results['parts'].items()])
     for name, part in results['parts'].items():
         if part['status'] == 'failed':
             lines += ['', f'### {name} failed', '', '```', part['traceback'].rstrip(), '```']
@@ -829,16 +829,22 @@ def render(results: dict) -> list[str]:
     return lines
 
 
+def table(head: list, rows: list) -> list[str]:
+    """A markdown table of ``head`` (column names) and ``rows`` (cells, formatted; a ``|``
+    in a cell is written as ``/``)."""
+    def line(cells):
+        return '| ' + ' | '.join(str(c).replace('|', '/') for c in cells) + ' |'
+    return [line(head), '|' + '---|' * len(head)] + [line(row) for row in rows]
+
+
 def render_oracles(result, _) -> list[str]:
-    lines = ['Float64, two conv + CBN layers (k = 4, rho = 1) against the brute force, in '
-             'lockstep over SGD steps; largest absolute differences (tolerances: the tests\').',
-             '', '| run | steps | output | input grad | running stats | parameter grads |',
-             '|---|---|---|---|---|---|']
-    for name, r in result.items():
-        d = r['max_abs_difference']
-        lines.append(f'| {name} | {r["steps"]} | ' + ' | '.join(
-            f'{d[k]:.1e}' for k in ('output', 'input_grad', 'running', 'params')) + ' |')
-    return lines
+    kinds = ('output', 'input_grad', 'running', 'params')
+    return ['Float64, two conv + CBN layers (k = 4, rho = 1) against the brute force, in '
+            'lockstep over SGD steps; largest absolute differences (tolerances: the '
+            'tests\').', ''] + table(
+        ['run', 'steps', 'output', 'input grad', 'running stats', 'parameter grads'],
+        [[name, r['steps']] + [f'{r["max_abs_difference"][k]:.1e}' for k in kinds]
+         for name, r in result.items()])
 
 
 def render_train(r, _) -> list[str]:
@@ -877,61 +883,53 @@ def render_state_dict(r, _) -> list[str]:
 
 def render_layers(rows, results) -> list[str]:
     cuda = results['machine']['device'].startswith('cuda')
-    lines = ['Per conv + norm layer step (forward, backward with the input\'s gradient, '
-             '`cbn_plugin.step`), windows filled; the fastest of interleaved repeats '
-             '(medians in the json). Device time: CUDA events around the step (the wall time '
-             'on the CPU); host time: until the step returned; kernels: launches counted by '
-             'torch.profiler (CUDA only).', '',
-             '| shape | norm | device ms | vs BN | host ms | vs BN | kernels | aten ops |',
-             '|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f'| {r["shape"]} | {r["norm"]} | {r["device_fastest_ms"]:.3f} | '
-                     f'{r["device_vs_bn"]:.2f}x | {r["host_fastest_ms"]:.3f} | '
-                     f'{r["host_vs_bn"]:.2f}x | '
-                     f'{_fmt(r["kernels"], "d") if cuda else "-"} | {r["aten_ops"]} |')
-    return lines
+    return ['Per conv + norm layer step (forward, backward with the input\'s gradient, '
+            '`cbn_plugin.step`), windows filled; the fastest of interleaved repeats '
+            '(medians in the json). Device time: CUDA events around the step (the wall time '
+            'on the CPU); host time: until the step returned; kernels: launches counted by '
+            'torch.profiler (CUDA only).', ''] + table(
+        ['shape', 'norm', 'device ms', 'vs BN', 'host ms', 'vs BN', 'kernels', 'aten ops'],
+        [[r['shape'], r['norm'], f'{r["device_fastest_ms"]:.3f}', f'{r["device_vs_bn"]:.2f}x',
+          f'{r["host_fastest_ms"]:.3f}', f'{r["host_vs_bn"]:.2f}x',
+          _fmt(r['kernels'], 'd') if cuda else '-', r['aten_ops']] for r in rows])
 
 
 def render_stack(rows, results) -> list[str]:
     s = results['settings']
-    lines = [f'ResNet-50 + FPN + 4conv1fc, {s["images"]} images of {s["image"][0]}x'
-             f'{s["image"][1]}, {s["rois"]} RoIs per image, SGD step included, k = '
-             f'{s["window"]}; fastest of {s["stack_repeats"]} interleaved steps for the ratio, '
-             'medians otherwise. Peak = the step\'s peak above its start + what persists '
-             '(parameters, buffers with the window, optimizer state).', '',
-             '| norm | step ms (fastest) | vs BN | median ms | host ms | device ms | '
-             'peak MiB | vs BN | step peak MiB | persistent MiB |',
-             '|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f'| {r["norm"]} | {r["wall_fastest_ms"]:.1f} | {r["wall_vs_bn"]:.3f}x | '
-                     f'{r["wall_ms"]:.1f} | {r["host_ms"]:.1f} | {r["device_ms"]:.1f} | '
-                     f'{_fmt(r["peak_mib"], ".1f")} | {_fmt(r["peak_vs_bn"], ".3f")} | '
-                     f'{_fmt(r["step_peak_mib"], ".1f")} | {r["persistent_mib"]:.1f} |')
-    return lines
+    return [f'ResNet-50 + FPN + 4conv1fc, {s["images"]} images of {s["image"][0]}x'
+            f'{s["image"][1]}, {s["rois"]} RoIs per image, SGD step included, k = '
+            f'{s["window"]}; fastest of {s["stack_repeats"]} interleaved steps for the ratio, '
+            'medians otherwise. Peak = the step\'s peak above its start + what persists '
+            '(parameters, buffers with the window, optimizer state).', ''] + table(
+        ['norm', 'step ms (fastest)', 'vs BN', 'median ms', 'host ms', 'device ms', 'peak MiB',
+         'vs BN', 'step peak MiB', 'persistent MiB'],
+        [[r['norm'], f'{r["wall_fastest_ms"]:.1f}', f'{r["wall_vs_bn"]:.3f}x',
+          f'{r["wall_ms"]:.1f}', f'{r["host_ms"]:.1f}', f'{r["device_ms"]:.1f}',
+          _fmt(r['peak_mib'], '.1f'), _fmt(r['peak_vs_bn'], '.3f'),
+          _fmt(r['step_peak_mib'], '.1f'), f'{r["persistent_mib"]:.1f}'] for r in rows])
+
+
+def compile_cells(r: dict, eager: dict | None) -> list:
+    ratio = (r['wall_fastest_ms'] / eager['wall_fastest_ms']
+             if eager and 'wall_fastest_ms' in r else None)
+    note = r.get('skipped') or r.get('error') or ', '.join(r.get('break_reasons', []))
+    return [r['norm'], r['mode'], _fmt(r.get('compile_and_first_steps_s'), '.1f'),
+            _fmt(r.get('wall_fastest_ms'), '.1f'), _fmt(ratio, '.3f'),
+            _fmt(r.get('peak_mib'), '.1f'),
+            ', '.join(map(str, r.get('graphs_by_first_step', []))) or '-',
+            _fmt(r.get('graphs'), 'd'), f'{_fmt(r.get("recompile_limit_hits"), "d")} (limit '
+            f'{_fmt(r.get("recompile_limit"), "d")})', _fmt(r.get('graph_breaks'), 'd'),
+            note[:300]]
 
 
 def render_compile(rows, results) -> list[str]:
     eager = {r['norm']: r for r in part_result(results, 'stack') or []}
-    lines = ['The stack\'s loss under `torch.compile` (the optimizer step eager), after its '
-             'first steps (compile time included in them); vs eager: the eager row of the '
-             'stack part, same run.', '',
-             '| norm | mode | compile + first steps s | step ms (fastest) | vs eager | peak MiB '
-             '| graphs by first step | graphs in all | recompile-limit fallbacks | graph breaks '
-             '| note |', '|---|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        base = eager.get(r['norm'])
-        ratio = (r['wall_fastest_ms'] / base['wall_fastest_ms']
-                 if base and 'wall_fastest_ms' in r else None)
-        note = r.get('skipped') or r.get('error') or ', '.join(r.get('break_reasons', []))
-        lines.append(f'| {r["norm"]} | {r["mode"]} | '
-                     f'{_fmt(r.get("compile_and_first_steps_s"), ".1f")} | '
-                     f'{_fmt(r.get("wall_fastest_ms"), ".1f")} | {_fmt(ratio, ".3f")} | '
-                     f'{_fmt(r.get("peak_mib"), ".1f")} | '
-                     f'{", ".join(map(str, r.get("graphs_by_first_step", []))) or "-"} | '
-                     f'{_fmt(r.get("graphs"), "d")} | {_fmt(r.get("recompile_limit_hits"), "d")} '
-                     f'(limit {_fmt(r.get("recompile_limit"), "d")}) | '
-                     f'{_fmt(r.get("graph_breaks"), "d")} | {note.replace("|", "/")[:300]} |')
-    return lines
+    return ['The stack\'s loss under `torch.compile` (the optimizer step eager), after its '
+            'first steps (compile time included in them); vs eager: the eager row of the '
+            'stack part, same run.', ''] + table(
+        ['norm', 'mode', 'compile + first steps s', 'step ms (fastest)', 'vs eager',
+         'peak MiB', 'graphs by first step', 'graphs in all', 'recompile-limit fallbacks',
+         'graph breaks', 'note'], [compile_cells(r, eager.get(r['norm'])) for r in rows])
 
 
 RENDERERS = dict(oracles=render_oracles, train=render_train, amp=render_amp,
