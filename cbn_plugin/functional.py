@@ -698,7 +698,7 @@ def bn_reductions(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
     leave them without a device, so a tensor of ones stands in (only its dtype
     and device are used: the input gradient is not asked for). ``grad`` and
     ``x`` share a dtype; ``weight``, ``mean`` and ``invstd`` are float32 when
-    they are float16/bfloat16 (the kernels' mixed-precision mode).
+    ``x`` is float16/bfloat16 (the kernels' mixed-precision mode).
     """
     if weight is None:
         weight = torch.ones_like(mean)
