@@ -252,3 +252,183 @@ def test_reuse_takes_identical_jobs_from_the_results_json(sbd, tmp_path, monkeyp
     assert again[1]['job']['norm']['cbn_args'] == dict(window_size=3)
     assert 'reused_from' not in again[1]
     assert '1 trained by it; reused, as finished earlier: 1 from ' in (out / sbd.DOC).read_text()
+
+
+# ----------------------------------------------------------------------------- converged
+
+
+def test_converged_plans_every_budget_with_its_own_schedule(sbd, tmp_path):
+    """--converged: one job per budget, seed and row, started budget by budget as given;
+    each budget's warm-up, lr steps and burn-in are the same fractions of its iterations,
+    and each budget has its own work dirs."""
+    args = sbd.parse_args(['--converged'])
+    assert args.budgets == sbd.BUDGETS and args.rows == sbd.CONVERGED_ROWS
+    assert args.seeds == [0, 1]
+    with pytest.raises(SystemExit):  # several budgets are the converged mode's only
+        sbd.parse_args(['--images', '2400', '6000'])
+    args = sbd.parse_args(['--converged', '--images', '6000', '2400', '--rows', 'gn', 'cbn',
+                           'bn-large', '--seeds', '0', '1'])
+    setting = sbd.setting_from_args(args)
+    jobs = sbd.plan(setting, args.budgets, args.rows, args.seeds, tmp_path, tmp_path / 'w')
+    assert [(j['setting']['images'], j['seed'], j['row']) for j in jobs] == [
+        (images, seed, row) for images in (6000, 2400) for seed in (0, 1)
+        for row in ('gn', 'cbn', 'bn-large')]
+    assert len({j['work_dir'] for j in jobs}) == len(jobs)
+    # the question's rows first, at every budget; then the others
+    assert args.first == ['gn', 'cbn']
+    firsts = sbd.plan(setting, args.budgets, args.rows, args.seeds, tmp_path, tmp_path / 'w',
+                      first=args.first)
+    assert [(j['setting']['images'], j['seed'], j['row']) for j in firsts] == [
+        (images, seed, row) for images in (6000, 2400) for seed in (0, 1)
+        for row in ('gn', 'cbn')] + [(images, seed, 'bn-large') for images in (6000, 2400)
+                                     for seed in (0, 1)]
+    for j in jobs:
+        images, cfg = j['setting']['images'], sbd.build_config(j)
+        assert j['setting'] == dict(setting, images=images)
+        iters = images // j['batch']
+        assert cfg.train_cfg.max_iters == cfg.train_cfg.val_interval == iters
+        warmup, steps = cfg.param_scheduler
+        assert warmup.end == round(0.05 * iters)
+        assert steps.milestones == [int(0.8 * iters), int(0.93 * iters)]
+        assert cfg.optim_wrapper.optimizer.lr == pytest.approx(0.01 * j['batch'])
+        if j['row'] == 'cbn':
+            assert cfg.custom_hooks[0].burn_in_iters == round(0.1 * iters)
+    by = {(j['row'], j['setting']['images']): sbd.build_config(j).train_cfg.max_iters
+          for j in jobs}
+    assert by[('gn', 6000)] == 6000 and by[('bn-large', 6000)] == 1500
+    assert by[('cbn', 2400)] == 2400 and by[('bn-large', 2400)] == 600
+    # the cheaper CBN row: the defaults at a fixed window of 8 steps, at 1 image
+    k8 = sbd.make_job('cbn-k8', setting, 0, tmp_path, tmp_path)
+    assert (k8['batch'], k8['norm']) == (1, dict(kind='cbn', cbn_args=dict(window_size=8),
+                                                 window=8))
+
+
+def _fake_result(job, mAP=None, cpu=None):
+    images = job['setting']['images']
+    return dict(job=job, status='ok', mAP=mAP if mAP is not None else 0.4 + images / 1000,
+                mAP50=0.9, mAP75=0.5, final_loss=0.7, loss_curve=[1.0], iters=images,
+                lr=0.01, train_s=1.0, val_s=1.0, wall_s=2.0,
+                cpu_s=cpu if cpu is not None else 10.0 * images)
+
+
+def test_converged_reuses_identical_jobs_and_resumes(sbd, tmp_path, monkeypatch):
+    """The converged mode reuses the comparison's runs of identical jobs (its json, no work
+    dirs), writes its json after every run, and an interrupted study resumes from it."""
+    out, work = tmp_path / 'docs', tmp_path / 'work'
+    common = ['--tiny', '--workers', '0', '--out-dir', str(out), '--data-root',
+              str(tmp_path / 'data'), '--work-dir', str(work), '--rows', 'gn', 'bn']
+    jobs_module = sys.modules[sbd.run_jobs.__module__]
+    trained, fail_at = [], []
+
+    def fake_run_one(job, *args):
+        if (job['row'], job['setting']['images']) in fail_at:
+            raise KeyboardInterrupt  # the study killed in this run
+        trained.append((job['row'], job['setting']['images']))
+        return _fake_result(job)
+
+    monkeypatch.setattr(jobs_module, 'run_one', fake_run_one)
+    monkeypatch.setattr(sbd, 'ensure_data', lambda root, setting: root)  # no run reads it
+    sbd.main(common)  # the comparison at the tiny budget, 8 images
+    for saved in work.rglob('result.json'):  # a fresh clone: only the committed json
+        saved.unlink()
+    trained.clear()
+    sbd.main(common + ['--converged', '--images', '8', '16', '--reuse'])
+    assert trained == [('gn', 16), ('bn', 16)]
+    run = json.loads((out / sbd.CONVERGED_JSON).read_text())
+    # in the order they start: GN (a --first row) at every budget, then BN
+    assert [(r['job']['row'], r['job']['setting']['images']) for r in run['results']] == [
+        ('gn', 8), ('gn', 16), ('bn', 8), ('bn', 16)]
+    assert [r.get('reused_from') for r in run['results']] == [
+        str(out / sbd.RESULTS_JSON), None, str(out / sbd.RESULTS_JSON), None]
+    # a longer budget, killed in its second run: the json keeps the first
+    trained.clear()
+    fail_at.append(('bn', 32))
+    with pytest.raises(KeyboardInterrupt):
+        sbd.main(common + ['--converged', '--images', '8', '16', '32', '--reuse'])
+    assert trained == [('gn', 32)]
+    run = json.loads((out / sbd.CONVERGED_JSON).read_text())
+    assert len(run['results']) == 5 and len(run['jobs']) == 6
+    sbd.main(['--from-json', '--out-dir', str(out)])  # what has run and what is queued
+    block = (out / sbd.DOC).read_text().split(sbd.CONVERGED_BEGIN)[1].split(
+        sbd.CONVERGED_END)[0]
+    assert '5 of the 6 planned runs finished' in block
+    assert '- 32 images: BN seed 0' in block
+    for saved in work.rglob('result.json'):  # resumes from the json alone
+        saved.unlink()
+    trained.clear()
+    fail_at.clear()
+    sbd.main(common + ['--converged', '--images', '8', '16', '32', '--reuse'])
+    assert trained == [('bn', 32)]
+    block = (out / sbd.DOC).read_text().split(sbd.CONVERGED_BEGIN)[1]
+    assert 'Every planned run has finished.' in block
+    assert (out / sbd.CONVERGED_PLOT).stat().st_size > 1000
+
+
+def _converged_run(sbd, points, budgets=(2400, 6000, 15000), queued_rows=()):
+    """A converged json from ``points``: row -> [(images, [(mAP, CPU) per seed]), ...]."""
+    setting = sbd.setting_from_args(sbd.parse_args([]))
+    results, jobs = [], []
+    for row, per_budget in points.items():
+        for images, seeds in per_budget:
+            for seed, (mAP, cpu) in enumerate(seeds):
+                job = sbd.make_job(row, dict(setting, images=images), seed, Path('d'), Path('w'),
+                                   group='converged')
+                jobs.append(job)
+                results.append(_fake_result(job, mAP, cpu))
+    for row, images, seed in queued_rows:
+        jobs.append(sbd.make_job(row, dict(setting, images=images), seed, Path('d'), Path('w'),
+                                 group='converged'))
+    return dict(command='python tools/analysis_tools/small_batch_detection.py --converged',
+                when='2026-12-07 14:00', machine='x86_64, 2 CPUs', load_start='1', load_end='1',
+                workers=1, wall_s=60.0, setting=setting, budgets=list(budgets),
+                rows=list(points) + [r for r, _, _ in queued_rows if r not in points],
+                seeds=[0, 1], jobs=jobs, results=results)
+
+
+def test_cpu_to_reach_interpolates_between_budgets():
+    import small_batch_det.converged as conv
+    curve = [dict(images=2400, cpu_s=600.0, mAP=0.59), dict(images=6000, cpu_s=1500.0, mAP=0.72),
+             dict(images=15000, cpu_s=3500.0, mAP=0.78)]
+    assert conv.cpu_to_reach(curve, 0.75) == (pytest.approx(2500.0), 'interpolated')
+    assert conv.cpu_to_reach(curve, 0.72) == (1500.0, 'interpolated')  # reached exactly
+    assert conv.cpu_to_reach(curve, 0.50) == (600.0, 'at most')
+    assert conv.cpu_to_reach(curve, 0.80) == (None, 'not reached')
+    # the first crossing counts, not a later one after a dip
+    dip = [dict(images=1, cpu_s=100.0, mAP=0.5), dict(images=2, cpu_s=200.0, mAP=0.7),
+           dict(images=3, cpu_s=300.0, mAP=0.6), dict(images=4, cpu_s=400.0, mAP=0.8)]
+    assert conv.cpu_to_reach(dip, 0.6) == (pytest.approx(150.0), 'interpolated')
+
+
+def test_compute_table_from_a_results_json(sbd, tmp_path):
+    """GN's best mean over its budgets is the target; each row's CPU to reach it comes off
+    its curve through its budgets; a row that never reaches it says so."""
+    run = _converged_run(sbd, {
+        'bn-large': [(2400, [(0.76, 200.0), (0.76, 200.0)])],
+        'bn': [(2400, [(0.40, 260.0)]), (6000, [(0.50, 650.0)]), (15000, [(0.60, 1600.0)])],
+        'gn': [(2400, [(0.56, 260.0), (0.56, 260.0)]), (6000, [(0.70, 650.0), (0.70, 650.0)]),
+               (15000, [(0.74, 1500.0), (0.76, 1700.0)])],
+        'cbn': [(2400, [(0.59, 600.0)]), (6000, [(0.72, 1500.0)]), (15000, [(0.78, 3500.0)])]},
+        queued_rows=[('cbn', 15000, 1), ('cbn-k8', 6000, 0)])
+    table, best = sbd.compute_table(run)
+    assert best == pytest.approx(0.75)
+    lines = {line.split(' | ')[0][2:]: line for line in table.splitlines()[2:]}
+    assert lines['CBN (new defaults)'] == ('| CBN (new defaults) | 2,400, 6,000, 15,000 | 0.780 '
+                                           '(15,000 images, 3,500 s) | 2,500 s | 1.56x |')
+    assert lines['GN'].endswith('| 1,600 s | 1.00x |')
+    assert lines['BN'].endswith('| not reached | - |')
+    assert lines['BN, large batch'].endswith('| at most 200 s | 0.12x |')
+    # GN's best, not its longest budget: a GN that drops at 15,000 images sets 0.72
+    dropped = _converged_run(sbd, {'gn': [(2400, [(0.56, 260.0)]), (6000, [(0.72, 650.0)]),
+                                          (15000, [(0.70, 1600.0)])]})
+    assert sbd.compute_table(dropped)[1] == pytest.approx(0.72)
+    block = sbd.render_converged(run)
+    assert "CPU per run to reach GN's best, 0.750" in block
+    # at equal images: each row against GN at the same budget
+    assert '| 6,000 | CBN (new defaults) | 1 | 32 | 6000 | 0.720 (1,500 s) | 0.720 | - | +2.0 |' \
+        in block
+    assert '| 15,000 | GN | 1 | - | 15000 | 0.740 (1,500 s), 0.760 (1,700 s) | 0.750 | 0.020 |' \
+        in block
+    assert '- 15,000 images: CBN (new defaults) seed 1' in block
+    assert '- 6,000 images: CBN (new defaults), k=8 seed 0' in block
+    sbd.plot_converged(run, tmp_path / 'c.png')
+    assert (tmp_path / 'c.png').stat().st_size > 1000

@@ -35,7 +35,7 @@ def test_plan_names_each_run_by_batch_pooled_images_and_seed():
 
 def test_each_run_s_command_trains_its_batch_seed_and_window(tmp_path):
     """The study, given a run's command line, builds the job the sweep names: CBN with
-    the sweep's window (``--window``), GN with none."""
+    the sweep's window (``--window``), GN with none; and that is the job the sweep trains."""
     import small_batch_detection as sbd
     args = ws.parse_args(['--batches', '2', '--windows', '16', '--seeds', '1'])
     rows = []
@@ -43,10 +43,43 @@ def test_each_run_s_command_trains_its_batch_seed_and_window(tmp_path):
         study = sbd.parse_args(ws.command(tmp_path / 'out', tmp_path / 'work', run)[2:])
         (row,) = study.rows
         job = sbd.make_job(row, sbd.setting_from_args(study), study.seeds[0], tmp_path,
-                           tmp_path, window=study.window)
+                           study.work_dir / 'compare', window=study.window)
         assert (job['batch'], job['accum'], job['seed']) == (2, 1, 1)
+        assert ws.job(run, tmp_path, tmp_path / 'work') == job
         rows.append((row, job['norm'].get('window'), job['norm'].get('cbn_args')))
     assert rows == [('gn', None, None), ('cbn', 16, dict(window_size=16))]
+
+
+def test_sweep_trains_with_the_study_runner_and_tables_what_it_trained(tmp_path, monkeypatch):
+    """The sweep's runs go through the study's runner (here in this process, its run_one
+    replaced): each result lands in its run's folder, where the table finds it; a run whose
+    folder holds a finished result is not trained again."""
+    sbd = ws.sbd
+    jobs_module = sys.modules[sbd.run_jobs.__module__]
+    trained = []
+
+    def fake_run_one(job, *args):
+        trained.append((job['row'], job['batch'], job['norm'].get('window'), job['seed']))
+        return dict(job=job, status='ok', mAP=0.5 + 0.01 * job['seed'], mAP50=0.8, mAP75=0.5,
+                    final_loss=0.7, loss_curve=[1.0], iters=1, lr=0.01, train_s=1.0, val_s=1.0,
+                    wall_s=2.0, cpu_s=100.0 * (job['norm'].get('window') or 1))
+
+    monkeypatch.setattr(jobs_module, 'run_one', fake_run_one)
+    monkeypatch.setattr(sbd, 'ensure_data', lambda root, setting: root)
+    argv = ['--windows', '8', '--seeds', '0', '1', '--workers', '1', '--out-dir',
+            str(tmp_path / 'runs'), '--doc', str(tmp_path / 'page.md'), '--json',
+            str(tmp_path / 'sweep.json')]
+    args = ws.parse_args(argv)
+    ws.train(ws.plan(args), args.out_dir, tmp_path / 'work', 0)
+    assert trained == [('gn', 1, None, 0), ('cbn', 1, 8, 0), ('gn', 1, None, 1),
+                       ('cbn', 1, 8, 1)]
+    block, records = ws.render(ws.collect(args.out_dir))
+    assert '| 1 | CBN, k = 8 | 8 | 0, 1 | 0.505 ± 0.007 (0.500 / 0.510) |' in block
+    assert {(r['row'], r['seed'], r['cpu_s']) for r in records} == {
+        ('gn', 0, 100.0), ('gn', 1, 100.0), ('cbn', 0, 800.0), ('cbn', 1, 800.0)}
+    trained.clear()
+    assert ws.main(argv + ['--render-only']) == 0 and trained == []
+    assert ws.main(argv) == 0 and trained == []  # every folder holds its finished run
 
 
 def test_finished_runs_are_reused_and_failed_ones_are_not(tmp_path):

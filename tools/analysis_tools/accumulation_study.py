@@ -45,19 +45,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from detection_runner import load_average  # noqa: E402
+from detection_runner import meta as study_meta  # noqa: E402
 from small_batch.grid import DEFAULT, LARGEST_BATCH, lr_for, spec_for  # noqa: E402
 from small_batch.runner import _key, run_jobs  # noqa: E402
 from study_markdown import md_table, write_block  # noqa: E402
@@ -317,11 +316,7 @@ def plot(results: list, args, path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    load = lambda: ' '.join(f'{v:.1f}' for v in os.getloadavg())  # noqa: E731
-    meta = dict(command='python tools/analysis_tools/accumulation_study.py ' + ' '.join(
-        sys.argv[1:] if argv is None else argv),
-        when=time.strftime('%Y-%m-%d %H:%M', time.gmtime()), load_start=load(),
-        machine=f'{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}')
+    meta = study_meta('tools/analysis_tools/accumulation_study.py', argv)  # command, machine
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         meta, wall, results = saved['meta'], saved['wall_s'], saved['runs']
@@ -331,7 +326,7 @@ def main(argv=None):
                 setattr(args, k, v)
     else:
         results, missing, wall = run(args, log=lambda s: print(s, flush=True))
-        meta['load_end'] = load()
+        meta['load_end'] = load_average()
         (args.out_dir / 'accumulation.json').write_text(json.dumps(
             dict(meta=meta, args={k: (str(v) if isinstance(v, Path) else v)
                                   for k, v in vars(args).items()},

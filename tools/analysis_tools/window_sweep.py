@@ -1,13 +1,14 @@
 """CBN's window on the small-batch detection study: mAP and cost against k, GN beside it.
 
-Each run is one ``small_batch_detection.py`` invocation (the study's setting, one row, one
-seed) in its own folder under ``--out-dir``: ``cbn_b{B}_L{B*k}_s{S}`` for CBN at ``B``
-images per step with a window of ``k`` steps (the study's ``--window k``; the folder
-names the images pooled, ``B*k``), ``gn_b{B}_L4_s{S}`` for GN. A folder that already holds a finished run is
-reused, so an interrupted sweep resumes and runs made one at a time join the table. The
-table (every finished run under ``--out-dir``, whichever invocation made it) goes into the
-generated block of ``docs/small_batch_detection.md`` and every run into
-``docs/window_sweep.json``.
+Each run is one job of ``small_batch_detection.py`` (the study's setting, one row, one
+seed: what ``--rows ROW --small B --window k --seeds S`` trains), run by the study's runner
+(``detection_runner``); its result goes into its own folder under ``--out-dir``:
+``cbn_b{B}_L{B*k}_s{S}`` for CBN at ``B`` images per step with a window of ``k`` steps (the
+study's ``--window k``; the folder names the images pooled, ``B*k``), ``gn_b{B}_L4_s{S}``
+for GN. A folder that already holds a finished run is reused, so an interrupted sweep
+resumes and runs made one at a time join the table. The table (every finished run under
+``--out-dir``, whichever invocation made it) goes into the generated block of
+``docs/small_batch_detection.md`` and every run into ``docs/window_sweep.json``.
 
     # the sweep at 1 image per step, 3 seeds, GN beside it (one process per run)
     .venv/bin/python tools/analysis_tools/window_sweep.py --batches 1 --windows 4 8 16 32 \\
@@ -22,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import small_batch_detection as sbd  # noqa: E402
 from study_markdown import md_table, write_block  # noqa: E402
 
 STUDY = Path(__file__).resolve().parent / 'small_batch_detection.py'
@@ -73,8 +74,8 @@ def finished(out_dir: Path, run: dict) -> dict | None:
 
 
 def command(out_dir: Path, work_dir: Path, run: dict) -> list[str]:
-    """The study invocation that trains ``run``: its row, batch and seed, and for CBN the
-    sweep's window (``--window``)."""
+    """The study invocation that trains ``run`` on its own: its row, batch and seed, and for
+    CBN the sweep's window (``--window``); the sweep trains the same job (``job``)."""
     window = [] if run['row'] == 'gn' else ['--window', str(run['window'])]
     return [sys.executable, str(STUDY), '--rows', run['row'], '--small', str(run['batch']),
             '--large', str(STUDY_LARGE), *window, '--seeds', str(run['seed']), '--workers',
@@ -82,11 +83,33 @@ def command(out_dir: Path, work_dir: Path, run: dict) -> list[str]:
             '--work-dir', str(work_dir / run['name'])]
 
 
-def launch(out_dir: Path, work_dir: Path, run: dict) -> int:
-    log = out_dir / f'{run["name"]}.log'
-    with log.open('w') as fh:
-        return subprocess.run(command(out_dir, work_dir, run), stdout=fh,
-                              stderr=subprocess.STDOUT).returncode
+def job(run: dict, data_root: Path, work_dir: Path) -> dict:
+    """The study's job of ``run`` in the study's default setting: the job ``command`` trains."""
+    setting = dict(sbd.setting_from_args(sbd.parse_args([])), small=run['batch'],
+                   large=STUDY_LARGE)
+    return sbd.make_job(run['row'], setting, run['seed'], data_root,
+                        work_dir / run['name'] / 'compare', window=run['window'])
+
+
+def train(runs: list[dict], out_dir: Path, work_dir: Path, workers: int, log=print) -> None:
+    """Train ``runs`` with the study's runner (``workers`` child processes, one torch
+    thread each); each finished run goes into its folder as the study writes it, where
+    ``finished`` and ``collect`` read it."""
+    import platform
+    setting = sbd.setting_from_args(sbd.parse_args([]))
+    data_root = sbd.ensure_data(REPO / 'data' / 'small_batch_det', setting)
+    machine = f'{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}'
+    jobs = [job(r, data_root, work_dir) for r in runs]
+    folder_of = {j['work_dir']: out_dir / r['name'] for r, j in zip(runs, jobs)}
+
+    def record(done, result):
+        folder = folder_of[done['work_dir']]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / 'small_batch_detection.json').write_text(json.dumps(dict(
+            machine=machine, when=time.strftime('%Y-%m-%d %H:%M'), results=[result]),
+            indent=1, default=float) + '\n')
+
+    sbd.run_jobs(jobs, workers, log=log, reuse=True, costliest_first=False, on_result=record)
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -216,11 +239,7 @@ def main(argv=None) -> int:
     todo = [r for r in runs if finished(args.out_dir, r) is None]
     if todo and not args.render_only:
         print(f'{len(todo)} of {len(runs)} runs to train, {args.workers} at a time', flush=True)
-        with ThreadPoolExecutor(args.workers) as pool:
-            codes = list(pool.map(lambda r: launch(args.out_dir, work_dir, r), todo))
-        failed = [r['name'] for r, code in zip(todo, codes) if code != 0]
-        if failed:
-            print(f'failed (logs in {args.out_dir}): {failed}', file=sys.stderr)
+        train(todo, args.out_dir, work_dir, args.workers, log=lambda s: print(s, flush=True))
     found = collect(args.out_dir)
     block, records = render(found)
     write_block(args.doc, DOC_BEGIN, DOC_END, block, 'Small-batch detection')

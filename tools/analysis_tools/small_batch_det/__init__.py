@@ -6,7 +6,9 @@ of a setting; ``configs``: the mmengine config of one run; ``jobs``: a run as pl
 training it, and the pool of child processes; ``goals``: mean and spread over seeds and the
 goals checked on them; ``report``: the tables and generated markdown (through
 ``study_markdown``, which the classification study shares); ``plots``: the figure;
-``probes``: the BN-only probes that chose the setting.
+``probes``: the BN-only probes that chose the setting; ``converged``: the rows at several
+budgets, at equal images and against compute. Training and running jobs, the options and
+the report header are the detection studies' shared ``detection_runner``.
 """
 import sys
 from pathlib import Path
@@ -18,6 +20,10 @@ for _path in (REPO, REPO / 'tools', REPO / 'tools' / 'analysis_tools'):
         sys.path.insert(0, str(_path))
 
 from .configs import CONFIG, build_config  # noqa: E402,F401
+from .converged import (  # noqa: E402,F401
+    BUDGETS, CONVERGED_BEGIN, CONVERGED_END, CONVERGED_JSON, CONVERGED_PLOT, CONVERGED_ROWS,
+    FIRST_ROWS, compute_table, cpu_to_reach, curves, plan, plot_converged, publish_converged,
+    render_converged, run_converged)
 from .data import ensure_data  # noqa: E402,F401
 from .goals import goals, stats, summarise  # noqa: E402,F401
 from .jobs import (  # noqa: E402,F401
@@ -25,7 +31,7 @@ from .jobs import (  # noqa: E402,F401
 from .plots import plot, plot_rows  # noqa: E402,F401
 from .probes import run_probes  # noqa: E402,F401
 from .report import (  # noqa: E402,F401
-    DOC, DOC_BEGIN, DOC_END, PLOT, PROBE_BEGIN, PROBE_END, PROBES_JSON, RESULTS_JSON, TITLE,
+    DOC, DOC_BEGIN, DOC_END, PLOT, PROBE_BEGIN, PROBE_END, PROBES_JSON, RESULTS_JSON, TITLE, fmt,
     probe_table, render, render_probes, summary_table)
 from .rows import (  # noqa: E402,F401
     DEFAULT_ROWS, GN_GROUPS, ROWS, SETTING_DEFAULTS, distinct_rows, norm_cfg, setting_from_args,

@@ -15,10 +15,12 @@ def stats(values):
 
 
 def summarise(results: list[dict], rows: list[str]) -> list[dict]:
-    """Per row: mean and spread (max - min over seeds) of mAP and mAP50, mean wall time."""
+    """Per row: mean and spread (max - min over seeds) of mAP and mAP50, per-seed values,
+    mean CPU and wall time (the pretrained-backbone study tables its rows with it too)."""
     out = []
     for row in rows:
-        rs = [r for r in results if r['job']['row'] == row]
+        rs = sorted((r for r in results if r['job']['row'] == row),
+                    key=lambda r: r['job']['seed'])
         if not rs:
             continue
         j = rs[0]['job']
@@ -35,7 +37,8 @@ def summarise(results: list[dict], rows: list[str]) -> list[dict]:
                         mAP=mAP, mAP_spread=mAP_spread, mAP50=mAP50, mAP50_spread=mAP50_spread,
                         final_loss=loss, wall_s=wall, cpu_s=cpu,
                         per_seed=[dict(seed=r['job']['seed'], mAP=r['mAP'], mAP50=r['mAP50'],
-                                       wall_s=r['wall_s'], status=r['status']) for r in rs]))
+                                       cpu_s=r.get('cpu_s', float('nan')), wall_s=r['wall_s'],
+                                       status=r['status']) for r in rs]))
     return out
 
 

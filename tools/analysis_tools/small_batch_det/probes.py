@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from detection_runner import merge_probes
 from study_markdown import write_block
 
 from .jobs import load_average, make_job, run_jobs
@@ -26,18 +27,13 @@ def run_probes(setting: dict, batches: list[int], seeds: list[int], data_root: P
                      group='probe')
             for b in batches for seed in seeds]
     results = run_jobs(jobs, workers, log=lambda s: print(s, flush=True), reuse=reuse)
-    path = out_dir / PROBES_JSON
-    saved = json.loads(path.read_text()) if path.is_file() else dict(probes=[])
     fresh = [dict(setting=setting, batch=r['job']['batch'], seed=r['job']['seed'], mAP=r['mAP'],
                   mAP50=r['mAP50'], mAP75=r['mAP75'], final_loss=r['final_loss'],
                   iters=r['iters'], lr=r['lr'], train_s=r['train_s'], val_s=r['val_s'],
                   wall_s=r['wall_s'], cpu_s=r.get('cpu_s', float('nan')), status=r['status'],
                   workers=workers, **meta, load_end=r.get('load_end', load_average()))
              for r in results]
-    keys = {(json.dumps(e['setting'], sort_keys=True), e['batch'], e['seed']) for e in fresh}
-    saved['probes'] = [e for e in saved['probes'] if (json.dumps(
-        e['setting'], sort_keys=True), e['batch'], e['seed']) not in keys] + fresh
-    path.write_text(json.dumps(saved, indent=1, default=float) + '\n')
+    saved = merge_probes(out_dir / PROBES_JSON, fresh, ('batch', 'seed'))
     write_block(out_dir / DOC, PROBE_BEGIN, PROBE_END, render_probes(saved), TITLE)
     print(probe_table([e for e in saved['probes'] if e['setting'] == setting]))
     return saved
