@@ -176,17 +176,16 @@ def equal_images_table(run: dict) -> str:
 
 
 def queued(run: dict) -> list[str]:
-    """The planned runs without a finished result, per budget."""
+    """The planned runs without a finished result, a line per budget and row, in the order
+    they start (a row's seeds alternate with the budget's other first rows)."""
     done = {json.dumps(r['job'], sort_keys=True) for r in run['results']
             if r['status'] == 'ok'}
-    missing: dict[int, dict[str, list[int]]] = {}
+    missing: dict[tuple[int, str], list[int]] = {}
     for job in run['jobs']:
         if json.dumps(job, sort_keys=True) not in done:
-            missing.setdefault(job['setting']['images'], {}).setdefault(
-                job['label'], []).append(job['seed'])
-    return [f'- {images:,} images: ' + '; '.join(
-        f'{label} seed{"s" if len(seeds) > 1 else ""} {", ".join(map(str, seeds))}'
-        for label, seeds in rows.items()) for images, rows in missing.items()]
+            missing.setdefault((job['setting']['images'], job['label']), []).append(job['seed'])
+    return [f'- {images:,} images: {label} seed{"s" if len(seeds) > 1 else ""} '
+            f'{", ".join(map(str, seeds))}' for (images, label), seeds in missing.items()]
 
 
 def render_converged(run: dict) -> str:
