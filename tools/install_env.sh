@@ -36,7 +36,7 @@ fi
 # The two codebases the plugin is tested with. mmseg imports ftfy and regex
 # without declaring them. vermin: the test of the Python floor.
 "${PIP[@]}" mmdet pycocotools mmsegmentation ftfy regex pytest scikit-learn vermin
-if [ "${EDITABLE:-1}" = 1 ]; then
+if [ "$EDITABLE" = 1 ]; then
   "${PIP[@]}" --no-build-isolation --no-deps -e .
 fi
 "$PY" -c 'import torch, mmcv.ops, mmdet, mmseg, cbn_plugin; print("install_env: torch",
