@@ -75,7 +75,9 @@ param_scheduler = [
 custom_hooks = [dict(type='CBNHook', burn_in_iters={BURN_IN})]
 default_hooks = dict(
     logger=dict(interval=1),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval={CHECKPOINT_EVERY}))
+    # (_delete_: the base saves no checkpoint, checkpoint=None)
+    checkpoint=dict(_delete_=True, type='CheckpointHook', by_epoch=False,
+                    interval={CHECKPOINT_EVERY}))
 """
 # The same detector with BN: what tools/convert_to_bn.py's output is for. No plugin import.
 BN_CONFIG = """\
