@@ -157,9 +157,11 @@ def test_pip_install_adds_the_plugin_alone(user):
 
 def test_the_tools_run_the_installed_package(user):
     where = run('-c', 'import cbn_plugin, mmcv.ops, torch, mmcv, mmengine, mmdet; '
-                'print(cbn_plugin.__file__); print(torch.__version__, mmcv.__version__, '
-                'mmengine.__version__, mmdet.__version__)', cwd=user['project'])
-    path, stack = where.strip().splitlines()[-2:]
+                'print("PLUGIN", cbn_plugin.__file__); print("STACK", torch.__version__, '
+                'mmcv.__version__, mmengine.__version__, mmdet.__version__)', cwd=user['project'])
+    # (The output holds the libraries' warnings too.)
+    path = re.search(r'^PLUGIN (.+)$', where, re.M).group(1)
+    stack = re.search(r'^STACK (.+)$', where, re.M).group(1)
     site = Path(sysconfig.get_paths()['purelib']).resolve()
     assert Path(path).resolve().is_relative_to(site), path
     assert not (user['project'] / 'cbn_plugin').exists()
