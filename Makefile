@@ -34,8 +34,9 @@ clean-venv:
 # The oldest supported stack, the second test lane: constraints-oldest.txt (torch 2.1.2 from
 # the package index, mmcv 2.1.0 built against it, mmengine 0.8.0, mmdet 3.3.0) in
 # .venv-oldest, made by the same install script without the plugin (the lane's user test
-# installs it with `pip install .`). About 3 GB of torch wheels and a 12-minute mmcv build
-# the first time. It runs the files below: the layer, oracle, hook, checkpoint and resume
+# installs it with `pip install .`). The first time: about 3 GB of torch wheels (3 minutes
+# here) and an mmcv build of about 40 CPU-minutes (85 minutes of wall time measured beside
+# other jobs on the 2 cores); then pip's caches make it minutes. It runs the files below: the layer, oracle, hook, checkpoint and resume
 # tests, and a user's install, training, evaluation, resume and conversion of the digits
 # detector through tools/ (tests/test_user_stack.py).
 OLDEST_PY := .venv-oldest/bin/python
