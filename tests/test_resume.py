@@ -177,8 +177,11 @@ def test_auto_resume_after_crash_is_bit_exact(runs):
     assert same_tree(got['param_schedulers'], want['param_schedulers'])
     # Both runs end with the same generator states: they drew the same numbers.
     assert same_tree(got['rng_state'], want['rng_state'])
-    for path in (runs['whole'] / 'epoch_2.pth', runs['crashed'] / 'epoch_1.pth'):
-        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
+    # What a weights-only load would refuse: torch 2.5's question (the oldest lane's torch
+    # 2.1 loads with full unpickling, tests/test_checkpoint.py says why that is tested there).
+    if hasattr(torch.serialization, 'get_unsafe_globals_in_checkpoint'):
+        for path in (runs['whole'] / 'epoch_2.pth', runs['crashed'] / 'epoch_1.pth'):
+            assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == []
 
 
 @pytest.mark.parametrize('tool', ['train', 'test'])
