@@ -27,6 +27,24 @@ import cbn_plugin
 import cbn_plugin.engine  # noqa: F401  (registers WeightsOnlyCheckpointHook)
 from tiny_coco import narrow_config
 
+
+def _gloo_rank(rank, store, results, collect):
+    torch.distributed.init_process_group('gloo', init_method=f'file://{store}', rank=rank,
+                                         world_size=2)
+    try:
+        torch.save(collect(rank), f'{results}.{rank}')
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_ranks(tmp_path, collect) -> list:
+    """What ``collect(rank)`` returns in each of 2 spawned processes joined by a gloo group
+    (``collect``: a module-level function, so that the children can import it)."""
+    torch.multiprocessing.start_processes(
+        _gloo_rank, args=(str(tmp_path / 'store'), str(tmp_path / 'out'), collect), nprocs=2,
+        start_method='spawn')
+    return [torch.load(tmp_path / f'out.{rank}') for rank in range(2)]
+
 REPO = Path(__file__).resolve().parents[1]
 FASTER = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-cbn_1x_coco.py'
 FASTER_SYNC = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-synccbn_1x_coco.py'

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import cbn_plugin
 from cbn_plugin import CBN, SyncCBN, compat
 from device_contracts import (DeviceChecker, KernelContracts, contract_violations,
                               cpu_trains_in)
+from helpers import on_two_ranks
 
 
 class Net(nn.Module):
@@ -136,33 +135,27 @@ def test_the_contracts_catch_what_cuda_refuses():
                                {})
 
 
-def _sync_worker(rank, store, results):
-    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
-    try:
-        found = {}
-        for mode in ('default', 'paper'):
-            for dtype in ('float32', 'bfloat16'):
-                args = dict(MODES[mode][0])
-                torch.manual_seed(0)
-                model = Net(SyncCBN, **args)
-                cbn_plugin.bind(model, logger=None)
-                opt = torch.optim.SGD(model.parameters(), lr=0.05)
-                with KernelContracts() as seen:
-                    # rank 1 has an empty batch at step 3 (it still joins both reductions)
-                    train(model, opt, 5, dtype=AUTOCAST[dtype], calls=1, empty_step=False,
-                          empty_at=3 if rank == 1 else None)
-                found[mode, dtype] = ([m for m, _ in seen.violations],
-                                      seen.calls.get('aten.native_batch_norm_backward.default'))
-        torch.save(found, f'{results}.{rank}')
-    finally:
-        dist.destroy_process_group()
+def _sync_kernel_calls(rank):
+    found = {}
+    for mode in ('default', 'paper'):
+        for dtype in ('float32', 'bfloat16'):
+            args = dict(MODES[mode][0])
+            torch.manual_seed(0)
+            model = Net(SyncCBN, **args)
+            cbn_plugin.bind(model, logger=None)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            with KernelContracts() as seen:
+                # rank 1 has an empty batch at step 3 (it still joins both reductions)
+                train(model, opt, 5, dtype=AUTOCAST[dtype], calls=1, empty_step=False,
+                      empty_at=3 if rank == 1 else None)
+            found[mode, dtype] = ([m for m, _ in seen.violations],
+                                  seen.calls.get('aten.native_batch_norm_backward.default'))
+    return found
 
 
 def test_sync_cbn_kernel_calls_meet_their_cuda_contract(tmp_path):
-    mp.start_processes(_sync_worker, args=(str(tmp_path / 'store'), str(tmp_path / 'out')),
-                       nprocs=2, start_method='spawn')
-    for rank in range(2):
-        for key, (violations, backwards) in torch.load(tmp_path / f'out.{rank}').items():
+    for rank, found in enumerate(on_two_ranks(tmp_path, _sync_kernel_calls)):
+        for key, (violations, backwards) in found.items():
             assert violations == [], (rank, key, violations[0])
             assert backwards, (rank, key)
 

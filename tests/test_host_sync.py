@@ -15,13 +15,12 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import cbn_plugin
 from cbn_plugin import CBN, SyncCBN
+from helpers import on_two_ranks
 
 HOST_READS = ('item', '__int__', '__float__', '__bool__', '__index__', 'tolist')
 
@@ -175,25 +174,18 @@ def test_the_trap_catches_host_to_device_copies():
     assert set(names) == {'host data', 'host-to-device copy'}, names
 
 
-def _sync_worker(rank, store, results):
-    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
-    try:
-        gen = torch.Generator().manual_seed(rank)
-        found = {}
-        for mode in ('default', 'paper'):
-            kwargs = dict(MODES[mode])
-            calls = host_reads_in_steady_state(SyncCBN, gen=gen, **kwargs)
-            found[mode] = [where for _, where in calls]
-        torch.save(found, f'{results}.{rank}')
-    finally:
-        dist.destroy_process_group()
+def _sync_host_reads(rank):
+    gen = torch.Generator().manual_seed(rank)
+    found = {}
+    for mode in ('default', 'paper'):
+        kwargs = dict(MODES[mode])
+        calls = host_reads_in_steady_state(SyncCBN, gen=gen, **kwargs)
+        found[mode] = [where for _, where in calls]
+    return found
 
 
 def test_sync_cbn_step_reads_nothing_back(tmp_path):
-    mp.start_processes(_sync_worker, args=(str(tmp_path / 'store'), str(tmp_path / 'out')),
-                       nprocs=2, start_method='spawn')
-    for rank in range(2):
-        found = torch.load(tmp_path / f'out.{rank}')
+    for rank, found in enumerate(on_two_ranks(tmp_path, _sync_host_reads)):
         for mode, calls in found.items():
             assert calls == [], (rank, mode, calls[0])
 
