@@ -32,7 +32,7 @@ clean-venv:
 	rm -rf .venv
 
 # The oldest supported stack, the second test lane: constraints-oldest.txt (torch 2.1.2 from
-# the package index, mmcv 2.1.0 built against it, mmengine 0.8.0, mmdet 3.3.0) in
+# the package index, mmcv 2.1.0 built against it, mmengine 0.10.3, mmdet 3.3.0) in
 # .venv-oldest, made by the same install script without the plugin (the lane's user test
 # installs it with `pip install .`). The first time: about 3 GB of torch wheels (3 minutes
 # here) and an mmcv build of about 40 CPU-minutes (85 minutes of wall time measured beside

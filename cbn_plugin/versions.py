@@ -19,11 +19,15 @@ the exact, tested stack is pinned in ``constraints.txt``, which
   ``cbn_plugin.engine.load_checkpoint`` a safe load. Older torch
   loads the same files with full unpickling. No upper bound: torch is left
   to the user (a CUDA build of their own).
-- mmengine >= 0.8.0, < 1.0.0: the oldest test lane runs 0.8.0 (with yapf
-  0.40.1: 0.8.0 formats configs with an argument yapf 0.40.2 removed). With
-  0.7.1 the checkpoint tests of the saved ``meta`` iteration and of the
-  atomic rewrite of the newest checkpoint, and the bit-exact auto-resume
-  test, failed when tried by hand (MMDetection 3.3 itself asks for >= 0.7.1).
+- mmengine >= 0.10.3, < 1.0.0: the oldest test lane runs 0.10.3. Resume is
+  part of what the plugin promises, and before 0.10.3 MMEngine's
+  ``IterBasedTrainLoop`` resumes without skipping the batches the checkpoint
+  had already trained on (its "Advance dataloader" step is 0.10.3's): with
+  0.8.0 the digits detector resumed at iteration 100 trained on other images
+  and logged another loss at 101 (0.908 against 1.221). Epoch-based resume
+  was exact with 0.8.0; with 0.7.1 the checkpoint tests of the saved ``meta``
+  iteration and of the atomic rewrite failed (MMDetection 3.3 itself asks
+  for >= 0.7.1).
 - mmcv >= 2.1.0, < 2.2.0: MMCV 2.x builds norms through MMEngine's
   ``MODELS`` registry, where the plugin registers ``'CBN'``; MMDetection 3.x
   and MMSegmentation 1.x import with no mmcv of 2.2 or later. 2.1.0 is the
@@ -65,7 +69,7 @@ class Requirement(NamedTuple):
 
 SUPPORTED: dict[str, Requirement] = {
     'torch': Requirement(('torch',), 'torch', '>=2.1', True),
-    'mmengine': Requirement(('mmengine', 'mmengine-lite'), 'mmengine', '>=0.8.0,<1.0.0', True),
+    'mmengine': Requirement(('mmengine', 'mmengine-lite'), 'mmengine', '>=0.10.3,<1.0.0', True),
     'mmcv': Requirement(('mmcv', 'mmcv-full', 'mmcv-lite'), 'mmcv', '>=2.1.0,<2.2.0', True),
     'mmdet': Requirement(('mmdet',), 'mmdet', '>=3.3.0,<4.0.0', False),
     'mmsegmentation': Requirement(('mmsegmentation',), 'mmseg', '>=1.2.2,<2.0.0', False),

@@ -1,7 +1,7 @@
 """A user's environment end to end: ``pip install .`` into the running venv, then the tools.
 
 Run by ``make test-oldest`` in ``.venv-oldest`` (torch 2.1.2, mmcv 2.1.0 built
-against it, mmengine 0.8.0, mmdet 3.3.0: ``constraints-oldest.txt``), which
+against it, mmengine 0.10.3, mmdet 3.3.0: ``constraints-oldest.txt``), which
 ``tools/install_env.sh`` makes without the plugin (``EDITABLE=0``). As a user
 of that stack would, each step a subprocess of this venv's python:
 
@@ -192,11 +192,8 @@ def _state(path: Path) -> dict:
     return torch.load(path, map_location='cpu', weights_only=False)['state_dict']
 
 
-# Measured on the oldest lane (torch 2.1.2, mmengine 0.8.0): the run resumed from iteration
-# 100 logs another loss at iteration 101 (0.908 against 1.221): not bit-exact, not yet
-# diagnosed. strict: this fails as soon as the resume becomes exact, to remove the mark.
-@pytest.mark.xfail(strict=True, reason='resume of the iteration-based digits run from '
-                   'iteration 100 is not bit-exact on the oldest stack (measured, not diagnosed)')
+# With mmengine 0.8.0 this failed (loss at 101: 0.908 against 1.221): its IterBasedTrainLoop
+# resumed without skipping the batches already trained on; 0.10.3, the floor, skips them.
 def test_resume_is_bit_exact(user):
     log = run('tools/train.py', 'user_cbn_digits.py', '--work-dir', 'work/resumed',
               '--resume', f'work/full/iter_{CHECKPOINT_EVERY}.pth', cwd=user['project'])
