@@ -356,10 +356,13 @@ def test_import_fails_clearly_with_an_unsupported_mmcv(tmp_path):
         import cbn_plugin
     """)
     env = {k: v for k, v in os.environ.items() if k != versions.SKIP_ENV}
+    # This checkout's package, installed or not (the oldest lane's venv has no plugin
+    # until test_user_stack installs one).
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
     out = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert 'UnsupportedVersionError' in out.stderr
+    assert 'UnsupportedVersionError' in out.stderr, out.stderr[-2000:]
     assert ('mmcv 2.2.0 is installed, cbn_plugin supports mmcv'
             f"{SUPPORTED['mmcv'].specifier}") in out.stderr
 
