@@ -403,14 +403,20 @@ def running_target(step_mean: Tensor, step_var: Tensor, count, pooled: PooledSta
 
 
 def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                   factor: float) -> None:
+                   factor: float | Tensor) -> None:
     """BN's running average ``running += factor (new - running)``, in place; a channel
-    whose update is not finite keeps its value (its step is zeroed). No host read."""
+    whose update is not finite keeps its value (its step is zeroed). No host read.
+    ``factor``: a number, or a 0-dim tensor on the device (a cumulative average)."""
     buffers = [running_mean, running_var]
     steps = torch._foreach_sub([as_dtype(mean, running_mean.dtype),
                                 as_dtype(var, running_var.dtype)],
                                buffers)
-    torch._foreach_add_(buffers, [s.nan_to_num_(0.0, 0.0, 0.0) for s in steps], alpha=factor)
+    steps = [s.nan_to_num_(0.0, 0.0, 0.0) for s in steps]
+    if isinstance(factor, Tensor):
+        torch._foreach_mul_(steps, factor)
+        torch._foreach_add_(buffers, steps)
+    else:
+        torch._foreach_add_(buffers, steps, alpha=factor)
 
 
 def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,

@@ -21,8 +21,9 @@ from . import functional as CF
 from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401 (re-exported)
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
 from .plain_bn import PlainBatchNorm
-from .window import (ENTRY_BUFFERS, WINDOW_BUFFERS, CrossIterationWindow,  # noqa: F401
-                     PastEntries, StepCall, WindowSchedule, moved_like, saved_window_size)
+from .window import (ENTRY_BUFFERS, PLAIN, POOLING, WINDOW_BUFFERS,  # noqa: F401
+                     CrossIterationWindow, PastEntries, StepCall, WindowSchedule, moved_like,
+                     saved_window_size)
 
 
 class Binding(NamedTuple):
@@ -128,7 +129,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self.schedule = WindowSchedule(self.window_size, burn_in_steps, ramp_steps,
                                        self._describe())
         # What the forward branches on (see WindowSchedule.phase).
-        self._window_now = self.schedule.phase(self._steps)
+        self._phase = self.schedule.phase(self._steps)
 
     burn_in_steps = property(lambda self: self.schedule.burn_in,
                              lambda self, value: self.set_schedule(value, self.ramp_steps))
@@ -176,10 +177,11 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             raise RuntimeError(f"{self._describe()} (accumulation='two_pass'): the statistics "
                                f'pass made {passed} calls and the training pass '
                                f'{self._call_index}: they must run the same micro-batches')
+        most = self._active_window() - 1
         self.num_steps.add_(1)
         self._steps += 1
-        self._window_now = self.schedule.phase(self._steps)
-        self.window.commit(write=self.window_size > 1, derivatives=self.compensates)
+        self._phase = self.schedule.phase(self._steps)
+        self.window.commit(write=self.window_size > 1, derivatives=self.compensates, most=most)
         self._reset_step_state()
 
     def discard_step(self) -> None:
@@ -232,7 +234,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         """The window figures of the latest forward, read when asked, never in a step
         (``CrossIterationWindow.diagnostics``; the compensation's only while
         ``track_diagnostics`` is set)."""
-        return self.window.diagnostics(self.compensates)
+        return self.window.diagnostics(self.compensates, self._active_window() - 1)
 
     @property
     def steps_done(self) -> int:
@@ -266,7 +268,8 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
             return self._traced_forward(x)
         self._check_input_dim(x)
         conv_io, self._conv_io = self._conv_io, None
-        if not self._window_in_use() or self._window_now == 0:
+        phase = self._phase
+        if not self._window_in_use() or phase == PLAIN:
             if self._collecting and self.training:  # a statistics pass in burn-in: keeps nothing
                 return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             return self._batch_norm(x)
@@ -274,25 +277,25 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         if x.shape[0] == 0 and group is None:
             return CF.empty_norm(x, self.weight, self.bias) if self._collecting else self._empty(x)
         position = self._call_index if self.per_call_windows else 0
-        window = self._window_now
+        pooling = phase == POOLING
         # 1. this call's statistics (and their derivatives in the conv weight)
         # (a statistics pass needs them only for the exact backward through its calls)
         current = self._current(x, conv_io, group=group, derivatives=self.needs_conv and (
             not self._collecting or self.stats_backward == 'compensated'))
         if self._collecting:  # the statistics pass: normalised as 'merge' would; nothing kept
-            pooled = self._pool(self.window.collect(current), self.window.entries(0, window - 1,
-                                                                                 current))
+            pooled = self._pool(self.window.collect(current), self._entries(0, pooling, current))
             return F.batch_norm(x, pooled.mean, pooled.var, self.weight, self.bias, False, 0.0,
                                 self.eps)
         others = (self.window.others(self._call_index, self._describe())
                   if self.accumulation == 'two_pass' else None)
         count = current.count
-        ages = self.window.ages(position, window - 1)
-        self._running_stats_per_step(first_call=position not in self.window.calls)
-        if position not in self.window.calls and ages == 0 and group is None and others is None:
+        first_call = position not in self.window.calls
+        self._running_stats_per_step(first_call)
+        if first_call and group is None and others is None and not (
+                pooling and self.window.holds(position)):
             # Nothing to pool yet: exactly BN (one value per channel: the running statistics).
-            out = self._seed_window(x) if count == 1 and window > 1 else self._batch_norm(x)
-            self.window.keep(position, StepCall(current, None, None, 1, None))
+            out = self._seed_window(x) if count == 1 and pooling else self._batch_norm(x)
+            self.window.keep(position, StepCall(current, None, None, None))
             self._call_index += 1
             return out
         # 2. the step's statistics: this call merged with the step's earlier calls
@@ -302,7 +305,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         elif others is not None:  # the whole step: the statistics pass's other calls
             step_stats, _, _, share, earlier, _ = CF.merge_calls(current, others, None, None)
         # 3. the past entries, compensated, pooled with the step's
-        entries = self.window.entries(position, window - 1, current)
+        entries = self._entries(position, pooling, current)
         pooled = self._pool(step_stats, entries, earlier,
                             exact=self.stats_backward == 'compensated' and self.needs_conv)
         self._update_running_stats(step_stats, step_stats.count, pooled)
@@ -317,9 +320,17 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         shift = CF.window_shift(entries, pooled, self.eps) if self.track_diagnostics else None
         # Kept for step() and the diagnostics: no tensor of the autograd graph.
         self.window.keep(position, StepCall(record, finite, pooled._replace(mean=None, var=None),
-                                            1 + ages, shift, skips))
+                                            shift, skips))
         self._call_index += 1
         return out
+
+    def _entries(self, position: int, pooling: bool, like: CF.SlotStats) -> CF.WindowEntries:
+        """The window's entries this call pools (none unless ``pooling``); while a ramp
+        grows the window, the newest of them, chosen on the device."""
+        if not pooling:
+            return self.window.no_entries(like)
+        ages = self.schedule.past_steps(self.num_steps) if self.schedule.ramp else None
+        return self.window.entries(position, like, ages)
 
     def _pool(self, step: CF.SlotStats, entries: CF.WindowEntries, earlier=None,
               exact: bool = False) -> CF.PooledStats:
@@ -391,9 +402,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
                               unexpected_keys, error_msgs):
         # The host mirrors: the one time they are read from tensors.
         steps = state_dict.get(prefix + 'num_steps')
-        batches = state_dict.get(prefix + 'num_batches_tracked')
         self._steps = int(steps) if isinstance(steps, Tensor) else 0
-        self._batches = int(batches) if isinstance(batches, Tensor) else 0
         saved = saved_window_size(state_dict, prefix)  # taken if derived, refused if given
         if saved not in (None, self.window_size) and self.window_size_given:
             error_msgs.append(f'{prefix}window_*: the state holds a window of {saved} steps, '
@@ -404,7 +413,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         self.window.load(state_dict, prefix, local_metadata.get('version'),
                          self._state_device(), error_msgs)
         self._reset_step_state()
-        self._window_now = self.schedule.phase(self._steps)
+        self._phase = self.schedule.phase(self._steps)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

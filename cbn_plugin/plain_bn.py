@@ -3,8 +3,9 @@ conv, a forward without gradient, evaluation, an fx trace.
 
 ``nn.BatchNorm2d``'s computation, with the guards a layer that trains at one or two images
 needs: non-finite batch statistics never reach the running ones, a single value per
-channel is refused by name, an empty batch gives an empty output, and the running
-average's count is mirrored on the host (a training step reads nothing back). The
+channel is refused by name, an empty batch gives an empty output, and a cumulative
+running average (``momentum=None``) takes its factor on the device (a training step
+reads nothing back, and a compiled one sees no host number change). The
 running statistics' update of the pooled path is here too (BN's, from the batch or from
 the window).
 """
@@ -20,10 +21,6 @@ from . import functional as CF
 
 class PlainBatchNorm(_BatchNorm):
     """``_BatchNorm`` with the guards above; the base of the CBN layer."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._batches = 0  # the host mirror of num_batches_tracked
 
     def _describe(self) -> str:
         return f'norm layer ({self.num_features} channels)'
@@ -44,6 +41,11 @@ class PlainBatchNorm(_BatchNorm):
         # BN updates the running statistics it is given in place and autograd
         # saves them: give it copies, and commit the finite channels afterwards.
         mean, var = self.running_mean.clone(), self.running_var.clone()
+        if isinstance(factor, Tensor):  # momentum=None: BN's update, with a device factor
+            out = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+            with torch.no_grad():
+                CF.running_update(self.running_mean, self.running_var, mean, var, factor)
+            return out
         out = F.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
         with torch.no_grad():
             # ``new - new`` is 0 exactly where ``new`` is finite: one op for both tensors.
@@ -53,14 +55,16 @@ class PlainBatchNorm(_BatchNorm):
                                   zip(zeros, (mean, var), (self.running_mean, self.running_var))])
         return out
 
-    def _momentum_factor(self) -> float:
-        """BN's bookkeeping: count the batch, return the running-average factor."""
+    def _momentum_factor(self) -> float | Tensor:
+        """BN's bookkeeping: count the batch, return the running-average factor.
+
+        ``momentum=None`` (a cumulative average): ``1 / num_batches_tracked`` as a 0-dim
+        tensor on the device, where BN reads the count back to the host; a host count
+        instead would change every step, and a compiled model recompile at each.
+        """
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average (the host mirror: no read)
-            # Counted only here: a host count that changes every step would make
-            # a compiled model recompile every step.
-            self._batches += 1
-            return 1.0 / self._batches
+        if self.momentum is None:
+            return self.num_batches_tracked.to(self.running_mean.dtype).reciprocal_()
         return self.momentum
 
     def _empty(self, x: Tensor) -> Tensor:

@@ -7,7 +7,10 @@ slots it reads, and upgrades old states. The ring's positions are mirrored
 on the host (``StepRing``): a training step reads nothing back from the
 device (on a GPU every ``int(tensor)`` waits for the device's queue to
 drain), and the forward does not read them at all: it pools every slot with
-a mask, so a compiled model sees the same graph at every step.
+a mask (a ramping window's built on the device from ``window_next`` and
+``num_steps``), and branches only on host values that change a bounded number
+of times (``WindowSchedule.phase``, ``StepRing.holds``), so a compiled model
+compiles a few graphs whatever the window and however long it trains.
 """
 from __future__ import annotations
 
@@ -56,9 +59,13 @@ class StepCall(NamedTuple):
     record: CF.SlotStats       # the step's statistics so far (all its calls)
     finite: Tensor | None      # whether they are finite (None: not checked yet)
     pooled: CF.PooledStats | None  # the last pool's slots (mean, var: None); None: not pooled
-    window: int                # steps pooled (the current one included)
     shift: tuple | None        # (mean_shift, negative_fraction) when diagnostics are tracked
     skips: Tensor | None = None  # calls left out as not finite (None: one call, see finite)
+
+
+# What a forward does (``WindowSchedule.phase``): normalise as BN and record nothing;
+# normalise as BN and record the step (burn-in's last k - 1 steps); pool the window.
+PLAIN, RECORDING, POOLING = 0, 1, 2
 
 
 class WindowSchedule:
@@ -78,15 +85,22 @@ class WindowSchedule:
         return CF.active_window(step, self.window_size, self.burn_in, self.ramp)
 
     def phase(self, step: int) -> int:
-        """What a forward branches on: the steps pooled, 0 while the layer is plain BN
-        and records nothing (burn-in before recording starts).
+        """What a forward branches on: ``PLAIN``, ``RECORDING`` or ``POOLING``.
 
-        It changes a bounded number of times (burn-in, ramp, full window), never
-        with the step count itself: a compiled model compiles a bounded number
-        of graphs however long it trains.
+        It changes at most twice (recording starts, pooling starts), never with
+        the step count or the ramp: a compiled model compiles a bounded number of
+        graphs however long it trains and whatever the window.
         """
-        recording = step >= CF.recording_starts(self.window_size, self.burn_in)
-        return self.active(step) if recording else 0
+        if step < CF.recording_starts(self.window_size, self.burn_in):
+            return PLAIN
+        return POOLING if self.active(step) > 1 else RECORDING
+
+    def past_steps(self, num_steps: Tensor) -> Tensor:
+        """``active(step) - 1`` on the device, from the step counter (a 0-dim int64
+        tensor) while pooling with a ramp: no host value that changes per step."""
+        k1 = self.window_size - 1
+        return ((num_steps - (self.burn_in - 1)) * k1).div_(self.ramp, rounding_mode='floor') \
+            .clamp_(max=k1)
 
 
 class StepRing:
@@ -101,7 +115,9 @@ class StepRing:
         self.slots = slots
         self.next: list[int] = []
         self.filled: list[int] = []
-        self._masks: dict[tuple, Tensor] = {}
+        # Whether a position holds a step: what the forward reads (it changes once;
+        # ``filled`` changes every step while the ring fills).
+        self.holds: list[bool] = []
 
     @property
     def positions(self) -> int:
@@ -112,12 +128,13 @@ class StepRing:
         missing = positions - len(self.next)
         self.next += [0] * missing
         self.filled += [0] * missing
+        self.holds += [False] * missing
 
     def load(self, next_slots: Tensor | None, filled: Tensor | None) -> None:
         """Take the positions from the buffers of a loaded state (one read, at load time)."""
         self.next = [] if next_slots is None else [int(v) for v in next_slots.tolist()]
         self.filled = [] if filled is None else [int(v) for v in filled.tolist()]
-        self._masks.clear()
+        self.holds = [f > 0 for f in self.filled]
 
     def ages(self, position: int, most: int) -> int:
         """How many past steps position ``position`` pools, at most ``most``."""
@@ -128,26 +145,11 @@ class StepRing:
         newest = self.next[position] - 1
         return tuple((newest - a) % self.slots for a in range(ages))
 
-    def recent_mask(self, position: int, ages: int, device: torch.device) -> Tensor:
-        """``slots x 1`` bool: the ``ages`` newest slots (a window ramping up).
-
-        Made on ``device`` from Python numbers (an ``arange`` and a comparison,
-        the numbers passed as kernel arguments): a tensor built from host values,
-        or an index list, would be a host-to-device copy, which from pageable
-        memory waits for the device. Cached per distinct value.
-        """
-        key = (self.next[position], ages, str(device))
-        if key not in self._masks:
-            # slot s is (newest - s) % slots steps back; the ``ages`` newest are < ages back
-            back = (self.next[position] - 1 - torch.arange(self.slots, device=device)) \
-                .remainder_(self.slots)
-            self._masks[key] = (back < ages).view(self.slots, 1)
-        return self._masks[key]
-
     def advance(self, position: int) -> None:
         """The step just written at ``position`` becomes the newest."""
         self.next[position] = (self.next[position] + 1) % self.slots
         self.filled[position] = min(self.filled[position] + 1, self.slots)
+        self.holds[position] = True
 
     def filled_mask(self, positions: int, device: torch.device) -> Tensor:
         """``positions x slots`` bool: which slots hold a step."""
@@ -156,6 +158,14 @@ class StepRing:
             for slot in self.newest_first(p, self.filled[p]):
                 mask[p, slot] = True
         return mask.to(device)
+
+
+def recent_slots(next_slot: Tensor, slots: int, ages: Tensor) -> Tensor:
+    """``slots x 1`` bool: the ``ages`` newest of a ring's slots (a window ramping up),
+    from the device's ``next_slot`` and ``ages`` (0-dim int64): no host value, no copy.
+    Slot s is ``(next_slot - 1 - s) % slots`` steps back."""
+    back = (next_slot - 1 - torch.arange(slots, device=next_slot.device)).remainder_(slots)
+    return (back < ages).view(slots, 1)
 
 
 def moved_like(t: Tensor, fn) -> Tensor:
@@ -190,6 +200,7 @@ class CrossIterationWindow:
         self._zeros: dict[torch.dtype, Tensor] = {}  # what a non-finite record is written as
         self.calls: dict[int, StepCall] = {}       # this step's, per position
         self.last_calls: dict[int, StepCall] = {}  # the last finished step's
+        self.last_windows: dict[int, int] = {}     # and the steps each of them pooled
         # This step's statistics pass (accumulation='two_pass'): each call's statistics,
         # and their statistics merged so far (what the pass normalises with).
         self.pass_calls: list[CF.SlotStats] = []
@@ -261,9 +272,17 @@ class CrossIterationWindow:
         """Forget this step's calls (a forward repeated within a step as if it were its first)."""
         self.calls = {}
 
-    def commit(self, write: bool, derivatives: bool = True) -> None:
+    def windows(self, most: int) -> dict[int, int]:
+        """Steps this step pools (the current one included) at each position it called,
+        when it may pool ``most`` past steps: figures from the host ring, for diagnostics
+        (the forward never reads them: they change every step while the ring fills)."""
+        return {p: 1 + self.ring.ages(p, most) for p in self.calls}
+
+    def commit(self, write: bool, derivatives: bool = True, most: int = 0) -> None:
         """The end of an optimizer step: each position's record joins the ring (``write``),
-        with its derivatives only if the window compensates (``derivatives``)."""
+        with its derivatives only if the window compensates (``derivatives``). ``most``:
+        the past steps this step could pool (what its diagnostics report)."""
+        self.last_windows = self.windows(most)
         for position, call in self.calls.items() if write else ():
             finite = CF.all_finite(call.record) if call.finite is None else call.finite
             record = call.record if derivatives else call.record._replace(grad_mean=None,
@@ -287,15 +306,17 @@ class CrossIterationWindow:
                                  else (~CF.all_finite(call.record)).long())
         return skipped
 
-    def diagnostics(self, compensates: bool) -> dict:
-        """This step's figures (else the last step's): ``window``, the steps pooled;
+    def diagnostics(self, compensates: bool, most: int) -> dict:
+        """This step's figures (else the last step's): ``window``, the steps pooled
+        (``most``: the past steps this step may pool);
         ``skipped_records``, calls left out as not finite; where computed and the
         layer compensates, ``mean_shift`` and ``negative_fraction``
         (``functional.window_shift``), 0-dim tensors."""
         found = {'skipped_records': self.skipped_records()}
         calls = self.calls or self.last_calls
-        if calls:
-            found['window'] = max(call.window for call in calls.values())
+        windows = self.windows(most) if self.calls else self.last_windows
+        if windows:
+            found['window'] = max(windows.values())
         shifts = [call.shift for call in calls.values() if call.shift is not None]
         if shifts and compensates:
             found['mean_shift'], found['negative_fraction'] = shifts[0]
@@ -342,27 +363,40 @@ class CrossIterationWindow:
                                          else view.unsqueeze(1))
         return cached[1]
 
-    def ages(self, position: int, most: int) -> int:
-        """How many past steps ``position`` pools when it may pool ``most``."""
-        return self.ring.ages(position, most)
+    def _make_views(self) -> None:
+        """Make the views a forward reads, before it reads them: a view first made inside
+        a compiled forward would change what the next step's guards see (one more graph)."""
+        for name in ENTRY_BUFFERS + ('window_valid', 'window_next'):
+            if self._buffers[name] is not None:
+                for position in range(self._buffers[name].shape[0]):
+                    self._view(name, position)
 
-    def entries(self, position: int, most: int, like: CF.SlotStats) -> CF.WindowEntries:
+    def holds(self, position: int) -> bool:
+        """Whether ``position`` holds a past step (host; changes once per position)."""
+        return position < self.ring.positions and self.ring.holds[position]
+
+    @staticmethod
+    def no_entries(like: CF.SlotStats) -> CF.WindowEntries:
+        """No past step to pool, shaped after ``like`` (this step's record)."""
+        empty = like.mean.new_zeros(0, like.mean.shape[0])
+        grads = (None, None) if like.grad_mean is None else (
+            like.grad_mean.new_zeros((0,) + tuple(like.grad_mean.shape)),
+            like.grad_var.new_zeros((0,) + tuple(like.grad_var.shape)))
+        return CF.WindowEntries(empty, empty, *grads, empty.bool().view(0, 1))
+
+    def entries(self, position: int, like: CF.SlotStats,
+                ages: Tensor | None = None) -> CF.WindowEntries:
         """The slots ``position`` pools, in ring order, with a mask of those in use.
 
-        ``most``: the active window's past steps (fewer than the ring holds
-        while the window ramps up). ``like``: this step's record (shapes for
-        a position that has no slots yet).
+        ``like``: this step's record (shapes for a position that has no slots
+        yet). ``ages``: while the window ramps up, the past steps it pools (a 0-dim
+        int64 tensor, ``WindowSchedule.past_steps``); ``None``: all it holds.
         """
         if self._buffers['window_mean'] is None or position >= self.ring.positions:
-            c = like.mean.shape[0]
-            empty = like.mean.new_zeros(0, c)
-            grads = (None, None) if like.grad_mean is None else (
-                like.grad_mean.new_zeros((0,) + tuple(like.grad_mean.shape)),
-                like.grad_var.new_zeros((0,) + tuple(like.grad_var.shape)))
-            return CF.WindowEntries(empty, empty, *grads, empty.bool().view(0, 1))
+            return self.no_entries(like)
         use = self._view('window_valid', position)
-        if most < self.ring.filled[position]:
-            use = use & self.ring.recent_mask(position, most, use.device)
+        if ages is not None:
+            use = use & recent_slots(self._view('window_next', position), self.slots, ages)
         grads = (None, None)
         if like.grad_mean is not None and self._buffers['window_grad_mean'] is not None:
             grads = (self._view('window_grad_mean', position),
@@ -414,6 +448,7 @@ class CrossIterationWindow:
             current = self._buffers[name]
             self._buffers[name] = fresh if current is None else torch.cat([current, fresh])
         self.ring.grow(positions)
+        self._make_views()
 
     def load(self, state_dict: dict, prefix: str, version: int | None, device: torch.device,
              error_msgs: list) -> None:
@@ -446,6 +481,7 @@ class CrossIterationWindow:
             elif isinstance(incoming, Tensor):
                 self._buffers[name] = torch.empty_like(incoming, device=device)
         self._views.clear()
+        self._make_views()
         self.calls, self.last_calls = {}, {}
         self.start_pass()
 

@@ -123,21 +123,37 @@ def test_fx_trace_in_training_mode_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------------- compile
-def test_compiled_model_trains_like_eager_with_a_bounded_number_of_graphs():
-    """More steps than dynamo's recompile limit (8): the graphs stay few and no step
-    falls back to eager (a fallback would still match, so the count is checked)."""
+def compiled_and_eager(window, steps, burn_in=0, ramp=0, momentum=0.1, log_every=0,
+                       fullgraph_layer=False):
+    """Train a conv + CBN stack compiled (aot_eager) and its eager twin side by side, as
+    CBNHook would (the schedule, diagnostics on logging iterations); return dynamo's counters."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    eager = conv_cbn()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False),
+                          CBN(6, window_size=window, momentum=momentum), nn.ReLU(),
+                          nn.Conv2d(6, 6, 1, bias=False), CBN(6, window_size=window,
+                                                              momentum=momentum))
     model = copy.deepcopy(eager)
-    cbn_plugin.bind(model, logger=None)
-    compiled = torch.compile(model, backend='aot_eager')
-    data = batches(12)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, eager)]
-    for x in data:
+    for m in (model, eager):
+        cbn_plugin.bind(m, logger=None)
+        for layer in (m[1], m[4]):
+            layer.set_schedule(burn_in, ramp)
+    if fullgraph_layer:  # the layers alone, each a graph that must not break
+        for i in (1, 4):
+            model[i].forward = torch.compile(model[i].forward, backend='aot_eager',
+                                             fullgraph=True)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend='aot_eager')
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, eager)]
+    for i, x in enumerate(batches(steps)):
+        for m in (model, eager):
+            m[1].track_diagnostics = m[4].track_diagnostics = bool(log_every) and \
+                i % log_every == 0
         out, expect = compiled(x), eager(x)
-        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
         out.square().mean().backward()
         expect.square().mean().backward()
         for opt in opts:
@@ -145,11 +161,52 @@ def test_compiled_model_trains_like_eager_with_a_bounded_number_of_graphs():
             opt.zero_grad()
         cbn_plugin.step(model)
         cbn_plugin.step(eager)
-    # Step 0 (BN), 1 and 2 (window filling), then the full window from step 3 on.
+    assert model[4].diagnostics['window'] == eager[4].diagnostics['window'] == window
+    for a, b in zip(model.state_dict().values(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return counters
+
+
+@pytest.mark.parametrize('setting', [
+    dict(),                                           # the window from the first step
+    dict(burn_in=70, ramp=20, momentum=None, log_every=5),  # plain BN, recording, a ramp
+])
+def test_compiled_model_trains_like_eager_at_the_windows_users_get(setting):
+    """k = 32 (CBNHook's window at 1 image per step) over 2k steps and more than dynamo's
+    recompile limit (8): a few graphs, none per step, no graph break; the numbers are
+    eager's. Phases that each take a graph: plain BN (burn-in), recording (its last
+    k - 1 steps), pooling, pooling with diagnostics (a logging iteration)."""
+    steps = 2 * 32 + setting.get('burn_in', 0)
+    counters = compiled_and_eager(32, steps, **setting)
     assert counters['stats']['unique_graphs'] <= 4
     assert sum(counters['graph_break'].values()) == 0
-    for p, q in zip(model.parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_forward_compiles_as_one_graph():
+    """``fullgraph=True`` on the layer's forward: dynamo would raise at a graph break."""
+    counters = compiled_and_eager(16, 24, ramp=8, momentum=None, log_every=3,
+                                  fullgraph_layer=True)
+    assert sum(counters['graph_break'].values()) == 0
+
+
+@pytest.mark.parametrize('per_call_windows', [False, True])
+def test_window_buffers_are_allocated_once(per_call_windows):
+    """What a captured step (CUDA graphs) needs of the state: every buffer keeps its
+    storage from the first step's end on, the window written in place at every step."""
+    model = conv_cbn(per_call_windows=per_call_windows)
+    data = batches(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    storage = None
+    for i in range(10):
+        for call in range(2):  # two calls per step: accumulation, or two call positions
+            model(data[(i + call) % 10]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        cbn_plugin.step(model)
+        now = {name: t.data_ptr() for name, t in model.named_buffers()}
+        storage = storage or now
+        assert now == storage, i
+    assert int(model[1].window_filled.min()) == 2  # the ring (window 3) is full
 
 
 # ----------------------------------------------------------------------------- host work

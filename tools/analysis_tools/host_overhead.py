@@ -280,6 +280,15 @@ TINY_VARIANTS = {
 }
 
 
+# The compiled rows: BN, and CBN at the layer's own window (4) and at the one CBNHook
+# derives at 1 image per step (32), each trained over twice its window.
+COMPILE_VARIANTS = {
+    'BN': TINY_VARIANTS['BN'],
+    'CBN default': TINY_VARIANTS['CBN default'],
+    'CBN default, k = 32': dict(kind='cbn', cbn=dict(window_size=32)),
+}
+
+
 def baseline_of(name: str, variants: dict) -> str:
     """The BN row with the same calls per step."""
     calls = variants[name].get('calls', 1)
@@ -335,9 +344,9 @@ def make_tiny(spec: dict, layers: int, device, seed: int = 0):
     return model, optimizer, inputs
 
 
-def warm_steps() -> int:
-    """Steps before measuring: the window filled (window 4 by default) and one more."""
-    return cbn_plugin.CBN(1).window_size + 1
+def warm_steps(spec: dict | None = None) -> int:
+    """Steps before measuring: the window filled (4 by default) and one more."""
+    return (spec or {}).get('cbn', {}).get('window_size', cbn_plugin.CBN(1).window_size) + 1
 
 
 def warmed_tiny(spec: dict, layers: int, device):
@@ -427,9 +436,10 @@ def compile_rows(args, device) -> dict:
     out = dict(backend=args.compile_backend, steps=args.compile_steps,
                recompile_limit=torch._dynamo.config.recompile_limit, rows=[])
     log = logging.getLogger('torch._dynamo')
-    for name in ('BN', 'CBN default'):
-        spec = TINY_VARIANTS[name]
-        row = dict(norm=name)
+    for name, spec in COMPILE_VARIANTS.items():
+        # at least twice the window: the graphs of every phase, the full window's included
+        steps = max(args.compile_steps, 2 * (warm_steps(spec) - 1))
+        row = dict(norm=name, steps=steps)
         out['rows'].append(row)
         times = {}
         try:
@@ -443,25 +453,25 @@ def compile_rows(args, device) -> dict:
                     compiled = torch.compile(model, backend=args.compile_backend)
                     step = training_step(model, optimizer, inputs, forward=compiled)
                     graphs, start = [], time.perf_counter()
-                    for _ in range(args.compile_steps):
+                    for _ in range(steps):
                         step()
                         graphs.append(counters['stats']['unique_graphs'])
                     seconds = time.perf_counter() - start
                     e_model, e_opt, e_inputs = make_tiny(spec, layers, device)
                     eager = training_step(e_model, e_opt, e_inputs)
-                    for _ in range(warm_steps()):
+                    for _ in range(warm_steps(spec)):
                         eager()
                     best = time_interleaved({'compiled': step, 'eager': eager},
                                             args.host_repeats, args.host_steps, device)
                 finally:
                     log.removeHandler(handler)
                 times[layers] = best
-                half = args.compile_steps // 2
+                half = steps // 2
                 row[f'layers_{layers}'] = dict(
                     graphs=graphs[-1], graphs_by_step=graphs,
                     new_graphs_in_second_half=graphs[-1] - graphs[half - 1] if half else None,
                     graphs_after_timing=counters['stats']['unique_graphs'],
-                    steps_in_all=args.compile_steps + args.host_repeats * args.host_steps,
+                    steps_in_all=steps + args.host_repeats * args.host_steps,
                     frames_total=counters['frames']['total'], frames_ok=counters['frames']['ok'],
                     recompile_limit_hits=len(handler.hits),
                     graph_breaks_counted=sum(counters['graph_break'].values()),
@@ -475,7 +485,7 @@ def compile_rows(args, device) -> dict:
             torch._dynamo.reset()
             model, optimizer, inputs = make_tiny(spec, shallow, device)
             warm = training_step(model, optimizer, inputs)
-            for _ in range(warm_steps()):
+            for _ in range(warm_steps(spec)):
                 warm()
             explained = torch._dynamo.explain(model)(inputs)
             row.update(explain_graphs=explained.graph_count,
@@ -851,17 +861,18 @@ def render(name: str, record: dict, baseline: dict | None, run_text: str = '') -
 def _render_compile(comp) -> list[str]:
     if not comp:
         return []
-    lines = ['', f'#### torch.compile (backend {comp["backend"]!r}, {comp["steps"]} training '
-             f'steps per stack, dynamo recompile_limit {comp["recompile_limit"]})', '',
+    lines = ['', f'#### torch.compile (backend {comp["backend"]!r}, at least {comp["steps"]} '
+             'training steps per stack and twice its window, dynamo recompile_limit '
+             f'{comp["recompile_limit"]})', '',
              'Graphs, recompile-limit fallbacks and graph breaks are dynamo\'s, the same '
              'for every backend; the host time is the backend\'s (`--compile-backend`, '
              'inductor by default). A stack that keeps compiling new graphs until the limit '
              'runs eager from then on.', '',
              '| norm | host us per layer step, compiled | eager | compiled / eager | '
-             'graphs compiled in the first steps (shallow, deep stack) | new graphs in their '
-             'second half | graphs after all steps (timing included) | '
+             'steps compiled | graphs compiled in those steps (shallow, deep stack) | new '
+             'graphs in their second half | graphs after all steps (timing included) | '
              'recompile-limit fallbacks to eager | graph breaks (explain) | note |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in comp['rows']:
         stacks = [v for k, v in sorted(r.items()) if k.startswith('layers_')]
         compiled, eager = r.get('compiled_us_per_layer'), r.get('eager_us_per_layer')
@@ -869,6 +880,7 @@ def _render_compile(comp) -> list[str]:
         lines.append('| ' + ' | '.join([
             r['norm'], _fmt(compiled, '.0f'), _fmt(eager, '.0f'),
             _fmt(compiled / eager if compiled and eager else None, '.2f'),
+            str(r.get('steps', comp['steps'])),
             ', '.join(str(s['graphs']) for s in stacks) or '-',
             ', '.join(str(s['new_graphs_in_second_half']) for s in stacks) or '-',
             ', '.join(f'{s["graphs_after_timing"]} in {s["steps_in_all"]} steps' for s in stacks)
