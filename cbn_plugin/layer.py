@@ -371,8 +371,11 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         if self.per_call_windows or self.momentum is None or not self.track_running_stats:
             return
         buffers = [self.running_mean, self.running_var]
-        if first_call:
-            self._running_at_step_start = [t.clone() for t in buffers]
+        if first_call:  # into storage kept across steps: one op, and nothing allocated
+            start = getattr(self, '_running_at_step_start', None)
+            if start is None or start[0].shape != buffers[0].shape:
+                start = self._running_at_step_start = [torch.empty_like(t) for t in buffers]
+            torch._foreach_copy_(start, buffers)
         else:
             torch._foreach_copy_(buffers, self._running_at_step_start)
 

@@ -359,14 +359,17 @@ class CrossIterationWindow:
             view = base
             for i in index:
                 view = view[i]
-            cached = self._views[key] = (base, view if name != 'window_valid' or len(index) > 1
-                                         else view.unsqueeze(1))
+            if len(index) == 1 and name == 'window_valid':
+                view = view.unsqueeze(1)  # K x 1: a mask over the slots' channels
+            elif len(index) == 1 and name in ('window_next', 'window_filled'):
+                view = base[index[0]:index[0] + 1]  # (1,): an index for an indexed write
+            cached = self._views[key] = (base, view)
         return cached[1]
 
     def _make_views(self) -> None:
         """Make the views a forward reads, before it reads them: a view first made inside
         a compiled forward would change what the next step's guards see (one more graph)."""
-        for name in ENTRY_BUFFERS + ('window_valid', 'window_next'):
+        for name in ENTRY_BUFFERS + ('window_valid', 'window_next', 'window_filled'):
             if self._buffers[name] is not None:
                 for position in range(self._buffers[name].shape[0]):
                     self._view(name, position)
@@ -407,12 +410,16 @@ class CrossIterationWindow:
     def write(self, position: int, record: CF.SlotStats, finite: Tensor) -> None:
         """Write a step's record into the slot of its oldest step, and advance the ring.
 
-        A record that is not finite is written as zeros and marked invalid: on
-        the device, in the same single pass as a copy.
+        On the device alone: the slot is ``window_next``'s (an indexed write), the
+        ring advances there, and nothing is read from or written by the host, so a
+        step captured once (a CUDA graph) writes the right slot at every replay. A
+        record that is not finite is written as zeros and marked invalid. The host
+        ring (``StepRing``: diagnostics, ``past_slots``, what the forward branches
+        on) advances beside it, in Python.
         """
         if self._buffers['window_mean'] is None or position >= self._buffers['window_mean'].shape[0]:
             self._allocate(position + 1, record)
-        slot = self.ring.next[position]
+        slot = self._view('window_next', position)  # (1,) int64, on the device
         zero = self._zeros.get(record.mean.dtype)
         if zero is None or zero.device != record.mean.device:
             zero = self._zeros[record.mean.dtype] = record.mean.new_zeros(())
@@ -421,12 +428,13 @@ class CrossIterationWindow:
             fields += [('window_grad_mean', record.grad_mean),
                        ('window_grad_var', record.grad_var)]
         for name, value in fields:
-            torch.where(finite, value, zero, out=self._view(name, position, slot))
-        self._view('window_valid', position, slot).copy_(finite)
+            self._view(name, position).index_put_((slot,), torch.where(finite, value, zero))
+        self._view('window_valid', position).index_put_((slot,), finite)
+        filled = self._view('window_filled', position)
+        torch._foreach_add_([slot, filled], 1)
+        slot.remainder_(self.slots)
+        filled.clamp_max_(self.slots)
         self.ring.advance(position)
-        # Python ints written into the buffers: no read back.
-        self._view('window_next', position).fill_(self.ring.next[position])
-        self._view('window_filled', position).fill_(self.ring.filled[position])
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:
         k1, c = self.slots, record.mean.shape[0]

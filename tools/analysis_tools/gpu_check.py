@@ -543,13 +543,16 @@ def deadline(seconds: float):
 
 def compile_row(args, name: str, mode: str, device) -> dict:
     """The stack's loss compiled (the optimizer step eager) after the window is filled in
-    eager (the layer's state changes every step until then, each change a recompile):
-    compile + first steps, then interleaved-free timing, memory, dynamo's counts."""
+    eager (to spend the budget on the pooling graph, not on the first steps' own), beside
+    an eager twin stepped alongside (the losses compared): compile + first steps, then
+    interleaved-free timing, memory, dynamo's counts."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     model, optimizer, tracker, data, eager = stack_row(args, name, device)
+    *_, twin = stack_row(args, name, device)  # the same seed: the same weights and data
     for i in range(args.window + 1):
         eager(i)
+        twin(i)
     torch._dynamo.reset()
     counters.clear()
     limit_log = host_overhead._RecompileLimitLog()
@@ -559,15 +562,19 @@ def compile_row(args, name: str, mode: str, device) -> dict:
                                 mode=None if mode == 'default' else mode)
         mark = torch.compiler.cudagraph_mark_step_begin if mode == 'reduce-overhead' else None
         step = training_step(model, optimizer, tracker, data, loss_fn, before=mark)
-        start, graphs = time.perf_counter(), []
+        start, graphs, gaps = time.perf_counter(), [], []
         for i in range(args.compile_steps):
-            step(i)
+            loss = step(i)
             graphs.append(counters['stats']['unique_graphs'])
+            expect = twin(i)
+            gaps.append((loss - expect).abs() / expect.abs())
         host_overhead.sync(device)
         compile_s = time.perf_counter() - start
+        gap = float(torch.stack(gaps).max()) if gaps else None  # one read, after the steps
         times = host_overhead.call_times({name: lambda: step(0)}, args.compile_repeats, device)
         row = dict(norm=name, mode=mode, backend=args.compile_backend,
                    compile_and_first_steps_s=compile_s, first_steps=args.compile_steps,
+                   loss_vs_eager_max_rel=gap,
                    **timing(times[name]),
                    # the CPU's peak comes from the profiler's memory timeline: minutes here
                    **memory_mib(step, model, optimizer, device,
@@ -919,17 +926,20 @@ def compile_cells(r: dict, eager: dict | None) -> list:
             ', '.join(map(str, r.get('graphs_by_first_step', []))) or '-',
             _fmt(r.get('graphs'), 'd'), f'{_fmt(r.get("recompile_limit_hits"), "d")} (limit '
             f'{_fmt(r.get("recompile_limit"), "d")})', _fmt(r.get('graph_breaks'), 'd'),
-            note[:300]]
+            _fmt(r.get('loss_vs_eager_max_rel'), '.1e'), note[:300]]
 
 
 def render_compile(rows, results) -> list[str]:
     eager = {r['norm']: r for r in part_result(results, 'stack') or []}
     return ['The stack\'s loss under `torch.compile` (the optimizer step eager), after its '
             'first steps (compile time included in them); vs eager: the eager row of the '
-            'stack part, same run.', ''] + table(
+            'stack part, same run; loss gap: the largest relative difference between the '
+            'compiled loss and an eager twin\'s over the first steps (same weights, data '
+            'and steps).', ''] + table(
         ['norm', 'mode', 'compile + first steps s', 'step ms (fastest)', 'vs eager',
          'peak MiB', 'graphs by first step', 'graphs in all', 'recompile-limit fallbacks',
-         'graph breaks', 'note'], [compile_cells(r, eager.get(r['norm'])) for r in rows])
+         'graph breaks', 'loss gap vs eager', 'note'],
+        [compile_cells(r, eager.get(r['norm'])) for r in rows])
 
 
 RENDERERS = dict(oracles=render_oracles, train=render_train, amp=render_amp,
