@@ -690,7 +690,8 @@ def pool_compensated(step_mean: Tensor, step_var: Tensor, entries: WindowEntries
 
 
 def bn_reductions(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
-                  invstd: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+                  invstd: Tensor, eps: float, input_grad: bool = False
+                  ) -> tuple[Tensor | None, Tensor, Tensor]:
     """``(sum g x_hat, sum g)`` per channel, ``x_hat = (x - mean) invstd``: BN's backward
     reduction kernel, with the statistics given as its saved ones.
 
@@ -705,12 +706,16 @@ def bn_reductions(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
     and device are used: the input gradient is not asked for). ``grad`` and
     ``x`` share a dtype; ``weight``, ``mean`` and ``invstd`` are float32 when
     ``x`` is float16/bfloat16 (the kernels' mixed-precision mode).
+
+    ``input_grad``: also BN's training input gradient for these statistics,
+    ``(gamma invstd) (g - mean(g) - x_hat mean(g x_hat))``, from the same kernel
+    (on CUDA its fused path); returns ``(that or None, sum g x_hat, sum g)``.
     """
     if weight is None:
         weight = torch.ones_like(mean)
-    _, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-        grad, x, weight, None, None, mean, invstd, True, eps, [False, True, True])
-    return sum_g_xhat, sum_g
+    grad_x, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
+        grad, x, weight, None, None, mean, invstd, True, eps, [input_grad, True, True])
+    return grad_x, sum_g_xhat, sum_g
 
 
 class _PooledBatchNorm(torch.autograd.Function):
@@ -723,8 +728,11 @@ class _PooledBatchNorm(torch.autograd.Function):
     this call's share of the step's positions). Through them the input
     gradient is BN's training backward with the correction terms scaled by
     ``w``: ``(gamma / sigma) (g - w mean(g) - w x_hat mean(g x_hat))`` (this
-    call's own mean cancels out). BN's fused backward gives ``sum g`` and
-    ``sum g x_hat`` in one pass, two ``addcmul`` passes give the rest.
+    call's own mean cancels out), that is ``w`` times BN's training input
+    gradient plus ``(1 - w) (gamma / sigma) g``: BN's backward kernel gives that
+    gradient with ``sum g`` and ``sum g x_hat`` in one call, one ``mul_`` and one
+    ``addcmul_`` the rest. Under SyncCBN the sums are all-reduced first, and the
+    input gradient is written out from them (two ``addcmul`` passes).
     """
 
     @staticmethod
@@ -739,27 +747,36 @@ class _PooledBatchNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, mean, var, stat_weight = ctx.saved_tensors
         invstd = torch.rsqrt(var + ctx.eps)
-        if x.numel() == 0:  # an empty batch (BN's CPU kernel would divide by zero)
-            sum_g_xhat, sum_g = mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
-        else:  # BN's fused reductions only: sum g x_hat and sum g in one pass over g and x.
-            sum_g_xhat, sum_g = bn_reductions(grad, x, weight, mean, invstd, ctx.eps)
-        total_g, total_g_xhat = sum_g, sum_g_xhat
-        if ctx.group is not None:
-            # The statistics were over every device's positions: so is their gradient
-            # (2C numbers, as SyncBN's backward). Parameter gradients stay local for DDP.
-            totals = torch.cat([sum_g, sum_g_xhat])
-            torch.distributed.all_reduce(totals, group=ctx.group)
-            total_g, total_g_xhat = totals.chunk(2)
         scale = invstd if weight is None else weight * invstd        # gamma / sigma
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        # grad_x = scale g + slope x + offset, per channel: two passes over x.
-        coef = (scale * stat_weight).div_(ctx.count)
-        slope = (coef * total_g_xhat).mul_(invstd).neg_()
-        offset = torch.addcmul(coef * total_g, slope, mean).neg_()
-        # (In the statistics' dtype: float32 for a float16 ``x``, then back to x's dtype.)
-        grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
-        grad_x.addcmul_(grad, scale.view(shape))
-        grad_x = as_dtype(grad_x, x.dtype)
+        if ctx.group is None and x.numel() > 0:
+            # w x BN's input gradient (the kernel's own) + (1 - w) scale g, in x's dtype.
+            grad_x, sum_g_xhat, sum_g = bn_reductions(grad, x, weight, mean, invstd, ctx.eps,
+                                                      input_grad=True)
+            rest = torch.rsub(stat_weight, 1.0).mul_(scale)
+            grad_x.mul_(as_dtype(stat_weight, x.dtype).view(shape))
+            grad_x.addcmul_(grad, as_dtype(rest, x.dtype).view(shape))
+        else:
+            if x.numel() == 0:  # an empty batch (BN's CPU kernel would divide by zero)
+                sum_g_xhat, sum_g = mean.new_zeros(mean.shape), mean.new_zeros(mean.shape)
+            else:
+                _, sum_g_xhat, sum_g = bn_reductions(grad, x, weight, mean, invstd, ctx.eps)
+            total_g, total_g_xhat = sum_g, sum_g_xhat
+            if ctx.group is not None:
+                # The statistics were over every device's positions: so is their gradient
+                # (2C numbers, as SyncBN's backward; an empty batch takes part with zeros).
+                # Parameter gradients stay local for DDP.
+                totals = torch.cat([sum_g, sum_g_xhat])
+                torch.distributed.all_reduce(totals, group=ctx.group)
+                total_g, total_g_xhat = totals.chunk(2)
+            # grad_x = scale g + slope x + offset, per channel: two passes over x.
+            coef = (scale * stat_weight).div_(ctx.count)
+            slope = (coef * total_g_xhat).mul_(invstd).neg_()
+            offset = torch.addcmul(coef * total_g, slope, mean).neg_()
+            # (In the statistics' dtype: float32 for a float16 ``x``, then back to x's dtype.)
+            grad_x = torch.addcmul(offset.view(shape), x, slope.view(shape))
+            grad_x.addcmul_(grad, scale.view(shape))
+            grad_x = as_dtype(grad_x, x.dtype)
         needs = ctx.needs_input_grad
         grad_mean = grad_var = None
         if needs[3] or needs[4]:

@@ -289,8 +289,9 @@ def test_steady_state_step_dispatches_few_ops_per_layer():
     cbn = ops_per_layer_step(CBN, window_size=4)
     assert bn == 22
     # 128 before the window's write became an indexed one on the device (capturable, 5
-    # more ops) and the step-start copy of the running statistics one op (1 fewer)
-    assert cbn <= 132, cbn
+    # more ops), the step-start copy of the running statistics one op (1 fewer) and the
+    # input gradient BN's own kernel's (7 fewer)
+    assert cbn <= 125, cbn
 
 
 # ----------------------------------------------------------------------------- Mask R-CNN
