@@ -218,7 +218,7 @@ class KernelLog(TorchDispatchMode):
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        flat = torch.utils._pytree.tree_flatten((args, kwargs or {}))[0]
         self.calls.append((str(func), tuple(
             (tuple(a.shape), a.stride(), a.storage_offset()) if isinstance(a, torch.Tensor)
             else a for a in flat)))
