@@ -142,11 +142,17 @@ def test_host_section_has_a_row_for_every_norm(host_record):
 
 def test_host_section_compile_sync_and_digits_rows(host_record):
     compiled = {r['norm']: r for r in host_record['compile']['rows']}
-    assert set(compiled) == {'BN', 'CBN default'}
+    assert list(compiled) == list(host_overhead.COMPILE_VARIANTS)
     for row in compiled.values():
         assert 'error' in row or (row['layers_1']['graphs'] >= 1
                                   and row['explain_graph_breaks'] >= 0)
     assert compiled['BN'].get('error') is None and compiled['BN']['layers_2']['graphs'] == 1
+    # The window CBNHook derives at 1 image per step, trained over twice its length: a
+    # few graphs and no fall back to eager.
+    k32 = compiled['CBN default, k = 32']
+    assert k32.get('error') is None and k32['steps'] == 64
+    for stack in (k32['layers_1'], k32['layers_2']):
+        assert stack['graphs'] <= 4 and stack['recompile_limit_hits'] == 0, stack
     sync = host_record['sync']
     assert 'error' not in sync, sync.get('error')
     assert [r['norm'] for r in sync['rows']] == list(host_overhead.SYNC_VARIANTS)
