@@ -46,7 +46,7 @@ OLDEST_TESTS := tests/test_compat.py tests/test_install.py tests/test_mmengine_i
 	tests/test_multi_call.py tests/test_errors.py tests/test_oracle.py \
 	tests/test_exact_backward.py tests/test_hook.py tests/test_window_derivation.py \
 	tests/test_convert.py tests/test_registry_binding.py tests/test_checkpoint.py \
-	tests/test_resume.py tests/test_user_stack.py
+	tests/test_resume.py tests/test_user_stack.py tests/test_running_stats.py
 # Three tests there hold for the newest torch only: torch 2.1's dynamo fails to trace the
 # layer's autograd Function (README, torch.compile), and the op budget is counted in torch
 # 2.13's aten ops (BN's own layer step is 25 of them on torch 2.1, 22 on 2.13).

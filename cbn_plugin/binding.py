@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from .layer import CrossIterationBatchNorm2d
+from .layer import CrossIterationBatchNorm2d, end_steps
 
 _NORM_NAME = re.compile(r'^(?:bn|norm|gn|cbn)(.*)$')
 
@@ -138,10 +138,9 @@ def _log(message: str, logger) -> None:
 
 
 def step(model: nn.Module) -> None:
-    """Mark the end of an optimizer step for every CBN layer in ``model``."""
-    for module in model.modules():
-        if _is_cbn(module):
-            module.step()
+    """Mark the end of an optimizer step for every CBN layer in ``model`` (together:
+    ``layer.end_steps``)."""
+    end_steps([module for module in model.modules() if _is_cbn(module)])
 
 
 def skip_step(model: nn.Module) -> None:

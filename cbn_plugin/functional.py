@@ -305,6 +305,21 @@ def all_finite(stats: SlotStats) -> Tensor:
     return is_finite(torch.stack(norms).sum())
 
 
+def all_finite_each(records: list[SlotStats]) -> list[Tensor]:
+    """``all_finite`` of each record, in a fixed number of ops for all of them (one fused
+    norm over every tensor; then, when the records have the same fields, one sum)."""
+    fields = [[t for t in r[1:] if t is not None] for r in records]
+    if not fields:
+        return []
+    norms = torch._foreach_norm([t for f in fields for t in f], 1)
+    if len({len(f) for f in fields}) == 1 and len({n.device for n in norms}) == 1:
+        return list(is_finite(torch.stack(norms).view(len(fields), -1).sum(1)).unbind(0))
+    ends = [0]
+    for f in fields:
+        ends.append(ends[-1] + len(f))
+    return [is_finite(torch.stack(norms[a:b]).sum()) for a, b in zip(ends, ends[1:])]
+
+
 def is_finite(t: Tensor) -> Tensor:
     """``isfinite(t)`` in two ops (``t - t`` is 0 exactly where ``t`` is finite), not four."""
     return (t - t) == 0
@@ -417,6 +432,88 @@ def running_update(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
         torch._foreach_add_(buffers, steps)
     else:
         torch._foreach_add_(buffers, steps, alpha=factor)
+
+
+class RunningUpdate(NamedTuple):
+    """A layer's running-statistics update, left for the end of its step (``running_updates``).
+
+    ``mean``/``var``: the step's batch statistics (``pooled_count`` None: BN's
+    target) or the pooled window's (``pooled_count``: entries pooled per
+    channel); ``count``: positions behind the step's statistics (an int, or
+    SyncCBN's global count as a tensor); ``momentum``: the layer's (``None``: a
+    cumulative average over ``num_batches_tracked``); ``calls``: the batches it
+    counts.
+    """
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+    mean: Tensor
+    var: Tensor
+    pooled_count: Tensor | None
+    count: int | Tensor
+    momentum: float | None
+    calls: int
+
+
+def running_updates(updates: list[RunningUpdate]) -> None:
+    """``running_target`` and ``running_update`` for many layers at once, in place.
+
+    The same arithmetic, in a fixed number of foreach ops whatever the number of
+    layers (one or two of each per layer would be most of what a layer step
+    dispatches after its kernels). Each buffer appears at most once in ``updates``
+    (a layer's later updates: a later call; the caller orders them). No host read.
+    """
+    if not updates:
+        return
+    torch._foreach_add_([u.num_batches_tracked for u in updates], [u.calls for u in updates])
+    targets: list = [None] * len(updates)
+    host = [i for i, u in enumerate(updates) if not isinstance(u.count, Tensor)]
+    window = [i for i in host if updates[i].pooled_count is not None]
+    if window:  # var * total / max(total - 1, 1): unbiased by the positions behind it
+        totals = torch._foreach_mul([updates[i].pooled_count for i in window],
+                                    [updates[i].count for i in window])
+        denominators = torch._foreach_sub(totals, 1)
+        torch._foreach_clamp_min_(denominators, 1)
+        variances = torch._foreach_mul([updates[i].var for i in window], totals)
+        torch._foreach_div_(variances, denominators)
+        for i, var in zip(window, variances):
+            targets[i] = (updates[i].mean, var)
+    batch = [i for i in host if updates[i].pooled_count is None]
+    if batch:
+        variances = torch._foreach_mul(
+            [updates[i].var for i in batch],
+            [c / (c - 1) if c > 1 else 1.0 for c in (updates[i].count for i in batch)])
+        for i, var in zip(batch, variances):
+            targets[i] = (updates[i].mean, var)
+    for i, u in enumerate(updates):  # a count on the device (SyncCBN): one layer at a time
+        if targets[i] is None:
+            alone = PooledStats(u.mean, u.var, u.pooled_count, None, None, None)
+            targets[i] = running_target(u.mean, u.var, u.count, alone,
+                                        'batch' if u.pooled_count is None else 'window')
+    buffers = [b for u in updates for b in (u.running_mean, u.running_var)]
+    steps = torch._foreach_sub([as_dtype(t, b.dtype) for pair, u in zip(targets, updates)
+                                for t, b in zip(pair, (u.running_mean, u.running_var))],
+                               buffers)
+    # A channel whose update is not finite keeps its value: one op for all the layers.
+    if len({(s.device, s.dtype) for s in steps}) == 1:
+        flat = torch.cat(steps).nan_to_num_(0.0, 0.0, 0.0)
+        steps = flat.split([s.numel() for s in steps])
+    else:
+        steps = [s.nan_to_num_(0.0, 0.0, 0.0) for s in steps]
+    fixed: dict[float, list[int]] = {}
+    cumulative = []
+    for i, u in enumerate(updates):
+        (cumulative if u.momentum is None else fixed.setdefault(u.momentum, [])).append(i)
+    for momentum, rows in fixed.items():
+        torch._foreach_add_([buffers[j] for i in rows for j in (2 * i, 2 * i + 1)],
+                            [steps[j] for i in rows for j in (2 * i, 2 * i + 1)], alpha=momentum)
+    if cumulative:  # 1 / num_batches_tracked, on the device
+        factors = [updates[i].num_batches_tracked.to(updates[i].running_mean.dtype)
+                   .reciprocal_() for i in cumulative]
+        scaled = torch._foreach_mul([steps[j] for i in cumulative for j in (2 * i, 2 * i + 1)],
+                                    [f for f in factors for _ in range(2)])
+        torch._foreach_add_([buffers[j] for i in cumulative for j in (2 * i, 2 * i + 1)],
+                            scaled)
 
 
 def compensate(mean_old: Tensor, var_old: Tensor, grad_mean: Tensor | None,
@@ -729,9 +826,9 @@ class _PooledBatchNorm(torch.autograd.Function):
     gradient is BN's training backward with the correction terms scaled by
     ``w``: ``(gamma / sigma) (g - w mean(g) - w x_hat mean(g x_hat))`` (this
     call's own mean cancels out), that is ``w`` times BN's training input
-    gradient plus ``(1 - w) (gamma / sigma) g``: BN's backward kernel gives that
-    gradient with ``sum g`` and ``sum g x_hat`` in one call, one ``mul_`` and one
-    ``addcmul_`` the rest. Under SyncCBN the sums are all-reduced first, and the
+    gradient plus ``(1 - w) (gamma / sigma) g``: BN's backward kernel, given the
+    weight ``gamma w``, gives the first with ``sum g`` and ``sum g x_hat`` in one call,
+    one ``addcmul_`` the rest. Under SyncCBN the sums are all-reduced first, and the
     input gradient is written out from them (two ``addcmul`` passes).
     """
 
@@ -750,11 +847,12 @@ class _PooledBatchNorm(torch.autograd.Function):
         scale = invstd if weight is None else weight * invstd        # gamma / sigma
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if ctx.group is None and x.numel() > 0:
-            # w x BN's input gradient (the kernel's own) + (1 - w) scale g, in x's dtype.
-            grad_x, sum_g_xhat, sum_g = bn_reductions(grad, x, weight, mean, invstd, ctx.eps,
-                                                      input_grad=True)
+            # w x BN's input gradient + (1 - w) scale g, in x's dtype: the first is the
+            # kernel's own for the weight gamma w (its sums do not depend on the weight).
+            grad_x, sum_g_xhat, sum_g = bn_reductions(
+                grad, x, stat_weight if weight is None else weight * stat_weight, mean, invstd,
+                ctx.eps, input_grad=True)
             rest = torch.rsub(stat_weight, 1.0).mul_(scale)
-            grad_x.mul_(as_dtype(stat_weight, x.dtype).view(shape))
             grad_x.addcmul_(grad, as_dtype(rest, x.dtype).view(shape))
         else:
             if x.numel() == 0:  # an empty batch (BN's CPU kernel would divide by zero)

@@ -22,8 +22,8 @@ from .options import (COMPENSATIONS, MODES, RUNNING_STATS_SOURCES,  # noqa: F401
                       STATS_BACKWARD, VARIANCE_RULES, check_int, check_layer_options)
 from .plain_bn import PlainBatchNorm
 from .window import (ENTRY_BUFFERS, PLAIN, POOLING, WINDOW_BUFFERS,  # noqa: F401
-                     CrossIterationWindow, PastEntries, StepCall, WindowSchedule, moved_like,
-                     saved_window_size)
+                     CrossIterationWindow, PastEntries, StepCall, WindowCommit, WindowSchedule,
+                     commit_windows, moved_like, saved_window_size)
 
 
 class Binding(NamedTuple):
@@ -167,29 +167,49 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
     def _reset_step_state(self) -> None:
         self._conv_io = None
         self._call_index = 0
+        # The running-statistics updates of this step's pooled calls, per call position,
+        # made at its end (``end_steps``: with every layer's, a few ops for all of them).
+        self._running_updates: dict[int, list[CF.RunningUpdate]] = {}
+        self._running_saved = False  # a plain first call's update can be taken back
 
     def step(self) -> None:
-        """Mark the end of an optimizer step: this step's records join the window."""
-        if self.num_steps is None:
-            self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
+        """Mark the end of an optimizer step: this step's records join the window, its
+        running-statistics update is made. Every layer of a model at once (fewer ops):
+        ``cbn_plugin.step(model)``."""
+        end_steps([self])
+
+    def _step_commit(self) -> WindowCommit:
+        """Checks at the end of a step (before anything changes) and the window's part."""
         passed = len(self.window.pass_calls)
         if passed and passed != self._call_index:
             raise RuntimeError(f"{self._describe()} (accumulation='two_pass'): the statistics "
                                f'pass made {passed} calls and the training pass '
                                f'{self._call_index}: they must run the same micro-batches')
-        most = self._active_window() - 1
-        self.num_steps.add_(1)
+        if self.num_steps is None:
+            self.num_steps = torch.zeros((), dtype=torch.long, device=self._state_device())
+        return WindowCommit(self.window, self.window_size > 1, self.compensates,
+                            self._active_window() - 1)
+
+    def _take_running_updates(self) -> list[CF.RunningUpdate]:
+        """This step's pending running-statistics updates, in call order; forgotten here."""
+        updates = [u for calls in self._running_updates.values() for u in calls]
+        self._running_updates = {}
+        return updates
+
+    def _stepped(self) -> None:
+        """The host side of a step's end, after the device work (``end_steps``)."""
         self._steps += 1
         self._phase = self.schedule.phase(self._steps)
-        self.window.commit(write=self.window_size > 1, derivatives=self.compensates, most=most)
         self._reset_step_state()
 
     def discard_step(self) -> None:
         """Forget this step's forward calls without recording them.
 
         For a forward repeated within one optimizer step as if it were the step's
-        first (gradcheck, a probe): the window is left as it is.
+        first (gradcheck, a probe): the window is left as it is; the running
+        statistics keep the calls' updates, as BN's do.
         """
+        apply_running_updates([self])
         self.window.discard()
         self._reset_step_state()
 
@@ -199,6 +219,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         window is as if its batches had never come. The step counter does not advance;
         the running statistics keep the step's update, as BN's do.
         """
+        apply_running_updates([self])
         self.window.discard()
         self.window.start_pass()
         self._reset_step_state()
@@ -290,10 +311,10 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
                   if self.accumulation == 'two_pass' else None)
         count = current.count
         first_call = position not in self.window.calls
-        self._running_stats_per_step(first_call)
         if first_call and group is None and others is None and not (
                 pooling and self.window.holds(position)):
             # Nothing to pool yet: exactly BN (one value per channel: the running statistics).
+            self._save_running()
             out = self._seed_window(x) if count == 1 and pooling else self._batch_norm(x)
             self.window.keep(position, StepCall(current, None, None, None))
             self._call_index += 1
@@ -308,7 +329,7 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
         entries = self._entries(position, pooling, current)
         pooled = self._pool(step_stats, entries, earlier,
                             exact=self.stats_backward == 'compensated' and self.needs_conv)
-        self._update_running_stats(step_stats, step_stats.count, pooled)
+        self._defer_running_update(position, step_stats, pooled)
         # 4. normalise; the gradient reaches x through this call's statistics
         if self.stats_backward == 'pooled':  # BN's backward, as if pooled were this batch's
             stat_weight = torch.ones_like(pooled.mean)
@@ -364,20 +385,47 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
                 "is not that conv's output: the conv must feed the norm directly (bind pairs "
                 'conv -> norm; pass pairs= for other layouts, or use rho=0)')
 
-    def _running_stats_per_step(self, first_call: bool) -> None:
-        """Several calls per step (gradient accumulation): one running-statistics update
-        per optimizer step, from the whole step's statistics, as the large batch the
-        micro-batches emulate; a later call of the step restarts from its start values."""
-        if self.per_call_windows or self.momentum is None or not self.track_running_stats:
+    def _keeps_one_update_per_step(self) -> bool:
+        """Several calls per step (gradient accumulation) make one running-statistics
+        update per optimizer step, from the whole step's statistics, as the large batch the
+        micro-batches emulate (a cumulative average, ``momentum=None``, counts each call;
+        so does a window per call position)."""
+        return not self.per_call_windows and self.momentum is not None \
+            and self.track_running_stats
+
+    def _save_running(self) -> None:
+        """Before a first call that updates the running statistics as BN does: kept, so
+        that a later pooled call of the step takes that update back (its own, made at
+        the step's end, is from the whole step's statistics)."""
+        if not self._keeps_one_update_per_step():
             return
         buffers = [self.running_mean, self.running_var]
-        if first_call:  # into storage kept across steps: one op, and nothing allocated
-            start = getattr(self, '_running_at_step_start', None)
-            if start is None or start[0].shape != buffers[0].shape:
-                start = self._running_at_step_start = [torch.empty_like(t) for t in buffers]
-            torch._foreach_copy_(start, buffers)
-        else:
-            torch._foreach_copy_(buffers, self._running_at_step_start)
+        start = getattr(self, '_running_at_step_start', None)
+        if start is None or start[0].shape != buffers[0].shape:  # storage kept across steps
+            start = self._running_at_step_start = [torch.empty_like(t) for t in buffers]
+        torch._foreach_copy_(start, buffers)
+        self._running_saved = True
+
+    def _defer_running_update(self, position: int, step: CF.SlotStats,
+                              pooled: CF.PooledStats) -> None:
+        """BN's running-statistics update for this call (from the batch or from the
+        window), made at the end of the step with every layer's (``end_steps``)."""
+        if not self.track_running_stats:
+            return
+        if self._running_saved:  # the step's first call updated them as BN: taken back
+            torch._foreach_copy_([self.running_mean, self.running_var],
+                                 self._running_at_step_start)
+            self._running_saved = False
+        window = self.running_stats == 'window'
+        update = CF.RunningUpdate(
+            self.running_mean, self.running_var, self.num_batches_tracked,
+            pooled.mean if window else step.mean, pooled.var if window else step.var,
+            pooled.count if window else None, step.count, self.momentum, 1)
+        calls = self._running_updates.setdefault(position, [])
+        if calls and self._keeps_one_update_per_step():  # this call's replaces the step's
+            update = update._replace(calls=calls[-1].calls + 1)
+            calls.clear()
+        calls.append(update)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, *args, **kwargs):
@@ -389,6 +437,8 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
           but are not cast to those dtypes;
         * the tensors kept outside the buffers follow the module's device.
         """
+        if getattr(self, '_running_updates', None):  # this step's, to the buffers they update
+            apply_running_updates([self])
         entries = {name: self._buffers[name] for name in ENTRY_BUFFERS
                    if self._buffers.get(name) is not None}
         super()._apply(fn, *args, **kwargs)
@@ -433,6 +483,30 @@ class CrossIterationBatchNorm2d(PlainBatchNorm):
                 f'stats_backward={self.stats_backward!r}, compensation={self.compensation!r}, '
                 f'dvar_stride={self.dvar_stride}, per_call_windows={self.per_call_windows}, '
                 f'accumulation={self.accumulation!r}')
+
+
+def apply_running_updates(layers) -> None:
+    """Make the layers' pending running-statistics updates (``CF.running_updates``), each
+    layer's in call order: in rounds that hold each layer once."""
+    pending = [layer._take_running_updates() for layer in layers]
+    with torch.no_grad():
+        for turn in range(max(map(len, pending), default=0)):
+            CF.running_updates([updates[turn] for updates in pending if len(updates) > turn])
+
+
+def end_steps(layers) -> None:
+    """The end of an optimizer step for CBN ``layers`` (``cbn_plugin.step``): each one's
+    running statistics updated, records written to its window, step counter advanced.
+
+    The device work of all the layers runs together (``CF.running_updates``,
+    ``commit_windows``): a few foreach ops for the model, not a few per layer; what
+    depends on a layer's shapes (its record's indexed write) stays its own.
+    """
+    commits = [layer._step_commit() for layer in layers]  # may raise: before any change
+    apply_running_updates(layers)
+    commit_windows(commits, [layer.num_steps for layer in layers])
+    for layer in layers:
+        layer._stepped()
 
 
 from .sync import SyncCrossIterationBatchNorm2d  # noqa: E402,F401  (its home is sync.py)

@@ -65,8 +65,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             self._shift_at_step = moved_like(self._shift_at_step, fn)
         return self
 
-    def step(self) -> None:
-        super().step()
+    def _stepped(self) -> None:
+        super()._stepped()
         self._shift_at_step = self._shift
 
     def skip_step(self) -> None:

@@ -181,6 +181,86 @@ def _merged(a: CF.SlotStats | None, b: CF.SlotStats | None) -> CF.SlotStats | No
     return b if a is None else a if b is None else CF.merge_stats(a, b)
 
 
+class WindowCommit(NamedTuple):
+    """One window's part of an optimizer step's end (``CrossIterationWindow.commit``'s
+    arguments)."""
+    window: 'CrossIterationWindow'
+    write: bool
+    derivatives: bool
+    most: int
+
+
+def foreach_in_rounds(op, targets: list[Tensor], others: list, **kwargs) -> None:
+    """``op(targets, others, **kwargs)`` (an in-place foreach op) where a target may
+    appear more than once: in rounds holding each target once, in order (a foreach kernel
+    on the GPU updates its list's tensors in parallel)."""
+    rounds: list[tuple[list, list]] = []
+    for target, other in zip(targets, others):
+        for held, given in rounds:
+            if not any(t is target for t in held):
+                held.append(target)
+                given.append(other)
+                break
+        else:
+            rounds.append(([target], [other]))
+    for held, given in rounds:
+        op(held, given, **kwargs)
+
+
+def commit_windows(commits: list[WindowCommit], clocks: list[Tensor] = ()) -> None:
+    """The end of an optimizer step for many windows at once: every record written, the
+    rings advanced, and ``clocks`` (the layers' step counters) with them.
+
+    What does not depend on a layer's shapes runs as a few foreach ops for all the
+    windows (the records' finiteness, the ring positions, the counts of records left
+    out), not a few per layer; each record's indexed write is its own. On the device
+    alone; the host rings advance beside (``StepRing``).
+    """
+    writes = []
+    for commit in commits:
+        window = commit.window
+        window.last_windows = window.windows(commit.most)
+        for position, call in window.calls.items() if commit.write else ():
+            record = call.record if commit.derivatives else call.record._replace(
+                grad_mean=None, grad_var=None)
+            writes.append((window, position, record, call))
+        if commit.write and window.calls:  # every position's storage first: it never moves after
+            window.reserve(max(window.calls) + 1, writes[-1][2])
+    unchecked = [i for i, write in enumerate(writes) if write[3].finite is None]
+    checked = dict(zip(unchecked, CF.all_finite_each([writes[i][3].record for i in unchecked])))
+    slots, filled, sizes = [], [], []
+    single, single_finite, several, several_skips = [], [], [], []
+    for i, (window, position, record, call) in enumerate(writes):
+        finite = checked.get(i, call.finite)
+        slot, count = window.write(position, record, finite)
+        slots.append(slot)
+        filled.append(count)
+        sizes.append(window.slots)
+        if window._skipped is None:
+            window._skipped = torch.zeros((), dtype=torch.long, device=finite.device)
+        if call.skips is None:  # one call: skipped unless finite
+            single.append(window._skipped)
+            single_finite.append(finite)
+            window._records += 1
+        else:
+            several.append(window._skipped)
+            several_skips.append(call.skips)
+    if slots or clocks:
+        torch._foreach_add_(slots + filled + list(clocks), 1)
+    for slot, size in zip(slots, sizes):
+        slot.remainder_(size)
+    if filled:
+        torch._foreach_clamp_max_(filled, sizes)
+    foreach_in_rounds(torch._foreach_add_, single, single_finite, alpha=-1)
+    foreach_in_rounds(torch._foreach_add_, several, several_skips)
+    for window, position, _, _ in writes:
+        window.ring.advance(position)
+    for commit in commits:
+        window = commit.window
+        window.last_calls, window.calls = window.calls, {}
+        window.start_pass()
+
+
 class CrossIterationWindow:
     """The last ``slots`` steps' records of one layer, per call position, and this step's.
 
@@ -281,22 +361,9 @@ class CrossIterationWindow:
     def commit(self, write: bool, derivatives: bool = True, most: int = 0) -> None:
         """The end of an optimizer step: each position's record joins the ring (``write``),
         with its derivatives only if the window compensates (``derivatives``). ``most``:
-        the past steps this step could pool (what its diagnostics report)."""
-        self.last_windows = self.windows(most)
-        for position, call in self.calls.items() if write else ():
-            finite = CF.all_finite(call.record) if call.finite is None else call.finite
-            record = call.record if derivatives else call.record._replace(grad_mean=None,
-                                                                          grad_var=None)
-            self.write(position, record, finite)
-            if self._skipped is None:
-                self._skipped = torch.zeros((), dtype=torch.long, device=finite.device)
-            if call.skips is None:  # one call: skipped unless finite (one op)
-                self._skipped.add_(finite, alpha=-1)
-                self._records += 1
-            else:
-                self._skipped.add_(call.skips)
-        self.last_calls, self.calls = self.calls, {}
-        self.start_pass()
+        the past steps this step could pool (what its diagnostics report). Many windows
+        at once: ``commit_windows``."""
+        commit_windows([WindowCommit(self, write, derivatives, most)])
 
     def skipped_records(self):
         """Calls whose statistics were not finite (left out), this step's included."""
@@ -407,18 +474,17 @@ class CrossIterationWindow:
         return CF.WindowEntries(self._view('window_mean', position),
                                 self._view('window_var', position), *grads, use)
 
-    def write(self, position: int, record: CF.SlotStats, finite: Tensor) -> None:
-        """Write a step's record into the slot of its oldest step, and advance the ring.
+    def write(self, position: int, record: CF.SlotStats, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a step's record into the slot of its oldest step.
 
-        On the device alone: the slot is ``window_next``'s (an indexed write), the
-        ring advances there, and nothing is read from or written by the host, so a
-        step captured once (a CUDA graph) writes the right slot at every replay. A
-        record that is not finite is written as zeros and marked invalid. The host
-        ring (``StepRing``: diagnostics, ``past_slots``, what the forward branches
-        on) advances beside it, in Python.
+        On the device alone: the slot is ``window_next``'s (an indexed write), and
+        nothing is read from or written by the host, so a step captured once (a CUDA
+        graph) writes the right slot at every replay. A record that is not finite is
+        written as zeros and marked invalid. Returns ``(window_next, window_filled)``
+        at ``position``, (1,) views: ``commit_windows`` advances them (and the host
+        ring beside them) for every window at once.
         """
-        if self._buffers['window_mean'] is None or position >= self._buffers['window_mean'].shape[0]:
-            self._allocate(position + 1, record)
+        self.reserve(position + 1, record)
         slot = self._view('window_next', position)  # (1,) int64, on the device
         zero = self._zeros.get(record.mean.dtype)
         if zero is None or zero.device != record.mean.device:
@@ -430,11 +496,12 @@ class CrossIterationWindow:
         for name, value in fields:
             self._view(name, position).index_put_((slot,), torch.where(finite, value, zero))
         self._view('window_valid', position).index_put_((slot,), finite)
-        filled = self._view('window_filled', position)
-        torch._foreach_add_([slot, filled], 1)
-        slot.remainder_(self.slots)
-        filled.clamp_max_(self.slots)
-        self.ring.advance(position)
+        return slot, self._view('window_filled', position)
+
+    def reserve(self, positions: int, record: CF.SlotStats) -> None:
+        """Storage for ``positions`` call positions, shaped after ``record``."""
+        if self._buffers['window_mean'] is None or positions > self._buffers['window_mean'].shape[0]:
+            self._allocate(positions, record)
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:
         k1, c = self.slots, record.mean.shape[0]

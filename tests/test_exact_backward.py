@@ -67,17 +67,17 @@ def run(window_size, rho, rule, compensation, conv_bias=False, groups=1, calls=1
             (out * target).sum().backward()
             (out_ref * target).sum().backward()
             torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-8, atol=1e-9)
+        # Every parameter: both convs' weights (and biases), both norms' affine.
+        sgd_in_lockstep(params, ref_params, lr, rtol=1e-7, atol=1e-9)
+        cbn_plugin.step(model)  # (the layer updates its running statistics here)
+        o1.step()
+        o2.step()
         if calls == 1:
             for bn, orc in ((model.bn1, o1), (model.bn2, o2)):
                 torch.testing.assert_close(bn.running_mean, orc.running_mean, rtol=1e-9,
                                            atol=1e-12)
                 torch.testing.assert_close(bn.running_var, orc.running_var, rtol=1e-9,
                                            atol=1e-12)
-        # Every parameter: both convs' weights (and biases), both norms' affine.
-        sgd_in_lockstep(params, ref_params, lr, rtol=1e-7, atol=1e-9)
-        cbn_plugin.step(model)
-        o1.step()
-        o2.step()
     return model
 
 

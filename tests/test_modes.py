@@ -160,6 +160,7 @@ def test_running_stats_from_the_window():
     model(a)
     cbn_plugin.step(model)
     model(b)
+    cbn_plugin.step(model)  # the running statistics are updated at the step's end
     with torch.no_grad():
         both = model[0](torch.cat([a, b]))
     torch.testing.assert_close(model[1].running_mean, both.mean(dim=(0, 2, 3)))

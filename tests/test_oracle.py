@@ -57,13 +57,13 @@ def run_against_oracle(window_size, rho, rule, conv_bias=False, steps=12, lr=0.2
         (out * target).sum().backward()
         (out_ref * target).sum().backward()
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+        sgd_in_lockstep(params, ref_params, lr, rtol=1e-8, atol=1e-9)
+        cbn_plugin.step(model)  # (the layer updates its running statistics here)
+        o1.step()
+        o2.step()
         for bn, orc in ((model.bn1, o1), (model.bn2, o2)):
             torch.testing.assert_close(bn.running_mean, orc.running_mean, rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(bn.running_var, orc.running_var, rtol=1e-9, atol=1e-12)
-        sgd_in_lockstep(params, ref_params, lr, rtol=1e-8, atol=1e-9)
-        cbn_plugin.step(model)
-        o1.step()
-        o2.step()
     return model, (o1, o2)
 
 

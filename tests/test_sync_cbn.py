@@ -70,11 +70,11 @@ def train(model, rank=None, kwargs=None, empty_step=None):
                 dist.all_reduce(g)
             for p, g in zip(model.parameters(), grads):
                 p.grad.copy_(g)
-        log.append(dict(out=out.detach(), dx=x.grad, grads=grads,
-                        state={k: v.clone() for k, v in model.state_dict().items()}))
         opt.step()
         opt.zero_grad()
-        cbn_plugin.step(model)
+        cbn_plugin.step(model)  # (the running statistics are updated here)
+        log.append(dict(out=out.detach(), dx=x.grad, grads=grads,
+                        state={k: v.clone() for k, v in model.state_dict().items()}))
     return log
 
 
