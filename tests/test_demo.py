@@ -224,3 +224,33 @@ def test_demo_does_not_compare_another_setting(tiny_committed, tmp_path):
     result = json.loads((tmp_path / f'{demo_tool.TINY_CONFIG.stem}_s0' / 'result.json')
                         .read_text())
     assert len(result['losses']) == 8 and all(math.isfinite(x) for x in result['losses'])
+
+
+def test_demo_sets_the_row_trained_longer_beside_gn_at_equal_compute(tmp_path):
+    """The converged comparison's runs, for GN and the demo's row: each budget's means, and
+    GN's mAP at the CPU the row spent at the demo's budget, linear on GN's curve through
+    its budgets (here 0.5 + (300 - 100) / (500 - 100) x (0.8 - 0.5) = 0.65)."""
+    setting = dict(study.SETTING_DEFAULTS, images=2400)
+
+    def result(row, images, seed, mAP, cpu, status='ok'):
+        return dict(job=dict(row=row, label=row.upper(), seed=seed,
+                             setting=dict(setting, images=images)),
+                    status=status, mAP=mAP, cpu_s=cpu)
+    runs = [result('gn', 2400, 0, 0.45, 90), result('gn', 2400, 1, 0.55, 110),
+            result('gn', 6000, 0, 0.8, 500), result('cbn', 2400, 0, 0.6, 300),
+            result('cbn', 6000, 0, 0.1, 999, status='failed'), result('bn', 2400, 0, 0.2, 50)]
+    path = tmp_path / 'converged.json'
+    path.write_text(json.dumps(dict(command='the study', setting=dict(setting, images=6000),
+                                    results=runs)))
+    lines = demo_tool.trained_longer(path, setting, 'cbn')
+    table = [line.split() for line in lines if 'seed(s)' in line]
+    assert [(t[0], t[2], t[6]) for t in table] == [
+        ('2,400', 'CBN', '0.600'), ('2,400', 'GN', '0.500'), ('6,000', 'GN', '0.800')]
+    assert lines[-1].endswith('GN trained for that CPU: mAP 0.650 on its curve'), lines[-1]
+    # beyond GN's budgets: said, not extrapolated; another setting: not compared
+    runs[3]['cpu_s'] = 900
+    path.write_text(json.dumps(dict(command='the study', setting=setting, results=runs)))
+    assert demo_tool.trained_longer(path, setting, 'cbn')[-1].endswith(
+        'outside the budgets GN has run')
+    other = dict(setting, width=setting['width'] * 2)
+    assert 'ran another setting' in demo_tool.trained_longer(path, other, 'cbn')[0]

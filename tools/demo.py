@@ -13,7 +13,9 @@
 3. validates it (COCO box mAP on the val canvases, unseen digits) and prints its mAP beside
    the committed rows of the small-batch detection comparison
    (``docs/small_batch_detection.json``: BN at the same batch, BN at the large batch, GN and
-   the rest), naming the command that regenerates them (``make demo-compare``).
+   the rest), naming the command that regenerates them (``make demo-compare``), and then
+   the same rows trained longer, at equal images and at equal compute (the converged
+   comparison so far, ``docs/small_batch_detection_converged.json``).
 
 Each demo config is one run of that comparison (its ``demo`` entry names the row and the
 setting; ``tests/test_demo.py`` checks that the study builds the same config for it).
@@ -42,6 +44,7 @@ CONFIGS = REPO / 'configs' / 'small_batch_det'
 DEFAULT_CONFIG = CONFIGS / 'faster-rcnn_r18-w32_fpn_4conv1fc-cbn-all_1xb1-2400img_digits.py'
 TINY_CONFIG = CONFIGS / 'faster-rcnn_r18-w8_fpn_4conv1fc-cbn-all_1xb1-8img_digits-64px.py'
 COMMITTED = REPO / 'docs' / 'small_batch_detection.json'
+CONVERGED = REPO / 'docs' / 'small_batch_detection_converged.json'
 REGENERATE = 'make demo-compare'
 
 
@@ -137,6 +140,52 @@ def table(mine: dict, rows: list[dict]) -> str:
     return '\n'.join([fmt.format(*head)] + [fmt.format(*line) for line in lines])
 
 
+def on_curve(points: list[tuple[float, float]], cpu: float) -> float | None:
+    """mAP at ``cpu`` on a row's curve through its budgets ``(CPU, mAP)``, linear between
+    the two around it; ``None`` outside them."""
+    points = sorted(points)
+    for (c0, m0), (c1, m1) in zip(points, points[1:]):
+        if c0 <= cpu <= c1:
+            return m0 + (m1 - m0) * (cpu - c0) / (c1 - c0) if c1 > c0 else max(m0, m1)
+    return None
+
+
+def trained_longer(path: Path, setting: dict, row: str) -> list[str]:
+    """The converged comparison's runs so far, for GN and ``row``: mAP and CPU per run at
+    every budget (images seen, each its own schedule), and GN's mAP, on its curve through
+    its budgets, at the CPU ``row`` spent at this setting's budget: equal compute. All
+    figures are the committed runs' (one machine); this run's CPU is another machine's."""
+    if not path.is_file():
+        return [f'no converged comparison at {path}']
+    run = json.loads(path.read_text())
+    def fixed(s):
+        return {k: v for k, v in s.items() if k != 'images'}  # each budget its own
+    if fixed(run['setting']) != fixed(setting):
+        return [f'the converged comparison ({path.name}) ran another setting; not compared']
+    runs: dict[tuple, list[dict]] = {}
+    for r in run['results']:
+        if r.get('status') == 'ok' and r['job']['row'] in ('gn', row):
+            runs.setdefault((r['job']['setting']['images'], r['job']['row']), []).append(r)
+    if not runs:
+        return []
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    lines = [f'Trained longer (the converged comparison so far, {path.name}: `{run["command"]}`'
+             f'), mean over seeds:', '']
+    for (images, name), rs in sorted(runs.items()):
+        lines.append(f'  {images:>6,} images  {rs[0]["job"]["label"]:<24} {len(rs)} seed(s)  '
+                     f'mAP {mean(rs, "mAP"):.3f}  CPU per run {mean(rs, "cpu_s"):,.0f} s')
+    gn = [(mean(rs, 'cpu_s'), mean(rs, 'mAP')) for (_, name), rs in runs.items() if name == 'gn']
+    mine = runs.get((setting['images'], row))
+    if mine:
+        cpu, mAP = mean(mine, 'cpu_s'), mean(mine, 'mAP')
+        at = on_curve(gn, cpu)
+        lines += ['', f'At equal compute: {mine[0]["job"]["label"]} at {setting["images"]:,} images '
+                  f'costs {cpu:,.0f} s per run for mAP {mAP:.3f}; GN trained for that CPU: '
+                  + (f'mAP {at:.3f} on its curve' if at is not None
+                     else 'outside the budgets GN has run')]
+    return lines
+
+
 def setting_name(s: dict) -> str:
     return (f'{s["size"]}px w{s["width"]} {s["images"]} img, digits {s["digits"][0]}-'
             f'{s["digits"][1]} of {s["digit_px"][0]}-{s["digit_px"][1]}px, clutter '
@@ -157,6 +206,8 @@ def parse_args(argv=None):
                     help='the run logs to WORK_DIR/<config>_s<seed>/, with its result.json')
     ap.add_argument('--committed', type=Path, default=COMMITTED,
                     help='the comparison json whose rows are printed beside this run')
+    ap.add_argument('--converged', type=Path, default=CONVERGED,
+                    help='the converged comparison json: the rows trained longer')
     return ap.parse_args(argv)
 
 
@@ -201,6 +252,9 @@ def main(argv=None) -> dict:
               f'the spread between seeds ({same[0]["mAP_spread"]:.3f} mAP for this row): '
               f'floating-point rounding differs between CPUs and libraries, and the '
               f'differences grow over the {result["iters"]} training steps (docs/demo.md).')
+    longer = trained_longer(args.converged, setting, demo.row)
+    if longer:
+        print('\n' + '\n'.join(longer))
     print(f'total {(time.perf_counter() - wall) / 60:.1f} min (load average now '
           f'{" ".join(f"{x:.2f}" for x in os.getloadavg())})', flush=True)
     if not math.isfinite(result['mAP']):
