@@ -55,7 +55,7 @@ class PastEntries(NamedTuple):
 
 
 class StepCall(NamedTuple):
-    """What this step's forwards left at one call position, for ``commit`` and diagnostics."""
+    """What this step's forwards left at one call position, for ``commit_windows`` and diagnostics."""
     record: CF.SlotStats       # the step's statistics so far (all its calls)
     finite: Tensor | None      # whether they are finite (None: not checked yet)
     pooled: CF.PooledStats | None  # the last pool's slots (mean, var: None); None: not pooled
@@ -182,8 +182,9 @@ def _merged(a: CF.SlotStats | None, b: CF.SlotStats | None) -> CF.SlotStats | No
 
 
 class WindowCommit(NamedTuple):
-    """One window's part of an optimizer step's end (``CrossIterationWindow.commit``'s
-    arguments)."""
+    """One window's part of an optimizer step's end: each position's record joins the ring
+    (``write``), with its derivatives only if the window compensates (``derivatives``);
+    ``most``: the past steps this step could pool (what its diagnostics report)."""
     window: 'CrossIterationWindow'
     write: bool
     derivatives: bool
@@ -357,13 +358,6 @@ class CrossIterationWindow:
         when it may pool ``most`` past steps: figures from the host ring, for diagnostics
         (the forward never reads them: they change every step while the ring fills)."""
         return {p: 1 + self.ring.ages(p, most) for p in self.calls}
-
-    def commit(self, write: bool, derivatives: bool = True, most: int = 0) -> None:
-        """The end of an optimizer step: each position's record joins the ring (``write``),
-        with its derivatives only if the window compensates (``derivatives``). ``most``:
-        the past steps this step could pool (what its diagnostics report). Many windows
-        at once: ``commit_windows``."""
-        commit_windows([WindowCommit(self, write, derivatives, most)])
 
     def skipped_records(self):
         """Calls whose statistics were not finite (left out), this step's included."""
