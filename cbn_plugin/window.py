@@ -55,7 +55,8 @@ class PastEntries(NamedTuple):
 
 
 class StepCall(NamedTuple):
-    """What this step's forwards left at one call position, for ``commit_windows`` and diagnostics."""
+    """What this step's forwards left at one call position, for ``commit_windows`` and
+    diagnostics."""
     record: CF.SlotStats       # the step's statistics so far (all its calls)
     finite: Tensor | None      # whether they are finite (None: not checked yet)
     pooled: CF.PooledStats | None  # the last pool's slots (mean, var: None); None: not pooled
@@ -494,7 +495,8 @@ class CrossIterationWindow:
 
     def reserve(self, positions: int, record: CF.SlotStats) -> None:
         """Storage for ``positions`` call positions, shaped after ``record``."""
-        if self._buffers['window_mean'] is None or positions > self._buffers['window_mean'].shape[0]:
+        held = self._buffers['window_mean']
+        if held is None or positions > held.shape[0]:
             self._allocate(positions, record)
 
     def _allocate(self, positions: int, record: CF.SlotStats) -> None:

@@ -179,7 +179,8 @@ def trained_longer(path: Path, setting: dict, row: str) -> list[str]:
     if mine:
         cpu, mAP = mean(mine, 'cpu_s'), mean(mine, 'mAP')
         at = on_curve(gn, cpu)
-        lines += ['', f'At equal compute: {mine[0]["job"]["label"]} at {setting["images"]:,} images '
+        label = mine[0]['job']['label']
+        lines += ['', f'At equal compute: {label} at {setting["images"]:,} images '
                   f'costs {cpu:,.0f} s per run for mAP {mAP:.3f}; GN trained for that CPU: '
                   + (f'mAP {at:.3f} on its curve' if at is not None
                      else 'outside the budgets GN has run')]
