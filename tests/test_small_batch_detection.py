@@ -71,7 +71,8 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
             fixed = sbd.ROWS[row].get('window')
             assert job['norm']['cbn_args'].get('window_size') == fixed, row
             assert job['norm']['window'] == (fixed or max(2, round(32 / per_step))), row
-            assert [h.type for h in cfg.custom_hooks] == ['CBNHook']
+            precise = ['PreciseCBNHook'] if row == 'cbn-precise' else []
+            assert [h.type for h in cfg.custom_hooks] == ['CBNHook'] + precise, row
             assert cfg.custom_hooks[0].get('window_images', 32) == 32
         else:
             assert not cfg.get('custom_hooks'), row
@@ -86,6 +87,13 @@ def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
     assert fixed == dict(kind='cbn', cbn_args=dict(window_size=5), window=5)
     assert sbd.make_job('cbn-accum-k2', setting, 0, tmp_path, tmp_path,
                         window=5)['norm']['window'] == 2
+    # the precise row trains the 'cbn' row's layers, then recomputes the statistics once,
+    # after the last step (before validation), from 200 images; not a default row
+    assert jobs['cbn-precise']['norm'] == dict(jobs['cbn']['norm'], precise_batches=200)
+    precise = sbd.build_config(jobs['cbn-precise'])
+    assert precise.custom_hooks[1] == dict(type='PreciseCBNHook', num_batches=200,
+                                           interval=precise.train_cfg.max_iters)
+    assert 'cbn-precise' not in sbd.DEFAULT_ROWS and 'cbn' in sbd.DEFAULT_ROWS
     # the two-pass row: its layers take two_pass and its loop runs the statistics pass
     two_pass = sbd.build_config(jobs['cbn-accum-two-pass'])
     assert jobs['cbn-accum-two-pass']['norm']['cbn_args'] == dict(accumulation='two_pass',

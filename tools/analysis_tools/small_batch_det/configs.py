@@ -59,7 +59,11 @@ def build_config(job: dict):
     if job['norm']['kind'] == 'cbn':
         cfg.custom_imports = dict(imports=['cbn_plugin'], allow_failed_imports=False)
         burn_in = min(round(s['burn_in'] * iters), iters - job['accum'])
-        cfg.custom_hooks = [dict(type='CBNHook', burn_in_iters=burn_in)]
+        hooks = [dict(type='CBNHook', burn_in_iters=burn_in)]
+        if 'precise_batches' in job['norm']:  # once, after the last step, before validation
+            hooks.append(dict(type='PreciseCBNHook', interval=iters,
+                              num_batches=job['norm']['precise_batches']))
+        cfg.custom_hooks = hooks
         if job['norm']['cbn_args'].get('accumulation') == 'two_pass':
             cfg.train_cfg.type = 'TwoPassIterBasedTrainLoop'  # a statistics pass per step
     cfg.work_dir = job['work_dir']
