@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,6 +161,10 @@ def _check_run(result, job):
     assert result['mAP50'] >= result['mAP']
     assert math.isfinite(result['final_loss']) and result['loss_curve']
     assert result['wall_s'] >= result['train_s'] > 0 and result['val_s'] > 0
+    # the code that trained it: this checkout's commit (the tests run in the repository)
+    head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
+    assert result['code']['commit'] == (head or 'unknown (not a git checkout)')
 
 
 def test_tiny_comparison_end_to_end(sbd, tmp_path):

@@ -216,6 +216,7 @@ def run_one(job: dict, build_config: Callable, started: float | None = None,
         if layers else None
     val_start = recorder.val_start or end
     tail = losses[-max(1, len(losses) // 10):]
+    from host_overhead import layer_state  # the code that trained: commit, local changes
     nan = float('nan')
     return dict(job=job, status=status if m or status != 'ok' else 'no val metrics',
                 mAP=m.get('coco/bbox_mAP', nan), mAP50=m.get('coco/bbox_mAP_50', nan),
@@ -224,7 +225,8 @@ def run_one(job: dict, build_config: Callable, started: float | None = None,
                 loss_curve=loss_curve(losses), iters=cfg.train_cfg.max_iters,
                 lr=cfg.optim_wrapper.optimizer.lr,
                 train_s=val_start - train_start, val_s=end - val_start, wall_s=end - start,
-                cpu_s=cpu_seconds() - cpu_start, load_end=load_average(), cbn=cbn)
+                cpu_s=cpu_seconds() - cpu_start, load_end=load_average(), cbn=cbn,
+                code=layer_state())
 
 
 def run_child(args, run_one_job: Callable) -> dict:
