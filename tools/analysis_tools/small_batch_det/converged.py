@@ -169,10 +169,12 @@ def equal_images_table(run: dict) -> str:
                           f'{s["batch"]} x {s["accum"]}' if s['accum'] > 1 else s['batch'],
                           s['window'] or '-', s['iters'], per_seed, fmt(s['mAP']),
                           fmt(s['mAP_spread']) if s['finished'] > 1 else '-', versus,
-                          f'{s["cpu_s"]:,.0f} s'))
+                          f'{s["final_loss"]:.3f}', f'{s["cpu_s"]:,.0f} s'))
+    # The training loss beside the val mAP: a row that fits the training canvases as well
+    # as another but validates lower loses at inference or in generalisation, not in fit.
     return md_table(('images seen', 'row', 'images x steps', 'k', 'iterations',
-                     'mAP per seed (CPU)', 'mAP', 'spread', 'vs GN (points)', 'CPU per run'),
-                    table)
+                     'mAP per seed (CPU)', 'mAP', 'spread', 'vs GN (points)',
+                     'final training loss', 'CPU per run'), table)
 
 
 def queued(run: dict) -> list[str]:
@@ -203,8 +205,10 @@ def render_converged(run: dict) -> str:
                 f'Budgets (images seen by every run): {", ".join(f"{b:,}" for b in budgets)}, '
                 'each its own schedule (the fractions above of its iterations). mAP: COCO box '
                 f'AP on the {s["num_val"]} val canvases (unseen digits), mean over the seeds '
-                'finished; spread: max - min over seeds; CPU per run: the training process\'s '
-                'CPU time (one torch thread), mean over seeds.', runs=runs),
+                'finished; spread: max - min over seeds; final training loss: the mean loss '
+                'of the last 10 % of iterations (training mode), mean over seeds; CPU per '
+                'run: the training process\'s CPU time (one torch thread), mean over seeds.',
+                runs=runs),
         '',
         '**At equal images** (per budget; "vs GN": the row\'s mean minus GN\'s at the same '
         'budget):',
