@@ -57,6 +57,22 @@ def test_every_norm_layer_is_the_studied_one(sbd, tmp_path, row, expected):
     assert model.backbone.base_channels == 8 and model.neck.out_channels == 16
 
 
+def test_the_placement_row_keeps_gn_in_the_backbone(sbd, tmp_path):
+    import cbn_plugin  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    job = sbd.make_job('cbn-fpn-head', _setting(sbd, width=8), 0, tmp_path, tmp_path)
+    assert job['norm'] == dict(kind='cbn', cbn_args={}, window=32, backbone='gn')
+    model = MODELS.build(sbd.build_config(job).model)
+    assert set(_norm_types(model.backbone)) == {'GroupNorm'}
+    assert len(_norm_types(model.backbone)) == 1 + 16 + 3
+    # the paper's placement: every FPN conv and box-head conv, nothing else
+    assert _norm_types(model.neck) + _norm_types(model.roi_head) == \
+        ['CrossIterationBatchNorm2d'] * (8 + 4)
+    assert 'cbn-fpn-head' not in sbd.DEFAULT_ROWS
+
+
 def test_jobs_scale_lr_and_keep_images_seen(sbd, tmp_path):
     setting = _setting(sbd, images=64, large=8, small=2, lr_per_image=0.01)
     jobs = {row: sbd.make_job(row, setting, 0, tmp_path, tmp_path) for row in sbd.ROWS}

@@ -22,7 +22,8 @@ def build_config(job: dict):
     m = cfg.model
     m.backbone.base_channels = w
     m.backbone.stem_channels = w
-    m.backbone.norm_cfg = dict(norm)
+    m.backbone.norm_cfg = (norm_cfg(dict(kind=job['norm']['backbone'])) if 'backbone' in job['norm']
+                           else dict(norm))
     m.neck.in_channels = [w, 2 * w, 4 * w, 8 * w]
     m.neck.out_channels = fpn
     m.neck.norm_cfg = dict(norm)
