@@ -461,3 +461,23 @@ def test_compute_table_from_a_results_json(sbd, tmp_path):
     assert '- 6,000 images: CBN (new defaults), k=8 seed 0' in block
     sbd.plot_converged(run, tmp_path / 'c.png')
     assert (tmp_path / 'c.png').stat().st_size > 1000
+
+
+def test_runs_from_two_machines_are_marked_and_compared(sbd):
+    """A run from a second machine carries its label beside its CPU; a rerun of a job on it
+    says whether the floats agree and how the CPU seconds compare, and is not a seed."""
+    run = _converged_run(sbd, {'gn': [(2400, [(0.56, 260.0), (0.57, 250.0)])],
+                               'cbn': [(2400, [(0.59, 600.0)])]})
+    assert 'Machines' not in sbd.render_converged(run)  # one machine: nothing to say
+    run['machines'] = {'A': 'the first', 'B': 'a later session'}
+    run['results'][1]['machine'] = 'B'
+    again = dict(run['results'][0], machine='B', cpu_s=208.0)
+    run['reruns'] = [again]
+    block = sbd.render_converged(run)
+    assert '| 2,400 | GN | 1 | - | 2400 | 0.560 (260 s), 0.570 (250 s, B) | 0.565 |' in block
+    assert '0.590 (600 s) |' in block
+    assert ('- The same job on A and B: GN, 2,400 images, seed 0: mAP 0.560 and 0.560, final '
+            'training loss 0.700000 and 0.700000 (the same floats); CPU 260 s and 208 s '
+            '(0.80x on B).') in block
+    run['reruns'] = [dict(again, final_loss=0.7001)]
+    assert '(not the same floats)' in sbd.render_converged(run)

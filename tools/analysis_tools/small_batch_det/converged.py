@@ -12,6 +12,12 @@ it.
 
 Against compute, a row is the curve of (mean CPU per run, mean mAP) through its budgets;
 the CPU it needs to reach GN's best mAP is read off that curve, linearly between budgets.
+
+Runs may come from more than one machine (the study spans sessions): the json's
+``machines`` names them (label -> description; a result without ``machine`` ran on the
+first), and ``reruns`` holds jobs of ``results`` trained again on another machine, which
+measure how the machines compare (the same floats? how many CPU seconds?). A rerun is
+never pooled with the seeds.
 """
 from __future__ import annotations
 
@@ -70,6 +76,10 @@ def run_converged(setting: dict, budgets: list[int], rows: list[str], seeds: lis
     finished: dict[int, dict] = {}
     run = dict(meta, setting=setting, budgets=budgets, rows=rows, seeds=seeds, workers=workers,
                jobs=jobs)
+    previous = out_dir / CONVERGED_JSON
+    if reuse and previous.exists():  # which machine ran the reused runs, and the reruns
+        kept = json.loads(previous.read_text())
+        run.update({key: kept[key] for key in ('machines', 'reruns') if key in kept})
 
     def save(job, result):
         finished[jobs.index(job)] = result
@@ -154,15 +164,53 @@ def compute_table(run: dict) -> tuple[str, float | None]:
     return md_table(head, table), best
 
 
+def machine_of(result: dict, run: dict) -> str:
+    """The label of the machine a result (or a ``per_seed`` entry) ran on."""
+    return result.get('machine') or next(iter(run.get('machines') or {'A': ''}))
+
+
+def machines_note(run: dict) -> list[str]:
+    """Which machine ran what, and the reruns that compare them; nothing for one machine."""
+    machines = run.get('machines') or {}
+    if len(machines) < 2:
+        return []
+    first = next(iter(machines))
+    lines = ['**Machines.** ' + '; '.join(f'{label}: {text}' for label, text in machines.items())
+             + f'. A run from a machine other than {first} is marked with its label in the '
+             "table above; CPU figures are each machine's own."]
+    key = lambda r: json.dumps(r['job'], sort_keys=True)  # noqa: E731
+    originals = {key(r): r for r in run['results']}
+    for again in run.get('reruns', []):
+        before = originals.get(key(again))
+        if before is None:
+            continue
+        a, b = machine_of(before, run), machine_of(again, run)
+        j = again['job']
+        same = (before['mAP'], before['final_loss']) == (again['mAP'], again['final_loss'])
+        lines.append(
+            f'- The same job on {a} and {b}: {j["label"]}, {j["setting"]["images"]:,} images, '
+            f'seed {j["seed"]}: mAP {fmt(before["mAP"])} and {fmt(again["mAP"])}, final '
+            f'training loss {before["final_loss"]:.6f} and {again["final_loss"]:.6f} '
+            f'({"the same floats" if same else "not the same floats"}); CPU '
+            f'{before["cpu_s"]:,.0f} s and {again["cpu_s"]:,.0f} s '
+            f'({again["cpu_s"] / before["cpu_s"]:.2f}x on {b}).')
+    return lines + ['']
+
+
 def equal_images_table(run: dict) -> str:
+    several = len(run.get('machines') or {}) > 1
+    first = machine_of({}, run)
+
+    def cpu(p):  # a run from another machine than the first carries its label
+        where = machine_of(p, run)
+        return f'{p["cpu_s"]:,.0f} s' + (f', {where}' if several and where != first else '')
     table = []
     for images, summary in by_budget(run).items():
         gn = next((s for s in summary if s['row'] == REFERENCE and s['finished']), None)
         for s in summary:
             if not s['finished']:
                 continue
-            per_seed = ', '.join(f'{fmt(p["mAP"])} ({p["cpu_s"]:,.0f} s)'
-                                 for p in s['per_seed'])
+            per_seed = ', '.join(f'{fmt(p["mAP"])} ({cpu(p)})' for p in s['per_seed'])
             versus = (f'{(s["mAP"] - gn["mAP"]) * 100:+.1f}' if gn and s['row'] != REFERENCE
                       else '-')
             table.append((f'{images:,}', s['label'],
@@ -215,6 +263,7 @@ def render_converged(run: dict) -> str:
         '',
         equal_images_table(run),
         '',
+        *machines_note(run),
         '**Against compute**: the CPU per run each row needs to reach GN\'s best mean mAP '
         'over the budgets run so far, read off its curve through its budgets (linear in CPU '
         'between the two budgets around the crossing; "at most": its smallest budget '

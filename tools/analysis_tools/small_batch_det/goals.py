@@ -38,7 +38,8 @@ def summarise(results: list[dict], rows: list[str]) -> list[dict]:
                         final_loss=loss, wall_s=wall, cpu_s=cpu,
                         per_seed=[dict(seed=r['job']['seed'], mAP=r['mAP'], mAP50=r['mAP50'],
                                        cpu_s=r.get('cpu_s', float('nan')), wall_s=r['wall_s'],
-                                       status=r['status']) for r in rs]))
+                                       status=r['status'], machine=r.get('machine'))
+                                  for r in rs]))
     return out
 
 
