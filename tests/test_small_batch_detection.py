@@ -219,6 +219,40 @@ def test_tiny_comparison_end_to_end(sbd, tmp_path):
     assert block in (out / sbd.DOC).read_text()
 
 
+def test_step_cost_times_each_row_pooling_its_window(sbd, tmp_path):
+    """--step-cost: every row's model of the study, its CBN layers holding the row's full
+    window while timed; per image = per step / images per step; GN is the unit."""
+    out = tmp_path / 'docs'
+    rows = ['gn', 'cbn', 'cbn-fpn-head', 'cbn-accum']
+    sbd.main(['--tiny', '--step-cost', '--width', '8', '--step-repeats', '2', '--step-steps',
+              '1', '--out-dir', str(out), '--data-root', str(tmp_path / 'data'), '--rows', *rows])
+    run = json.loads((out / sbd.STEP_COST_JSON).read_text())
+    by = {r['row']: r for r in run['results']}
+    assert list(by) == rows
+    assert by['gn']['held'] == [] and by['gn']['vs_gn_per_image'] == 1.0
+    assert by['cbn']['held'] == [32] and by['cbn-fpn-head']['held'] == [32]
+    assert by['cbn-accum']['held'] == [8] and by['cbn-accum']['images_per_step'] == 4
+    assert by['gn']['s_per_image_burn_in'] is None
+    for r in by.values():
+        assert len(r['s_per_step_all']) == 2 and r['s_per_step'] > 0
+        assert r['s_per_image_pooling'] == pytest.approx(r['s_per_step'] / r['images_per_step'])
+        # over a run: burn-in (10 % of the steps) at its own cost, the rest pooling
+        burn = r['s_per_image_burn_in']
+        assert r['s_per_image'] == pytest.approx(
+            r['s_per_image_pooling'] if burn is None else 0.9 * r['s_per_image_pooling']
+            + 0.1 * burn)
+        assert (burn is None) == (r['row'] == 'gn')
+        assert r['held_burn_in'] == (None if burn is None else [])  # it recorded nothing
+        assert r['vs_gn_per_image'] == pytest.approx(r['s_per_image']
+                                                     / by['gn']['s_per_image'])
+    doc = (out / sbd.DOC).read_text()
+    block = doc.split(sbd.STEP_COST_BEGIN)[1].split(sbd.STEP_COST_END)[0]
+    assert '| CBN (new defaults), 1 x 4 accumulated | 1 x 4 | 8 | 8 |' in block
+    (out / sbd.DOC).write_text('# title\n')
+    sbd.main(['--from-json', '--out-dir', str(out)])
+    assert block in (out / sbd.DOC).read_text()
+
+
 def test_tiny_probe_appends_and_replaces(sbd, tmp_path):
     out = tmp_path / 'docs'
     common = ['--tiny', '--probe', '--workers', '0', '--out-dir', str(out), '--data-root',
@@ -459,6 +493,19 @@ def test_compute_table_from_a_results_json(sbd, tmp_path):
             '| - | 0.700 | 1,600 s |') in block  # the training loss beside the mAP
     assert '- 15,000 images: CBN (new defaults) seed 1' in block
     assert '- 6,000 images: CBN (new defaults), k=8 seed 0' in block
+    # at the step costs measured side by side: a run's CPU is its images times its row's
+    # CPU per image (GN 0.1 s: its best, 0.75, at 15,000 images is 1,500 s; CBN 0.2 s
+    # reaches 0.75 halfway from 6,000 to 15,000 images: 10,500 x 0.2 s)
+    cost = dict(command='step-cost', results=[dict(row='gn', s_per_image=0.1),
+                                              dict(row='cbn', s_per_image=0.2)])
+    block = sbd.render_converged(run, cost)
+    second = block.split('at the step costs measured side by side')[1]
+    assert '| CBN (new defaults) | 2,400, 6,000, 15,000 | 0.780 (15,000 images, 3,000 s) | ' \
+        '2,100 s | 1.40x |' in second
+    assert '| GN | 2,400, 6,000, 15,000 | 0.750 (15,000 images, 1,500 s) | 1,500 s | 1.00x |' \
+        in second
+    assert 'BN, large batch' not in second  # not measured: left out
+    assert 'side by side' not in sbd.render_converged(run)
     sbd.plot_converged(run, tmp_path / 'c.png')
     assert (tmp_path / 'c.png').stat().st_size > 1000
 

@@ -10,7 +10,7 @@ the images seen. CBN's rows give no window_size, as the README tells users: CBNH
 derives ``k = max(2, round(32 / images per step))`` (``--window K`` fixes it instead, for
 the window sweep).
 
-Four modes, one json each, rendered into ``docs/small_batch_detection.md``:
+Five modes, one json each, rendered into ``docs/small_batch_detection.md``:
 
     # BN-only probes (finding the setting): BN at the large batch and the small ones
     .venv/bin/python tools/analysis_tools/small_batch_detection.py --probe \\
@@ -21,6 +21,8 @@ Four modes, one json each, rendered into ``docs/small_batch_detection.md``:
     # own schedule, at equal images and against compute; resumable with --reuse
     .venv/bin/python tools/analysis_tools/small_batch_detection.py --converged \\
         --images 6000 2400 15000 --workers 1 --reuse
+    # the CPU per training image of each row, side by side in one process (minutes)
+    .venv/bin/python tools/analysis_tools/small_batch_detection.py --step-cost
     # a few seconds: the whole pipeline on a tiny data set, into --out-dir
     .venv/bin/python tools/analysis_tools/small_batch_detection.py --tiny --out-dir /tmp/sbd
     # re-render the md and the plots from the jsons, no training (--converged: its block only)
@@ -57,7 +59,9 @@ from small_batch_det import (  # noqa: E402,F401
     compute_table, cpu_to_reach, curves, distinct_rows, ensure_data, fmt, goals, load_average,
     loss_curve, make_job, make_recorder, norm_cfg, plan, plot, plot_converged, plot_rows,
     probe_table, render, render_converged, render_probes, run_converged, run_jobs, run_one,
-    run_probes, setting_from_args, setting_name, stats, summarise, summary_table, training_of)
+    run_probes, setting_from_args, setting_name, stats, summarise, summary_table, training_of,
+    STEP_COST_BEGIN, STEP_COST_END, STEP_COST_JSON, STEP_COST_ROWS, render_step_cost,
+    run_step_cost, step_cost_of)
 from detection_runner import (  # noqa: E402,F401
     TINY, add_study_args, parse_study_args, publish, recorded_results, rerender, run_child,
     study_parser)
@@ -82,14 +86,27 @@ def parse_args(argv=None):
     ap.add_argument('--first', nargs='*', choices=list(ROWS), default=FIRST_ROWS,
                     help='--converged: these rows\' runs start first, at every budget '
                     f'(default: {" ".join(FIRST_ROWS)}; none: budget by budget)')
+    ap.add_argument('--step-cost', action='store_true',
+                    help='the CPU per training step and image of --rows (default: '
+                    f'{" ".join(STEP_COST_ROWS)}), side by side in this process; no training '
+                    'to the end, no val')
+    ap.add_argument('--step-repeats', type=int, default=5,
+                    help='--step-cost: rounds, the rows taking turns in each (median kept)')
+    ap.add_argument('--step-steps', type=int, default=10,
+                    help='--step-cost: timed steps per row per round')
     ap.add_argument('--rows', nargs='+', choices=list(ROWS), default=None,
                     help=f'default: {" ".join(DEFAULT_ROWS)} (--converged: its rows)')
     add_study_args(ap, SETTING_DEFAULTS, work_dir=REPO / 'work_dirs' / 'small_batch_det',
                    workers=2, several=('images',))
     args = parse_study_args(ap, argv, tiny=dict(batches=[4, 2], images=[TINY['images']]))
+    if args.converged and args.step_cost:
+        ap.error('--converged and --step-cost are separate modes')
     if args.converged:
         args.budgets = args.images or list(BUDGETS)
         args.rows = args.rows or list(CONVERGED_ROWS)
+    elif args.step_cost:
+        args.budgets = args.images or [SETTING_DEFAULTS['images']]
+        args.rows = args.rows or list(STEP_COST_ROWS)
     elif args.images and len(args.images) > 1:
         ap.error('several --images are the budgets of --converged; other modes take one')
     else:
@@ -105,12 +122,13 @@ def main(argv=None):
         return run_child(args, run_one)
     out_dir = args.out_dir  # parse_study_args made it
     if args.from_json:  # every json there (probes, comparison, converged); --converged: its own
-        converged = (CONVERGED_JSON, CONVERGED_BEGIN, CONVERGED_END, render_converged,
+        converged = (CONVERGED_JSON, CONVERGED_BEGIN, CONVERGED_END,
+                     lambda run: render_converged(run, step_cost_of(out_dir)),
                      lambda run, out: plot_converged(run, out / CONVERGED_PLOT))
         rerender(out_dir, DOC, TITLE, [converged] if args.converged else [
             (PROBES_JSON, PROBE_BEGIN, PROBE_END, render_probes, None),
             (RESULTS_JSON, DOC_BEGIN, DOC_END, render, lambda run, out: plot(run, out / PLOT)),
-            converged])
+            converged, (STEP_COST_JSON, STEP_COST_BEGIN, STEP_COST_END, render_step_cost, None)])
         return None
 
     setting = setting_from_args(args)
@@ -121,6 +139,9 @@ def main(argv=None):
     if args.probe:
         return run_probes(setting, args.batches, args.seeds, data_root, args.work_dir, out_dir,
                           args.workers, args.reuse, meta)
+    if args.step_cost:
+        return run_step_cost(setting, args.rows, data_root, out_dir, meta, args.step_repeats,
+                             args.step_steps, log=log)
     if args.converged:
         return run_converged(setting, args.budgets, args.rows, args.seeds, data_root,
                              args.work_dir, out_dir, args.workers, args.reuse, args.window,

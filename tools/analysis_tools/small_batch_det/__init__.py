@@ -7,7 +7,8 @@ training it, and the pool of child processes; ``goals``: mean and spread over se
 goals checked on them; ``report``: the tables and generated markdown (through
 ``study_markdown``, which the classification study shares); ``plots``: the figure;
 ``probes``: the BN-only probes that chose the setting; ``converged``: the rows at several
-budgets, at equal images and against compute. Training and running jobs, the options and
+budgets, at equal images and against compute; ``step_cost``: the CPU per training image
+of each row, side by side in one process. Training and running jobs, the options and
 the report header are the detection studies' shared ``detection_runner``.
 """
 import sys
@@ -23,7 +24,7 @@ from .configs import CONFIG, build_config  # noqa: E402,F401
 from .converged import (  # noqa: E402,F401
     BUDGETS, CONVERGED_BEGIN, CONVERGED_END, CONVERGED_JSON, CONVERGED_PLOT, CONVERGED_ROWS,
     FIRST_ROWS, compute_table, cpu_to_reach, curves, plan, plot_converged, publish_converged,
-    render_converged, run_converged)
+    render_converged, run_converged, step_cost_of)
 from .data import ensure_data  # noqa: E402,F401
 from .goals import goals, stats, summarise  # noqa: E402,F401
 from .jobs import (  # noqa: E402,F401
@@ -36,3 +37,6 @@ from .report import (  # noqa: E402,F401
 from .rows import (  # noqa: E402,F401
     DEFAULT_ROWS, GN_GROUPS, ROWS, SETTING_DEFAULTS, distinct_rows, norm_cfg, setting_from_args,
     setting_name, training_of)
+from .step_cost import (  # noqa: E402,F401
+    STEP_COST_BEGIN, STEP_COST_END, STEP_COST_JSON, STEP_COST_ROWS, render_step_cost,
+    run_step_cost)

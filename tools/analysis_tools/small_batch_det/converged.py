@@ -33,6 +33,7 @@ from .goals import summarise
 from .jobs import load_average, make_job, run_jobs
 from .report import DOC, RESULTS_JSON, TITLE, fmt
 from .rows import ROWS, distinct_rows, setting_name
+from .step_cost import STEP_COST_JSON
 
 CONVERGED_JSON = 'small_batch_detection_converged.json'
 CONVERGED_PLOT = 'small_batch_detection_converged.png'
@@ -97,7 +98,8 @@ def run_converged(setting: dict, budgets: list[int], rows: list[str], seeds: lis
 
 def publish_converged(run: dict, out_dir: Path) -> None:
     plot_converged(run, out_dir / CONVERGED_PLOT)
-    write_block(out_dir / DOC, CONVERGED_BEGIN, CONVERGED_END, render_converged(run), TITLE)
+    write_block(out_dir / DOC, CONVERGED_BEGIN, CONVERGED_END,
+                render_converged(run, step_cost_of(out_dir)), TITLE)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -111,16 +113,25 @@ def by_budget(run: dict) -> dict[int, list[dict]]:
             for images in sorted(run['budgets'])}
 
 
-def curves(run: dict) -> dict[str, list[dict]]:
+def curves(run: dict, per_image: dict[str, float] | None = None) -> dict[str, list[dict]]:
     """Each row's points through its budgets, ascending: images, mean CPU and mean mAP over
-    its finished seeds, and how many finished."""
+    its finished seeds, and how many finished. ``per_image`` (row -> CPU seconds per
+    training image, measured side by side): the CPU of a point is its images times that
+    instead of its runs' own, and rows without one are left out."""
     out: dict[str, list[dict]] = {}
     for images, summary in by_budget(run).items():
         for s in summary:
-            if s['finished']:
+            if s['finished'] and (per_image is None or s['row'] in per_image):
+                cpu = s['cpu_s'] if per_image is None else images * per_image[s['row']]
                 out.setdefault(s['row'], []).append(dict(
-                    images=images, cpu_s=s['cpu_s'], mAP=s['mAP'], seeds=s['finished']))
+                    images=images, cpu_s=cpu, mAP=s['mAP'], seeds=s['finished']))
     return out
+
+
+def step_cost_of(out_dir: Path) -> dict | None:
+    """The step-cost run saved in ``out_dir`` (``--step-cost``), None if there is none."""
+    path = out_dir / STEP_COST_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def cpu_to_reach(points: list[dict], target: float) -> tuple[float | None, str]:
@@ -137,10 +148,12 @@ def cpu_to_reach(points: list[dict], target: float) -> tuple[float | None, str]:
     return None, 'not reached'
 
 
-def compute_table(run: dict) -> tuple[str, float | None]:
+def compute_table(run: dict, per_image: dict[str, float] | None = None
+                  ) -> tuple[str, float | None]:
     """Per row: its best mean mAP, and the CPU per run it needs to reach the reference's
-    (GN's) best, against the reference's own; and that best (None: GN not run yet)."""
-    lines = curves(run)
+    (GN's) best, against the reference's own; and that best (None: GN not run yet).
+    ``per_image``: the CPU of a run is its images times the row's (``curves``)."""
+    lines = curves(run, per_image)
     reference = lines.get(REFERENCE)
     if not reference:
         return '', None
@@ -238,7 +251,27 @@ def queued(run: dict) -> list[str]:
             f'{", ".join(map(str, seeds))}' for (images, label), seeds in missing.items()]
 
 
-def render_converged(run: dict) -> str:
+def step_cost_part(run: dict, step_cost: dict | None) -> list[str]:
+    """The compute table again, with each run's CPU from the rows' CPU per training image
+    measured side by side (``step_cost``: a ``--step-cost`` run), not from its own run."""
+    if step_cost is None:
+        return []
+    per_image = {r['row']: r['s_per_image'] for r in step_cost['results']}
+    table, best = compute_table(run, per_image)
+    if best is None:
+        return []
+    return [
+        "**Against compute, at the step costs measured side by side** (`"
+        f"{step_cost['command']}`, its block below): a run's CPU is its images times the "
+        "row's CPU per training image there, measured with every row under one load; the "
+        "runs' own CPU above depends on what else the machine ran and on the machine. Rows "
+        "it did not measure are left out; read as above.",
+        '',
+        table,
+        '']
+
+
+def render_converged(run: dict, step_cost: dict | None = None) -> str:
     s = run['setting']
     budgets = sorted(run['budgets'])
     ok = [r for r in run['results'] if r['status'] == 'ok']
@@ -271,6 +304,7 @@ def render_converged(run: dict) -> str:
         '',
         table if best is not None else 'GN has no finished run yet.',
         '',
+        *step_cost_part(run, step_cost),
         f'![mAP against CPU per run]({CONVERGED_PLOT})',
         '',
         *(['Failed runs: ' + '; '.join(failed) + '.', ''] if failed else []),
