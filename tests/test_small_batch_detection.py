@@ -448,8 +448,12 @@ def _converged_run(sbd, points, budgets=(2400, 6000, 15000), queued_rows=()):
                 seeds=[0, 1], jobs=jobs, results=results)
 
 
-def test_cpu_to_reach_interpolates_between_budgets():
+def test_cpu_to_reach_interpolates_between_budgets(sbd):  # sbd: puts the package on the path
     import small_batch_det.converged as conv
+    reference = [dict(cpu_s=100.0, mAP=0.5), dict(cpu_s=300.0, mAP=0.7)]
+    assert conv.reference_at(reference, 50.0) == (None, 'below')
+    assert conv.reference_at(reference, 200.0) == (pytest.approx(0.6), 'interpolated')
+    assert conv.reference_at(reference, 900.0) == (0.7, 'at least')
     curve = [dict(images=2400, cpu_s=600.0, mAP=0.59), dict(images=6000, cpu_s=1500.0, mAP=0.72),
              dict(images=15000, cpu_s=3500.0, mAP=0.78)]
     assert conv.cpu_to_reach(curve, 0.75) == (pytest.approx(2500.0), 'interpolated')
@@ -505,6 +509,12 @@ def test_compute_table_from_a_results_json(sbd, tmp_path):
     assert '| GN | 2,400, 6,000, 15,000 | 0.750 (15,000 images, 1,500 s) | 1,500 s | 1.00x |' \
         in second
     assert 'BN, large batch' not in second  # not measured: left out
+    # at equal compute: CBN's 2,400-image run (480 s) against GN's curve at 480 s, between
+    # GN's 2,400 (240 s, 0.56) and 6,000 images (600 s, 0.70); its 15,000 (3,000 s) is past
+    # GN's longest budget (1,500 s): GN's 0.75 there is a bound
+    assert ('| CBN (new defaults) | 2,400: 0.590 at 480 s, GN 0.653 (-6.3); 6,000: 0.720 at '
+            '1,200 s, GN 0.733 (-1.3); 15,000: 0.780 at 3,000 s, GN at least 0.750 (+3.0) |'
+            ) in second
     assert 'side by side' not in sbd.render_converged(run)
     sbd.plot_converged(run, tmp_path / 'c.png')
     assert (tmp_path / 'c.png').stat().st_size > 1000

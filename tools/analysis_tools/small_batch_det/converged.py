@@ -251,6 +251,36 @@ def queued(run: dict) -> list[str]:
             f'{", ".join(map(str, seeds))}' for (images, label), seeds in missing.items()]
 
 
+def reference_at(points: list[dict], cpu: float) -> tuple[float | None, str]:
+    """The reference's mean mAP at ``cpu`` off its curve: linear in CPU between its two
+    budgets around it ('interpolated'); its longest budget's where ``cpu`` is past it
+    ('at least': more CPU would train it further); None below its smallest budget."""
+    if cpu < points[0]['cpu_s']:
+        return None, 'below'
+    for q, p in zip(points, points[1:]):
+        if cpu <= p['cpu_s']:
+            share = (cpu - q['cpu_s']) / (p['cpu_s'] - q['cpu_s'])
+            return q['mAP'] + share * (p['mAP'] - q['mAP']), 'interpolated'
+    return points[-1]['mAP'], 'at least'
+
+
+def equal_compute_table(lines: dict[str, list[dict]]) -> str:
+    """Every run of every row against GN at the same CPU per run (``reference_at``)."""
+    reference = lines[REFERENCE]
+    table = []
+    for row in [r for r in ROWS if r in lines and r != REFERENCE]:
+        cells = []
+        for p in lines[row]:
+            gn, how = reference_at(reference, p['cpu_s'])
+            cells.append(f'{p["images"]:,}: {fmt(p["mAP"])} at {p["cpu_s"]:,.0f} s, GN '
+                         + ('not run that low' if gn is None else
+                            f'{"at least " if how == "at least" else ""}{fmt(gn)} '
+                            f'({(p["mAP"] - gn) * 100:+.1f})'))
+        table.append((ROWS[row]['label'], '; '.join(cells)))
+    return md_table(('row', 'each budget: its mAP at its CPU per run, GN at that CPU '
+                     '(row minus GN, points)'), table)
+
+
 def step_cost_part(run: dict, step_cost: dict | None) -> list[str]:
     """The compute table again, with each run's CPU from the rows' CPU per training image
     measured side by side (``step_cost``: a ``--step-cost`` run), not from its own run."""
@@ -268,6 +298,12 @@ def step_cost_part(run: dict, step_cost: dict | None) -> list[str]:
         "it did not measure are left out; read as above.",
         '',
         table,
+        '',
+        '**At equal compute**, at the same step costs: each run against GN\'s curve at the '
+        'same CPU per run (linear in CPU between GN\'s budgets; past GN\'s longest budget, '
+        'that budget\'s mAP, a bound GN would pass with more images).',
+        '',
+        equal_compute_table(curves(run, per_image)),
         '']
 
 
