@@ -254,3 +254,19 @@ def test_demo_sets_the_row_trained_longer_beside_gn_at_equal_compute(tmp_path):
         'outside the budgets GN has run')
     other = dict(setting, width=setting['width'] * 2)
     assert 'ran another setting' in demo_tool.trained_longer(path, other, 'cbn')[0]
+    # with the rows' CPU per image measured side by side: a run's CPU is images x that
+    # (GN 0.1 s: 240 s at 2,400 images, 600 s at 6,000; CBN 0.125 s: 300 s at 2,400, where
+    # GN's curve gives 0.5 + (300 - 240) / (600 - 240) x 0.3 = 0.55)
+    cost = tmp_path / 'cost.json'
+    cost.write_text(json.dumps(dict(setting=setting, results=[
+        dict(row='gn', s_per_image=0.1), dict(row='cbn', s_per_image=0.125)])))
+    lines = demo_tool.trained_longer(path, setting, 'cbn', cost)
+    assert 'measured side by side (cost.json)' in lines[0]
+    table = [line.split() for line in lines if 'seed(s)' in line]
+    assert [(t[0], t[2], t[10]) for t in table] == [
+        ('2,400', 'CBN', '300'), ('2,400', 'GN', '240'), ('6,000', 'GN', '600')]
+    assert lines[-1].endswith('GN trained for that CPU: mAP 0.550 on its curve'), lines[-1]
+    # a cost json of another setting, or without one of the two rows: the runs' own CPU
+    cost.write_text(json.dumps(dict(setting=other, results=[dict(row='gn', s_per_image=0.1),
+                                                            dict(row='cbn', s_per_image=0.1)])))
+    assert "the runs' own" in demo_tool.trained_longer(path, setting, 'cbn', cost)[0]

@@ -45,6 +45,7 @@ DEFAULT_CONFIG = CONFIGS / 'faster-rcnn_r18-w32_fpn_4conv1fc-cbn-all_1xb1-2400im
 TINY_CONFIG = CONFIGS / 'faster-rcnn_r18-w8_fpn_4conv1fc-cbn-all_1xb1-8img_digits-64px.py'
 COMMITTED = REPO / 'docs' / 'small_batch_detection.json'
 CONVERGED = REPO / 'docs' / 'small_batch_detection_converged.json'
+STEP_COST = REPO / 'docs' / 'small_batch_detection_step_cost.json'
 REGENERATE = 'make demo-compare'
 
 
@@ -150,14 +151,33 @@ def on_curve(points: list[tuple[float, float]], cpu: float) -> float | None:
     return None
 
 
-def trained_longer(path: Path, setting: dict, row: str) -> list[str]:
+def step_costs(path: Path | None, setting: dict) -> dict[str, float]:
+    """Row -> CPU seconds per training image, measured side by side (the study's
+    ``--step-cost`` json at ``path``); empty when there is none for this setting."""
+    if path is None or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved['setting']['size'] != setting['size'] or \
+            saved['setting']['width'] != setting['width']:
+        return {}
+    return {r['row']: r['s_per_image'] for r in saved['results']}
+
+
+def trained_longer(path: Path, setting: dict, row: str, step_cost: Path | None = None
+                   ) -> list[str]:
     """The converged comparison's runs so far, for GN and ``row``: mAP and CPU per run at
     every budget (images seen, each its own schedule), and GN's mAP, on its curve through
-    its budgets, at the CPU ``row`` spent at this setting's budget: equal compute. All
-    figures are the committed runs' (one machine); this run's CPU is another machine's."""
+    its budgets, at the CPU ``row`` spent at this setting's budget: equal compute.
+
+    The CPU of a run is its images times its row's CPU per training image measured side
+    by side (``step_cost``, the study's ``--step-cost`` json) where both rows have one: the
+    runs' own CPU depends on the load beside them and on the machine (the comparison's
+    come from more than one). Otherwise the runs' own. This run's CPU is not compared."""
     if not path.is_file():
         return [f'no converged comparison at {path}']
     run = json.loads(path.read_text())
+    costs = step_costs(step_cost, setting)
+    side_by_side = 'gn' in costs and row in costs
     def fixed(s):
         return {k: v for k, v in s.items() if k != 'images'}  # each budget its own
     if fixed(run['setting']) != fixed(setting):
@@ -169,15 +189,21 @@ def trained_longer(path: Path, setting: dict, row: str) -> list[str]:
     if not runs:
         return []
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+
+    def cpu_of(images, name, rs):
+        return images * costs[name] if side_by_side else mean(rs, 'cpu_s')
     lines = [f'Trained longer (the converged comparison so far, {path.name}: `{run["command"]}`'
-             f'), mean over seeds:', '']
+             f'), mean over seeds; CPU per run: '
+             + (f'images x the row\'s CPU per image measured side by side ({step_cost.name})'
+                if side_by_side else 'the runs\' own') + ':', '']
     for (images, name), rs in sorted(runs.items()):
         lines.append(f'  {images:>6,} images  {rs[0]["job"]["label"]:<24} {len(rs)} seed(s)  '
-                     f'mAP {mean(rs, "mAP"):.3f}  CPU per run {mean(rs, "cpu_s"):,.0f} s')
-    gn = [(mean(rs, 'cpu_s'), mean(rs, 'mAP')) for (_, name), rs in runs.items() if name == 'gn']
+                     f'mAP {mean(rs, "mAP"):.3f}  CPU per run {cpu_of(images, name, rs):,.0f} s')
+    gn = [(cpu_of(images, name, rs), mean(rs, 'mAP')) for (images, name), rs in runs.items()
+          if name == 'gn']
     mine = runs.get((setting['images'], row))
     if mine:
-        cpu, mAP = mean(mine, 'cpu_s'), mean(mine, 'mAP')
+        cpu, mAP = cpu_of(setting['images'], row, mine), mean(mine, 'mAP')
         at = on_curve(gn, cpu)
         label = mine[0]['job']['label']
         lines += ['', f'At equal compute: {label} at {setting["images"]:,} images '
@@ -209,6 +235,9 @@ def parse_args(argv=None):
                     help='the comparison json whose rows are printed beside this run')
     ap.add_argument('--converged', type=Path, default=CONVERGED,
                     help='the converged comparison json: the rows trained longer')
+    ap.add_argument('--step-cost', type=Path, default=STEP_COST,
+                    help="the rows' CPU per training image, side by side: the equal-compute "
+                    'comparison\'s CPU')
     return ap.parse_args(argv)
 
 
@@ -253,7 +282,7 @@ def main(argv=None) -> dict:
               f'the spread between seeds ({same[0]["mAP_spread"]:.3f} mAP for this row): '
               f'floating-point rounding differs between CPUs and libraries, and the '
               f'differences grow over the {result["iters"]} training steps (docs/demo.md).')
-    longer = trained_longer(args.converged, setting, demo.row)
+    longer = trained_longer(args.converged, setting, demo.row, args.step_cost)
     if longer:
         print('\n' + '\n'.join(longer))
     print(f'total {(time.perf_counter() - wall) / 60:.1f} min (load average now '
