@@ -151,14 +151,20 @@ def on_curve(points: list[tuple[float, float]], cpu: float) -> float | None:
     return None
 
 
+def same_setting(a: dict, b: dict) -> bool:
+    """Whether two study settings are the same but for the budget (each budget its own)."""
+    def fixed(s):
+        return {k: v for k, v in s.items() if k != 'images'}
+    return fixed(a) == fixed(b)
+
+
 def step_costs(path: Path | None, setting: dict) -> dict[str, float]:
     """Row -> CPU seconds per training image, measured side by side (the study's
     ``--step-cost`` json at ``path``); empty when there is none for this setting."""
     if path is None or not path.is_file():
         return {}
     saved = json.loads(path.read_text())
-    if saved['setting']['size'] != setting['size'] or \
-            saved['setting']['width'] != setting['width']:
+    if not same_setting(saved['setting'], setting):
         return {}
     return {r['row']: r['s_per_image'] for r in saved['results']}
 
@@ -178,9 +184,7 @@ def trained_longer(path: Path, setting: dict, row: str, step_cost: Path | None =
     run = json.loads(path.read_text())
     costs = step_costs(step_cost, setting)
     side_by_side = 'gn' in costs and row in costs
-    def fixed(s):
-        return {k: v for k, v in s.items() if k != 'images'}  # each budget its own
-    if fixed(run['setting']) != fixed(setting):
+    if not same_setting(run['setting'], setting):
         return [f'the converged comparison ({path.name}) ran another setting; not compared']
     runs: dict[tuple, list[dict]] = {}
     for r in run['results']:
